@@ -1,0 +1,105 @@
+"""Shared test fixtures.
+
+Tests run on small CPU tensors; on 2-core machines the default thread count makes such work
+10-15x slower, so every test process (and every subprocess it starts) uses one thread.
+"""
+
+import http.server
+import os
+import sys
+import threading
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for a child process: repo on PYTHONPATH, one thread, plus ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+class LocalHTTPServer:
+    """A file server on 127.0.0.1 that records every request path it receives.
+
+    ``routes`` maps a URL path to bytes (or to a callable handler(request) for special
+    behaviour, e.g. a connection cut off midway); other paths are served from ``root``.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.requests: list = []
+        self.routes: dict = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                route = server.routes.get(self.path)
+                if callable(route):
+                    route(self)
+                    return
+                if route is not None:
+                    data = route
+                else:
+                    file = server.root / self.path.lstrip("/").split("?")[0]
+                    if not file.is_file():
+                        self.send_error(404)
+                        return
+                    data = file.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A LocalHTTPServer serving ``tmp_path / 'www'`` (created empty)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with LocalHTTPServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private dnnlib cache directory for one test."""
+    import dnnlib.util
+
+    path = tmp_path / "dnnlib-cache"
+    monkeypatch.setenv("DNNLIB_CACHE_DIR", str(path))
+    dnnlib.util.set_cache_dir(None)
+    return path

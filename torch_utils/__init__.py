@@ -1,0 +1,1 @@
+"""PyTorch helpers: persistence of networks in pickles, distributed set-up, statistics, misc."""

@@ -1,0 +1,1 @@
+"""The EDM2 method: network, loss, EMA, datasets, encoders and the training loop."""
