@@ -1,0 +1,388 @@
+"""The EDM2 training loop, its loss and its learning-rate schedule (spec §4).
+
+This module is embedded in every network snapshot (it defines the persistent ``EDM2Loss``) and the
+reference tools execute it when they load one, against *their* ``dnnlib`` and ``torch_utils``. Its
+module-level imports are therefore limited to the standard library, numpy, torch, psutil, dnnlib and
+``torch_utils.{persistence, misc, distributed, training_stats}``; everything else (datasets,
+encoders, the EMA) is reached by class name at run time.
+"""
+
+import copy
+import os
+import pickle
+import re
+import sys
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc, persistence, training_stats
+
+# ----------------------------------------------------------------------------
+# Loss function (spec §4.1): the EDM loss weighted by lambda(sigma) and by the
+# learned uncertainty u(sigma) of the network's log-variance head.
+
+
+@persistence.persistent_class
+class EDM2Loss:
+    def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None):
+        # sigma ~ LogNormal(P_mean, P_std), one per sample, drawn before the noise.
+        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        noise = torch.randn_like(images) * sigma
+        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
+        # (lambda / exp(u)) * (D - y)^2 + u, per element.
+        loss = (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+        return loss
+
+# ----------------------------------------------------------------------------
+# Learning-rate schedule (spec §4.2): inverse square-root decay after
+# ref_batches iterations, times a linear ramp-up over rampup_Mimg images.
+
+
+def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_Mimg > 0:
+        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
+    return lr
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def _default_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _write_atomically(path, write_fn):
+    """Write a file under a temporary name in the same folder and rename it when complete, so that
+    an interrupted write never leaves a truncated file under the final name."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def _remove_stale_temp_files(run_dir):
+    """Remove temporary files that an interrupted write (e.g. a killed process) left behind."""
+    pattern = re.compile(r'(network-snapshot-.*\.pkl|training-state-\d+\.pt)(\..*)?\.tmp')
+    for name in os.listdir(run_dir):
+        if pattern.fullmatch(name):
+            try:
+                os.remove(os.path.join(run_dir, name))
+            except OSError:
+                pass
+
+
+def _format_stats_line(items):
+    """One stats.jsonl line: values '%g' (kimg and timestamp '%.3f'), non-finite values as NaN."""
+    fmt = {'Progress/kimg': '%.3f', 'timestamp': '%.3f'}
+    fields = [f'"{name}": ' + (fmt.get(name, '%g') % value if np.isfinite(value) else 'NaN') for name, value in items]
+    return '{' + ', '.join(fields) + '}\n'
+
+
+def check_training_config(batch_size, world_size=1, batch_gpu=None, total_nimg=None, slice_nimg=None,
+                          status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None):
+    """Validate the batch layout and the image counts (spec §4.4); raise ValueError naming the problem.
+
+    Returns the per-process batch size and the number of accumulation rounds.
+    """
+    if batch_size <= 0:
+        raise ValueError(f'batch size must be positive, got {batch_size}')
+    if batch_size % world_size != 0:
+        raise ValueError(f'batch size {batch_size} is not divisible by the number of processes ({world_size})')
+    batch_per_process = batch_size // world_size
+    if batch_gpu is None or batch_gpu <= 0 or batch_gpu > batch_per_process:
+        batch_gpu = batch_per_process
+    if batch_per_process % batch_gpu != 0:
+        raise ValueError(f'batch size {batch_size} is not divisible by processes x batch-gpu '
+                         f'({world_size} x {batch_gpu})')
+    for name, value, granule in [('duration', total_nimg, 1), ('slice', slice_nimg, 1), ('status interval', status_nimg, 1),
+                                 ('snapshot interval', snapshot_nimg, 1024), ('checkpoint interval', checkpoint_nimg, 1024)]:
+        if value is None:
+            continue
+        if value <= 0:
+            raise ValueError(f'{name} must be positive, got {value}')
+        if value % batch_size != 0:
+            raise ValueError(f'{name} {value} is not a multiple of the batch size {batch_size}')
+        if value % granule != 0:
+            raise ValueError(f'{name} {value} is not a multiple of {granule} (file names count kimg)')
+    return batch_gpu, batch_per_process // batch_gpu
+
+# ----------------------------------------------------------------------------
+# Main training loop (spec §4.4).
+
+
+_default_kwargs = dict(
+    dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
+    encoder_kwargs      = dict(class_name='training.encoders.StandardRGBEncoder'),
+    network_kwargs      = dict(class_name='training.networks_edm2.Precond'),
+    loss_kwargs         = dict(class_name='training.training_loop.EDM2Loss'),
+    optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
+    lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
+    ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),
+)
+
+
+def _or_default(value, name):
+    return copy.deepcopy(_default_kwargs[name]) if value is None else value
+
+
+def training_loop(
+    dataset_kwargs      = None,     # Dataset; None = ImageFolderDataset (then a path is required).
+    encoder_kwargs      = None,     # Encoder between dataset items and latents; None = StandardRGBEncoder.
+    data_loader_kwargs  = None,     # None = torch DataLoader with 2 workers, prefetch 2, pinned memory on CUDA.
+    network_kwargs      = None,     # None = Precond with its defaults.
+    loss_kwargs         = None,     # None = EDM2Loss with its defaults.
+    optimizer_kwargs    = None,     # None = Adam with betas (0.9, 0.99).
+    lr_kwargs           = None,     # None = learning_rate_schedule with its defaults.
+    ema_kwargs          = None,     # None = PowerFunctionEMA with its defaults; False = no EMA (snapshot the raw net).
+
+    run_dir             = '.',      # Output directory.
+    seed                = 0,        # Global random seed.
+    batch_size          = 2048,     # Total batch size of one training iteration.
+    batch_gpu           = None,     # Limit on the batch of one process in one accumulation round; None = no limit.
+    total_nimg          = 8 << 30,  # Train for a total of N training images.
+    slice_nimg          = None,     # Train for at most N images in this invocation; None = no limit.
+    status_nimg         = 128 << 10,  # Report status every N images; None = disable.
+    snapshot_nimg       = 8 << 20,  # Save network snapshots every N images; None = disable.
+    checkpoint_nimg     = 128 << 20,  # Save a training checkpoint every N images; None = disable.
+
+    loss_scaling        = 1,        # Loss scaling factor against FP16 under/overflow.
+    force_finite        = True,     # Replace NaN/Inf gradient entries by zero before the optimizer step.
+    cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
+    preset_name         = None,     # Name of the configuration preset (informational).
+    device              = None,     # None = cuda if available, else cpu.
+):
+    # Initialize.
+    prev_status_time = time.time()
+    dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
+    encoder_kwargs = _or_default(encoder_kwargs, 'encoder_kwargs')
+    network_kwargs = _or_default(network_kwargs, 'network_kwargs')
+    loss_kwargs = _or_default(loss_kwargs, 'loss_kwargs')
+    optimizer_kwargs = _or_default(optimizer_kwargs, 'optimizer_kwargs')
+    lr_kwargs = _or_default(lr_kwargs, 'lr_kwargs')
+    ema_kwargs = _or_default(ema_kwargs, 'ema_kwargs')
+    device = torch.device(device) if device is not None else _default_device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    misc.set_random_seed(seed, rank)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        _remove_stale_temp_files(run_dir)
+
+    # Validate the batch layout and the image counts.
+    batch_gpu, num_accumulation_rounds = check_training_config(
+        batch_size=batch_size, world_size=world_size, batch_gpu=batch_gpu, total_nimg=total_nimg, slice_nimg=slice_nimg,
+        status_nimg=status_nimg, snapshot_nimg=snapshot_nimg, checkpoint_nimg=checkpoint_nimg)
+    batch_per_process = batch_size // world_size
+    if preset_name is not None:
+        dist.print0(f'Preset: {preset_name}')
+
+    # Dataset, encoder and network.
+    dist.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    ref_image, ref_label = dataset_obj[0]
+    dist.print0('Setting up encoder...')
+    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
+    ref_image = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
+    dist.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net.train().requires_grad_(True).to(device)
+
+    # The summary's forward pass runs in training mode, so it also force-normalises the weights of
+    # rank 0 before they are broadcast and copied into the EMA (spec §14).
+    if rank == 0:
+        misc.print_module_summary(net, [
+            torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device),
+            torch.ones([batch_gpu], device=device),
+            torch.zeros([batch_gpu, net.label_dim], device=device),
+        ], max_nesting=2)
+
+    # Training state.
+    dist.print0('Setting up training state...')
+    state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
+    ddp = net
+    if world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=([device] if device.type == 'cuda' else None))
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not False else None
+
+    # Resume from the latest checkpoint and decide where this invocation stops.
+    checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
+    checkpoint.load_latest(run_dir)
+    stop_at_nimg = total_nimg
+    if slice_nimg is not None:
+        granularity = checkpoint_nimg if checkpoint_nimg is not None else snapshot_nimg if snapshot_nimg is not None else batch_size
+        slice_end_nimg = (state.cur_nimg + slice_nimg) // granularity * granularity  # round down
+        stop_at_nimg = min(stop_at_nimg, slice_end_nimg)
+    if stop_at_nimg <= state.cur_nimg:
+        dist.print0(f'Nothing to do: training already reached {state.cur_nimg // 1000} kimg.')
+        return
+    dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
+    dist.print0()
+
+    # Data: an infinite sampler that continues the same sequence from cur_nimg on a resume.
+    if data_loader_kwargs is None:
+        data_loader_kwargs = dict(class_name='torch.utils.data.DataLoader', pin_memory=(device.type == 'cuda'),
+                                  num_workers=2, prefetch_factor=2)
+    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
+    dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
+
+    # A progress bar on the terminal only (never in log.txt), rank 0.
+    progress = None
+    if rank == 0:
+        import tqdm  # Lazily: the reference tools that execute this module need not have it.
+        progress = tqdm.tqdm(total=stop_at_nimg, initial=state.cur_nimg, unit='img', unit_scale=True, leave=False,
+                             file=sys.__stderr__, disable=None, dynamic_ncols=True)
+
+    # Main training loop.
+    prev_status_nimg = state.cur_nimg
+    cumulative_training_time = 0
+    start_nimg = state.cur_nimg
+    stats_jsonl = None
+    try:
+        while True:
+            done = (state.cur_nimg >= stop_at_nimg)
+            fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)
+            do_status = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and fresh_or_advanced
+            do_snapshot = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced and rank == 0
+            do_checkpoint = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
+            if progress is not None and (do_status or do_snapshot or do_checkpoint):
+                progress.clear()
+
+            # Report status.
+            if do_status:
+                cur_time = time.time()
+                state.total_elapsed_time += cur_time - prev_status_time
+                cur_process = psutil.Process(os.getpid())
+                cpu_memory_usage = sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True))
+                on_cuda = (device.type == 'cuda')
+                values = dict(kimg=state.cur_nimg / 1e3, total_sec=state.total_elapsed_time, sec_per_tick=cur_time - prev_status_time,
+                              sec_per_kimg=cumulative_training_time / max(state.cur_nimg - prev_status_nimg, 1) * 1e3,
+                              maintenance_sec=cur_time - prev_status_time - cumulative_training_time, cpu_mem_gb=cpu_memory_usage / 2**30,
+                              gpu_mem_gb=(torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0),
+                              gpu_reserved_gb=(torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0))
+                training_stats.report0('Progress/kimg', values['kimg'])
+                training_stats.report0('Timing/total_sec', values['total_sec'])
+                training_stats.report0('Timing/sec_per_tick', values['sec_per_tick'])
+                training_stats.report0('Timing/sec_per_kimg', values['sec_per_kimg'])
+                training_stats.report0('Timing/maintenance_sec', values['maintenance_sec'])
+                training_stats.report0('Resources/cpu_mem_gb', values['cpu_mem_gb'])
+                training_stats.report0('Resources/peak_gpu_mem_gb', values['gpu_mem_gb'])
+                training_stats.report0('Resources/peak_gpu_mem_reserved_gb', values['gpu_reserved_gb'])
+                dist.print0(' '.join(['Status:',
+                    'kimg',         f"{values['kimg']:<9.1f}",
+                    'time',         f"{dnnlib.util.format_time(values['total_sec']):<12s}",
+                    'sec/tick',     f"{values['sec_per_tick']:<8.2f}",
+                    'sec/kimg',     f"{values['sec_per_kimg']:<7.3f}",
+                    'maintenance',  f"{values['maintenance_sec']:<7.2f}",
+                    'cpumem',       f"{values['cpu_mem_gb']:<6.2f}",
+                    'gpumem',       f"{values['gpu_mem_gb']:<6.2f}",
+                    'reserved',     f"{values['gpu_reserved_gb']:<6.2f}",
+                ]))
+                cumulative_training_time = 0
+                prev_status_nimg = state.cur_nimg
+                prev_status_time = cur_time
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+
+                # Flush the statistics of this tick (means over the tick, reduced across processes).
+                training_stats.default_collector.update()
+                if rank == 0:
+                    if stats_jsonl is None:
+                        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
+                    items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
+                    stats_jsonl.write(_format_stats_line(items + [('timestamp', time.time())]))
+                    stats_jsonl.flush()
+
+                # Update progress and check for abort.
+                dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
+                if state.cur_nimg == stop_at_nimg and state.cur_nimg < total_nimg:
+                    dist.request_suspend()
+                if dist.should_stop() or dist.should_suspend():
+                    done = True
+
+            # Save network snapshots, one per EMA profile.
+            if do_snapshot:
+                ema_list = ema.get() if ema is not None else net
+                ema_list = ema_list if isinstance(ema_list, list) else [(ema_list, '')]
+                for ema_net, ema_suffix in ema_list:
+                    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+                    # Module.to(dtype) casts floating-point parameters and buffers alike.
+                    data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
+                    fname = f'network-snapshot-{state.cur_nimg // 1000:07d}{ema_suffix}.pkl'
+                    dist.print0(f'Saving {fname} ... ', end='', flush=True)
+                    _write_atomically(os.path.join(run_dir, fname), lambda f, data=data: pickle.dump(data, f))
+                    dist.print0('done')
+                    del data  # conserve memory
+
+            # Save a training checkpoint (never at the start, always at the end).
+            if do_checkpoint:
+                checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+                if world_size > 1:
+                    misc.check_ddp_consistency(net)
+
+            if done:
+                break
+
+            # Evaluate the loss and accumulate gradients.
+            batch_start_time = time.time()
+            misc.set_random_seed(seed, rank, state.cur_nimg)
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(num_accumulation_rounds):
+                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
+                    images, labels = next(dataset_iterator)
+                    images = encoder.encode_latents(images.to(device))
+                    loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
+                    training_stats.report('Loss/loss', loss)
+                    loss.sum().mul(loss_scaling / batch_per_process).backward()
+
+            # Learning rate of this step from the image count before it; then the optimizer step.
+            lr = dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs)
+            training_stats.report('Loss/learning_rate', lr)
+            for g in optimizer.param_groups:
+                g['lr'] = lr
+            if force_finite:
+                for param in net.parameters():
+                    if param.grad is not None:
+                        torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
+            optimizer.step()
+
+            # Update the EMA and the training state.
+            state.cur_nimg += batch_size
+            if ema is not None:
+                ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+            cumulative_training_time += time.time() - batch_start_time
+            if progress is not None:
+                progress.update(batch_size)
+    finally:
+        if progress is not None:
+            progress.close()
+        if stats_jsonl is not None:
+            stats_jsonl.close()
+
+# ----------------------------------------------------------------------------
