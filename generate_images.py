@@ -1,0 +1,463 @@
+"""Generate images with a trained EDM2 model: the EDM sampler, guidance, presets and
+multi-process generation.
+
+The sampler integrates the probability-flow ODE of Karras et al. (EDM, 2022) with Heun's
+second-order method, optionally adding "churn" noise. Guidance (classifier-free guidance
+or autoguidance) extrapolates from a guiding network's denoised estimate towards the main
+network's. Every image draws its randomness from a generator seeded by its own seed, so a
+seed gives the same noise, class and churn noise whatever the batch it lands in and however
+many processes share the work.
+"""
+
+import os
+import re
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import persistence
+
+# ----------------------------------------------------------------------------
+# Configuration presets: the published post-hoc reconstructions and the
+# guidance settings of the two papers. The comment is the published metric.
+
+model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+
+
+def _preset(net: str, gnet: Optional[str] = None, guidance: Optional[float] = None) -> dnnlib.EasyDict:
+    preset = dnnlib.EasyDict(net=f'{model_root}/{net}.pkl')
+    if gnet is not None:
+        preset.gnet = f'{model_root}/{gnet}.pkl'
+        preset.guidance = guidance
+    return preset
+
+
+config_presets = {
+    # EDM2 paper, Table 2 (no guidance).
+    'edm2-img512-xs-fid':              _preset('edm2-img512-xs-2147483-0.135'),   # fid = 3.53
+    'edm2-img512-xs-dino':             _preset('edm2-img512-xs-2147483-0.200'),   # fd_dinov2 = 103.39
+    'edm2-img512-s-fid':               _preset('edm2-img512-s-2147483-0.130'),    # fid = 2.56
+    'edm2-img512-s-dino':              _preset('edm2-img512-s-2147483-0.190'),    # fd_dinov2 = 68.64
+    'edm2-img512-m-fid':               _preset('edm2-img512-m-2147483-0.100'),    # fid = 2.25
+    'edm2-img512-m-dino':              _preset('edm2-img512-m-2147483-0.155'),    # fd_dinov2 = 58.44
+    'edm2-img512-l-fid':               _preset('edm2-img512-l-1879048-0.085'),    # fid = 2.06
+    'edm2-img512-l-dino':              _preset('edm2-img512-l-1879048-0.155'),    # fd_dinov2 = 52.25
+    'edm2-img512-xl-fid':              _preset('edm2-img512-xl-1342177-0.085'),   # fid = 1.96
+    'edm2-img512-xl-dino':             _preset('edm2-img512-xl-1342177-0.155'),   # fd_dinov2 = 45.96
+    'edm2-img512-xxl-fid':             _preset('edm2-img512-xxl-0939524-0.070'),  # fid = 1.91
+    'edm2-img512-xxl-dino':            _preset('edm2-img512-xxl-0939524-0.150'),  # fd_dinov2 = 42.84
+    'edm2-img64-s-fid':                _preset('edm2-img64-s-1073741-0.075'),     # fid = 1.58
+    'edm2-img64-m-fid':                _preset('edm2-img64-m-2147483-0.060'),     # fid = 1.43
+    'edm2-img64-l-fid':                _preset('edm2-img64-l-1073741-0.040'),     # fid = 1.33
+    'edm2-img64-xl-fid':               _preset('edm2-img64-xl-0671088-0.040'),    # fid = 1.33
+
+    # EDM2 paper, Table 3 (classifier-free guidance by an unconditional XS model).
+    'edm2-img512-xs-guid-fid':         _preset('edm2-img512-xs-2147483-0.045', 'edm2-img512-xs-uncond-2147483-0.045', 1.40),  # fid = 2.91
+    'edm2-img512-xs-guid-dino':        _preset('edm2-img512-xs-2147483-0.150', 'edm2-img512-xs-uncond-2147483-0.150', 1.70),  # fd_dinov2 = 79.94
+    'edm2-img512-s-guid-fid':          _preset('edm2-img512-s-2147483-0.025', 'edm2-img512-xs-uncond-2147483-0.025', 1.40),   # fid = 2.23
+    'edm2-img512-s-guid-dino':         _preset('edm2-img512-s-2147483-0.085', 'edm2-img512-xs-uncond-2147483-0.085', 1.90),   # fd_dinov2 = 52.32
+    'edm2-img512-m-guid-fid':          _preset('edm2-img512-m-2147483-0.030', 'edm2-img512-xs-uncond-2147483-0.030', 1.20),   # fid = 2.01
+    'edm2-img512-m-guid-dino':         _preset('edm2-img512-m-2147483-0.015', 'edm2-img512-xs-uncond-2147483-0.015', 2.00),   # fd_dinov2 = 41.98
+    'edm2-img512-l-guid-fid':          _preset('edm2-img512-l-1879048-0.015', 'edm2-img512-xs-uncond-2147483-0.015', 1.20),   # fid = 1.88
+    'edm2-img512-l-guid-dino':         _preset('edm2-img512-l-1879048-0.035', 'edm2-img512-xs-uncond-2147483-0.035', 1.70),   # fd_dinov2 = 38.20
+    'edm2-img512-xl-guid-fid':         _preset('edm2-img512-xl-1342177-0.020', 'edm2-img512-xs-uncond-2147483-0.020', 1.20),  # fid = 1.85
+    'edm2-img512-xl-guid-dino':        _preset('edm2-img512-xl-1342177-0.030', 'edm2-img512-xs-uncond-2147483-0.030', 1.70),  # fd_dinov2 = 35.67
+    'edm2-img512-xxl-guid-fid':        _preset('edm2-img512-xxl-0939524-0.015', 'edm2-img512-xs-uncond-2147483-0.015', 1.20), # fid = 1.81
+    'edm2-img512-xxl-guid-dino':       _preset('edm2-img512-xxl-0939524-0.015', 'edm2-img512-xs-uncond-2147483-0.015', 1.70), # fd_dinov2 = 33.09
+
+    # Autoguidance paper, Table 1 (guidance by a smaller, less trained model).
+    'edm2-img512-s-autog-fid':         _preset('edm2-img512-s-2147483-0.070', 'edm2-img512-xs-0134217-0.125', 2.10),          # fid = 1.34
+    'edm2-img512-s-autog-dino':        _preset('edm2-img512-s-2147483-0.120', 'edm2-img512-xs-0134217-0.165', 2.45),          # fd_dinov2 = 36.67
+    'edm2-img512-xxl-autog-fid':       _preset('edm2-img512-xxl-0939524-0.075', 'edm2-img512-m-0268435-0.155', 2.05),         # fid = 1.25
+    'edm2-img512-xxl-autog-dino':      _preset('edm2-img512-xxl-0939524-0.130', 'edm2-img512-m-0268435-0.205', 2.30),         # fd_dinov2 = 24.18
+    'edm2-img512-s-uncond-autog-fid':  _preset('edm2-img512-s-uncond-2147483-0.070', 'edm2-img512-xs-uncond-0134217-0.110', 2.85),  # fid = 3.86
+    'edm2-img512-s-uncond-autog-dino': _preset('edm2-img512-s-uncond-2147483-0.090', 'edm2-img512-xs-uncond-0134217-0.125', 2.90),  # fd_dinov2 = 90.39
+    'edm2-img64-s-autog-fid':          _preset('edm2-img64-s-1073741-0.045', 'edm2-img64-xs-0134217-0.110', 1.70),            # fid = 1.01
+    'edm2-img64-s-autog-dino':         _preset('edm2-img64-s-1073741-0.105', 'edm2-img64-xs-0134217-0.175', 2.20),            # fd_dinov2 = 31.85
+}
+
+# ----------------------------------------------------------------------------
+# EDM sampler (Karras et al. 2022, Algorithm 2) with guidance.
+
+
+def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
+                   dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+    """Noise levels t_0 > ... > t_{N-1} = sigma_min, followed by t_N = 0:
+    t_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    i = torch.arange(num_steps, dtype=dtype, device=device)
+    # A single step starts at sigma_max (the formula would divide 0 by 0).
+    frac = i / max(num_steps - 1, 1)
+    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+def edm_sampler(
+    net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = None, gnet: Optional[Callable] = None,
+    num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7, guidance: float = 1,
+    S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'), S_noise: float = 1,
+    dtype: torch.dtype = torch.float32, randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+) -> torch.Tensor:
+    """Solve the probability-flow ODE from x = noise * sigma_max down to sigma = 0.
+
+    ``net(x, sigma, labels)`` is the denoiser D(x; sigma); with ``guidance != 1`` the guiding
+    network's estimate is extrapolated towards it: D = D_g + guidance * (D - D_g). With
+    ``guidance == 1`` the guiding network is never evaluated. ``randn_like`` supplies the
+    churn noise, which must come from each image's own generator for per-seed determinism.
+    """
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        Dx = net(x, t, labels).to(dtype)
+        if guidance == 1:
+            return Dx
+        ref_Dx = gnet(x, t, labels).to(dtype)
+        return ref_Dx.lerp(Dx, guidance)
+
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
+    x_next = noise.to(dtype) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+
+        # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        if gamma > 0:
+            t_hat = t_cur + gamma * t_cur
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        else:
+            t_hat = t_cur
+            x_hat = x_cur
+
+        # Euler step from t_hat to t_next.
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Heun's 2nd order correction (skipped on the last step, which ends at sigma = 0).
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+# ----------------------------------------------------------------------------
+# Per-image random generators, stacked along the batch dimension.
+
+
+class StackedRandomGenerator:
+    """One ``torch.Generator`` per image, seeded with ``seed % 2**32``. Each draw of shape
+    ``[N, ...]`` takes row n from generator n, so an image's random numbers do not depend
+    on which other images share its batch."""
+
+    def __init__(self, device: Union[str, torch.device], seeds: Sequence[int]):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def _check(self, size: Sequence[int]) -> None:
+        if len(size) == 0 or size[0] != len(self.generators):
+            raise ValueError(f'Leading dimension {list(size)[:1]} must equal the number of generators ({len(self.generators)})')
+
+    def randn(self, size: Sequence[int], **kwargs: Any) -> torch.Tensor:
+        self._check(size)
+        return torch.stack([torch.randn(list(size[1:]), generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input: torch.Tensor) -> torch.Tensor:
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args: Any, size: Sequence[int], **kwargs: Any) -> torch.Tensor:
+        self._check(size)
+        return torch.stack([torch.randint(*args, size=list(size[1:]), generator=gen, **kwargs) for gen in self.generators])
+
+# ----------------------------------------------------------------------------
+# Loading network pickles.
+
+
+def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:
+    """Load a network pickle (a snapshot dict with ``ema`` and optionally ``encoder``) from a
+    path or URL. Every failure is a ``click.ClickException`` with a one-line message."""
+    try:
+        f = dnnlib.util.open_url(source, verbose=verbose)
+    except Exception as e:  # OSError, requests errors, malformed URLs, ...
+        raise click.ClickException(f'Cannot open "{source}": {_one_line(e)}') from e
+    with f:
+        try:
+            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
+        except persistence.UnsafePickleError as e:
+            raise click.ClickException(f'Refusing to load "{source}": {_one_line(e)} '
+                                       '(--trust-embedded-code runs the code embedded in the pickle)') from e
+        except Exception as e:  # a truncated or foreign file can fail in many ways
+            raise click.ClickException(f'"{source}" is not a network pickle: {_one_line(e)}') from e
+    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
+        raise click.ClickException(f'"{source}" is not a network pickle: expected a dict with a network under "ema"')
+    return data
+
+
+def _one_line(e: BaseException) -> str:
+    text = ' '.join(str(e).split())
+    return text if text else type(e).__name__
+
+
+def _prepare_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # Sampling nets must be in eval mode: MPConv rewrites its weights in training mode.
+    # No dtype change: loaded networks run with their stored float16 parameters.
+    return net.eval().requires_grad_(False).to(device)
+
+# ----------------------------------------------------------------------------
+# Image generation (library function shared with calculate_metrics.py).
+
+
+def _default_device() -> torch.device:
+    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
+    """``outdir/{seed:06d}.png``, or ``outdir/{seed//1000*1000:06d}/{seed:06d}.png`` with subdirs."""
+    image_dir = os.path.join(outdir, f'{seed // 1000 * 1000:06d}') if subdirs else outdir
+    return os.path.join(image_dir, f'{seed:06d}.png')
+
+
+def save_image(image: np.ndarray, path: str) -> None:
+    """Write an HWC uint8 image as PNG, atomically (temporary name, then rename)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}[image.shape[2]]
+        PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def generate_images(
+    net: Union[str, torch.nn.Module],
+    gnet: Union[str, torch.nn.Module, None] = None,
+    encoder: Optional[Any] = None,
+    outdir: Optional[str] = None,
+    subdirs: bool = False,
+    seeds: Sequence[int] = range(16, 24),
+    class_idx: Optional[int] = None,
+    max_batch_size: int = 32,
+    encoder_batch_size: Optional[int] = 4,
+    verbose: bool = True,
+    device: Union[str, torch.device, None] = None,
+    sampler_fn: Union[str, Callable] = edm_sampler,
+    trust_embedded_code: bool = False,
+    **sampler_kwargs: Any,
+) -> Iterable[dnnlib.EasyDict]:
+    """Generate one image per seed, split over the processes of a distributed run.
+
+    ``net``/``gnet`` are modules or paths/URLs of network pickles; the encoder defaults to the
+    one stored with ``net`` (else ``StandardRGBEncoder``). Returns an iterable (with ``len``,
+    the number of batches of this process) that samples lazily and yields per batch an
+    EasyDict with ``images`` (uint8 NCHW), ``labels``, ``noise``, ``batch_idx``,
+    ``num_batches``, ``indices`` (into ``seeds``) and ``seeds``; with ``outdir`` the images
+    are also written as PNG files.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    # Load the networks, rank 0 first so that downloads happen once. If rank 0 fails it
+    # still releases the others, which then fail the same way instead of hanging.
+    if rank != 0:
+        _barrier()
+    try:
+        if isinstance(net, str):
+            if verbose:
+                dist.print0(f'Loading network from {net} ...')
+            data = load_network_pickle(net, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
+            net = data['ema']
+            if encoder is None:
+                encoder = data.get('encoder', None)
+        if isinstance(gnet, str):
+            if verbose:
+                dist.print0(f'Loading guiding network from {gnet} ...')
+            gnet = load_network_pickle(gnet, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))['ema']
+        if encoder is None:
+            from training.encoders import StandardRGBEncoder
+            encoder = StandardRGBEncoder()
+        if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
+            encoder.batch_size = encoder_batch_size
+        if hasattr(encoder, 'init'):
+            encoder.init(device)  # e.g. fetch the VAE, also rank 0 first
+    finally:
+        if rank == 0:
+            _barrier()
+    if net is None:
+        raise ValueError('generate_images() needs a network')
+    net = _prepare_network(net, device)
+    if gnet is not None:
+        gnet = _prepare_network(gnet, device)
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        what = 'the network is unconditional' if net.label_dim == 0 else f'the network has {net.label_dim} classes'
+        raise click.ClickException(f'Class index {class_idx} is out of range: {what}')
+    if outdir is not None:
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as e:
+            raise click.ClickException(f'Cannot create output directory "{outdir}": {e.strerror or _one_line(e)}') from e
+
+    # Cut the seeds into near-equal consecutive batches; rank r takes batches r, r+W, ...
+    # The batch count is a multiple of the world size, so every rank runs as many batches.
+    sampler = dnnlib.util.get_obj_by_name(sampler_fn) if isinstance(sampler_fn, str) else sampler_fn
+    seeds = list(seeds)
+    num_batches = max((len(seeds) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
+    rank_batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world_size]
+    if verbose:
+        dist.print0(f'Generating {len(seeds)} images...')
+
+    def run_batch(batch_idx: int, indices: np.ndarray) -> dnnlib.EasyDict:
+        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx,
+                            num_batches=len(rank_batches), indices=indices)
+        r.seeds = [seeds[idx] for idx in indices]
+        if len(r.seeds) == 0:
+            return r
+
+        # Per-image randomness, in this order: noise, class (conditional nets), churn noise.
+        rnd = StackedRandomGenerator(device, r.seeds)
+        r.noise = rnd.randn([len(r.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        if net.label_dim > 0:
+            # Drawn even with class_idx, so that the churn noise does not depend on it.
+            classes = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
+            r.labels = torch.eye(net.label_dim, device=device)[classes]
+            if class_idx is not None:
+                r.labels[:, :] = 0
+                r.labels[:, class_idx] = 1
+
+        # No autograd: it would waste memory, and eval-mode networks cache work only without it.
+        with torch.no_grad():
+            latents = sampler(net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like,
+                              **sampler_kwargs)
+            r.images = encoder.decode(latents)
+
+        if outdir is not None:
+            for seed, image in zip(r.seeds, r.images.permute(0, 2, 3, 1).cpu().numpy()):
+                save_image(image, image_path(outdir, seed, subdirs))
+        return r
+
+    class ImageIterable:
+        def __len__(self) -> int:
+            return len(rank_batches)
+
+        def __iter__(self) -> Iterator[dnnlib.EasyDict]:
+            for batch_idx, indices in enumerate(rank_batches):
+                r = run_batch(batch_idx, indices)
+                _barrier()  # keep the processes in step
+                yield r
+
+    return ImageIterable()
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def parse_int_list(s: Union[str, Sequence[int]]) -> List[int]:
+    """Parse ``'1,2,5-10'`` into ``[1, 2, 5, 6, 7, 8, 9, 10]`` (order and duplicates kept).
+    Raises ValueError with a one-line message for anything else."""
+    if not isinstance(s, str):
+        return [int(x) for x in s]
+    result = []
+    for part in s.split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)\s*-\s*(\d+)', part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f'"{part}" is an empty range (expected a-b with a <= b)')
+            result.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\d+', part):
+            result.append(int(part))
+        else:
+            raise ValueError(f'"{part}" is neither an integer nor a range a-b in "{s}"')
+    return result
+
+
+class IntListParam(click.ParamType):
+    """click type for ``--seeds``: comma-separated integers and inclusive ranges ``a-b``."""
+    name = 'LIST'
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> List[int]:
+        try:
+            return parse_int_list(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDict:
+    """Apply a preset (options given explicitly, i.e. not None, win) and check the result.
+    Guidance 1 drops the guiding network, so it is never loaded."""
+    opts = dnnlib.EasyDict(opts)
+    for key in ('net', 'gnet', 'guidance'):
+        opts.setdefault(key, None)
+    if preset is not None:
+        if preset not in config_presets:
+            raise click.BadParameter(f'unknown preset "{preset}"; see --help for the list', param_hint="'--preset'")
+        for key, value in config_presets[preset].items():
+            if opts[key] is None:
+                opts[key] = value
+    if opts.net is None:
+        raise click.UsageError('Please specify either --preset or --net')
+    if opts.guidance is None or opts.guidance == 1:
+        opts.guidance = 1
+        opts.gnet = None
+    elif opts.gnet is None:
+        raise click.UsageError(f'--guidance={opts.guidance:g} needs a guiding network: please specify --gnet')
+    return opts
+
+
+@click.command(epilog='Presets: ' + ', '.join(config_presets))
+@click.option('--preset',                help='Configuration preset', metavar='STR', type=str, default=None)
+@click.option('--net',                   help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
+@click.option('--gnet',                  help='Guiding network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
+@click.option('--outdir',                help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--subdirs',               help='Create subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--seeds',                 help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST', type=IntListParam(), default='16-19', show_default=True)
+@click.option('--class', 'class_idx',    help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--steps', 'num_steps',    help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--sigma_min',             help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',             help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--rho',                   help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--guidance',              help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
+@click.option('--S_churn', 'S_churn',    help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',        help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',        help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',    help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--trust-embedded-code',   help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
+def cmdline(preset: Optional[str], **opts: Any) -> None:
+    """Generate random images using the given model.
+
+    Examples:
+
+    \b
+    # Generate a couple of images and save them as out/*.png
+    python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
+
+    \b
+    # Generate 50000 images using 8 GPUs and save them as out/*/*.png
+    torchrun --standalone --nproc_per_node=8 generate_images.py \\
+        --preset=edm2-img512-s-guid-fid --outdir=out --subdirs --seeds=0-49999
+    """
+    opts = resolve_options(preset, **opts)
+    dist.init()
+    try:
+        image_iter = generate_images(**opts)
+        for _r in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
+            pass
+    except OSError as e:
+        # E.g. a full disk or an output folder that became unwritable midway.
+        where = f' "{e.filename}"' if getattr(e, 'filename', None) else ''
+        raise click.ClickException(f'Cannot write output{where}: {e.strerror or _one_line(e)}') from e
+
+# ----------------------------------------------------------------------------
+
+
+if __name__ == '__main__':
+    cmdline()
+
+# ----------------------------------------------------------------------------
