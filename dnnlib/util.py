@@ -1,8 +1,22 @@
-"""Miscellaneous utilities: EasyDict, class lookup by name, the URL download cache, logging."""
+"""Miscellaneous utilities: EasyDict, class lookup by name, the URL download cache, logging.
 
+Reference network pickles run their embedded source against this module (they use
+``dnnlib.util.EasyDict``), and snapshot pickles are EasyDicts pickled by this class path, so the
+names here are part of the file format.
+"""
+
+import glob
+import hashlib
+import importlib
+import io
 import os
+import re
+import sys
 import tempfile
-from typing import Any, Optional
+import time
+import urllib.parse
+import uuid
+from typing import Any, BinaryIO, Optional, TextIO, Union
 
 
 class EasyDict(dict):
@@ -20,6 +34,9 @@ class EasyDict(dict):
     def __delattr__(self, name: str) -> None:
         del self[name]
 
+
+# ----------------------------------------------------------------------------
+# Cache directory.
 
 _dnnlib_cache_dir: Optional[str] = None
 
@@ -42,3 +59,303 @@ def make_cache_dir_path(*paths: str) -> str:
     if "USERPROFILE" in os.environ:
         return os.path.join(os.environ["USERPROFILE"], ".cache", "dnnlib", *paths)
     return os.path.join(tempfile.gettempdir(), ".cache", "dnnlib", *paths)
+
+
+# ----------------------------------------------------------------------------
+# Small helpers.
+
+
+def format_time(seconds: Union[int, float]) -> str:
+    """Human-readable duration: ``Ns``, ``Mm SSs``, ``Hh MMm SSs`` or ``Dd HHh MMm``."""
+    s = int(round(seconds))  # round half to even, like np.rint
+    if s < 60:
+        return f"{s}s"
+    if s < 60 * 60:
+        return f"{s // 60}m {s % 60:02}s"
+    if s < 24 * 60 * 60:
+        return f"{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s"
+    return f"{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m"
+
+
+class _Tee:
+    """A text stream that writes to an original stream and to a shared log file."""
+
+    def __init__(self, stream: TextIO, logger: "Logger"):
+        self.stream = stream
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        if len(text) == 0:
+            return 0
+        self.logger._write_file(text)
+        self.stream.write(text)
+        if self.logger.should_flush:
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.logger._flush_file()
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ... of the original stream
+        return getattr(self.stream, name)
+
+
+class Logger:
+    """Copy everything printed to stdout and stderr into a file, until close().
+
+    Usable as a context manager. ``file_name=None`` only redirects through the logger (nothing is
+    written to disk). stderr text keeps going to the original stderr.
+    """
+
+    def __init__(self, file_name: Optional[str] = None, file_mode: str = "a", should_flush: bool = True):
+        self.file = open(file_name, file_mode, encoding="utf-8") if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = _Tee(self.stdout, self)
+        sys.stderr = _Tee(self.stderr, self)
+
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _write_file(self, text: str) -> None:
+        if self.file is not None:
+            self.file.write(text)
+            if self.should_flush:
+                self.file.flush()
+
+    def _flush_file(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def write(self, text: str) -> None:
+        """Write to the log file and the original stdout."""
+        self._write_file(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.stdout.flush()
+
+    def flush(self) -> None:
+        self._flush_file()
+        self.stdout.flush()
+
+    def close(self) -> None:
+        """Flush, restore sys.stdout / sys.stderr (if still ours) and close the file."""
+        self.flush()
+        if isinstance(sys.stdout, _Tee) and sys.stdout.logger is self:
+            sys.stdout = self.stdout
+        if isinstance(sys.stderr, _Tee) and sys.stderr.logger is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ----------------------------------------------------------------------------
+# Objects by name.
+
+
+def get_obj_by_name(name: str) -> Any:
+    """The object called ``name``, e.g. ``'training.networks_edm2.Precond'`` or ``'numpy.random.seed'``.
+
+    The longest importable module prefix is imported and the rest is looked up as attributes.
+    """
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Only "this candidate does not exist" means: try a shorter prefix. A module that
+            # exists but fails inside its own imports must report that error.
+            if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+                continue
+            raise
+        for depth, attr in enumerate(parts[i:]):
+            if not hasattr(obj, attr):
+                owner = ".".join(parts[: i + depth])
+                raise ImportError(f"Cannot find '{name}': '{owner}' has no attribute '{attr}'")
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"Cannot find '{name}': no module named '{parts[0]}'")
+
+
+def call_func_by_name(*args: Any, func_name: str, **kwargs: Any) -> Any:
+    """Look a callable up by name and call it with the given arguments."""
+    func_obj = get_obj_by_name(func_name)
+    if not callable(func_obj):
+        raise TypeError(f"'{func_name}' is not callable")
+    return func_obj(*args, **kwargs)
+
+
+def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
+    """Look a class up by name and instantiate it with the given arguments."""
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# URLs and the download cache.
+
+retry_delay: float = 1.0  # seconds between download attempts (tests make this short)
+progress_min_bytes: int = 1 << 20  # show a tqdm bar for downloads at least this large (or of unknown size)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    """Whether ``obj`` is a string of the form ``scheme://host/...`` (``file://`` only if allowed)."""
+    if not isinstance(obj, str) or "://" not in obj:
+        return False
+    if obj.startswith("file://"):
+        return allow_file_urls
+    try:
+        res = urllib.parse.urlparse(obj)
+    except ValueError:
+        return False
+    return bool(res.scheme) and bool(res.netloc)
+
+
+def _file_url_to_path(url: str) -> str:
+    path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if re.match(r"^/[a-zA-Z]:", path):  # file:///C:/... on Windows
+        path = path[1:]
+    return path
+
+
+def cache_file_name(url: str, content_disposition: Optional[str] = None) -> str:
+    """The download cache's file name for ``url`` (spec §14): ``{md5(url)}_{safe name}``.
+
+    The name is the server's Content-Disposition filename, else the URL itself, with every
+    character outside ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters.
+    """
+    url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
+    match = None
+    if content_disposition:
+        match = re.search(r'filename="([^"]*)"', content_disposition) or re.search(
+            r"filename=([^;\s]+)", content_disposition
+        )
+    name = match.group(1) if match else url
+    safe_name = re.sub(r"[^0-9A-Za-z._-]", "_", name)[:128]
+    return f"{url_md5}_{safe_name}"
+
+
+def _error_summary(err: BaseException) -> str:
+    import requests
+
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return f"HTTP {err.response.status_code} {err.response.reason}".strip()
+    text = " ".join(str(err).split())  # one line
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _download_once(url: str, cache_dir: str, cache: bool, verbose: bool, timeout: float) -> Union[str, bytes]:
+    """One download attempt: the cache path (cache=True) or the bytes. Raises on any failure."""
+    import requests
+    from tqdm import tqdm
+
+    with requests.get(url, stream=True, timeout=timeout, allow_redirects=True) as res:
+        res.raise_for_status()
+        expected = res.headers.get("Content-Length")
+        expected = int(expected) if expected is not None and expected.isdigit() else None
+        fname = cache_file_name(url, res.headers.get("Content-Disposition"))
+        show_bar = verbose and (expected is None or expected >= progress_min_bytes)
+        bar = tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=fname[33:][:40],
+                   disable=not show_bar, leave=False, file=sys.stderr)
+
+        def chunks():
+            for chunk in res.iter_content(chunk_size=1 << 20):
+                bar.update(len(chunk))
+                yield chunk
+            # Content-Length counts bytes on the wire (before any content decoding).
+            received = res.raw.tell()
+            if expected is not None and received != expected:
+                raise OSError(f"connection closed after {received} of {expected} bytes")
+
+        try:
+            if not cache:
+                return b"".join(chunks())
+            os.makedirs(cache_dir, exist_ok=True)
+            final_path = os.path.join(cache_dir, fname)
+            # The temporary name does not match the "{md5}_*" lookup, so a partial file is never used.
+            temp_path = os.path.join(cache_dir, f"tmp_{uuid.uuid4().hex}_{fname}")
+            try:
+                with open(temp_path, "wb") as f:
+                    for chunk in chunks():
+                        f.write(chunk)
+                os.replace(temp_path, final_path)
+            finally:
+                if os.path.exists(temp_path):
+                    os.remove(temp_path)
+            return final_path
+        finally:
+            bar.close()
+
+
+def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, retry_delay: Optional[float] = None,
+             timeout: float = 60.0) -> Union[BinaryIO, str]:
+    """Open a local path, a ``file://`` URL or an http(s) URL as a binary file object.
+
+    http(s) downloads are cached in ``cache_dir`` (default ``make_cache_dir_path('downloads')``)
+    as ``{md5(url)}_{name}``; a cached file is reused when exactly one matches the URL. Each
+    download is streamed into a temporary file in the cache folder and renamed only when complete,
+    and retried ``num_attempts`` times, ``retry_delay`` seconds apart (default: the module-level
+    ``retry_delay``). ``return_filename=True`` returns the local path instead (needs the cache).
+    Raises a one-line ``OSError`` naming the URL when every attempt fails.
+    """
+    if num_attempts < 1:
+        raise ValueError("num_attempts must be at least 1")
+    if return_filename and not cache:
+        raise ValueError("return_filename=True requires cache=True")
+
+    # Local files.
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        return url if return_filename else open(url, "rb")
+    if url.startswith("file://"):
+        path = _file_url_to_path(url)
+        return path if return_filename else open(path, "rb")
+    scheme = urllib.parse.urlparse(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise OSError(f"Cannot open {url}: unsupported URL scheme '{scheme}'")
+
+    # Cached?
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path("downloads")
+    if cache:
+        url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
+        matches = glob.glob(os.path.join(glob.escape(cache_dir), url_md5 + "_*"))
+        if len(matches) == 1:
+            return matches[0] if return_filename else open(matches[0], "rb")
+
+    # Download.
+    delay = globals()["retry_delay"] if retry_delay is None else retry_delay
+    if verbose:
+        print(f"Downloading {url} ...", end="", flush=True)
+    error: Optional[BaseException] = None
+    for attempt in range(num_attempts):
+        if attempt > 0 and delay > 0:
+            time.sleep(delay)
+        try:
+            result = _download_once(url, cache_dir, cache, verbose, timeout)
+            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 -- any failure is retried, then reported
+            error = err
+    else:
+        if verbose:
+            print(" failed")
+        assert error is not None
+        attempts = f"{num_attempts} attempt" + ("s" if num_attempts != 1 else "")
+        raise OSError(f"Failed to download {url} ({attempts}): {_error_summary(error)}") from error
+    if verbose:
+        print(" done")
+
+    if isinstance(result, bytes):
+        return io.BytesIO(result)
+    return result if return_filename else open(result, "rb")
