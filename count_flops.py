@@ -1,0 +1,376 @@
+"""Count the parameters, flops and memory of one forward pass of an EDM2 network (spec §10).
+
+The network runs once on a batch of one -- x zeros [1, C, H, W], σ zeros [1], class labels zeros
+[1, label_dim] -- under a dispatch mode that sees every ATen operation after autograd has
+decomposed the composite ones (so einsums arrive as the equivalent batched matmuls). Each op is
+weighted by the conventions of spec §10:
+
+  convolution (also transposed)   output elements × product of the weight's dims after the first
+  matmul / linear                 output elements × inner dimension
+  addmm                           output elements × (inner dimension + 1)
+  vector norms, average pooling   *input* elements
+  silu, sigmoid, softmax          3 per output element
+  lerp, clamp, leaky_relu         2 per output element
+  gelu                            14 per output element
+  group / layer norm              4 per output element
+  bilinear upsampling             4 per output element
+  other element-wise ops          1 per output element
+  shape, copy, dropout, creation  0
+
+Ops outside these classes are listed as unknown and counted 0. Multiply-adds count once, as in the
+paper's Table 2. Memory per sample is the peak of memory allocated during the pass beyond what
+existed before it (weights and inputs): the CUDA allocator's peak on a GPU, otherwise the peak of
+live tensor storage recorded by the same dispatch mode.
+
+Without a GPU the pass runs on PyTorch's meta device whenever no real arithmetic is needed (training
+presets; `--device=meta` for pickles), so even the largest presets are sized without allocating
+their weights.
+"""
+
+import contextlib
+import os
+import pickle
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import click
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import dnnlib
+from torch_utils import persistence
+
+# ----------------------------------------------------------------------------
+# Training presets (spec §3.5): the network each `train_edm2.py --preset` builds, sized for the
+# 64×64 latents of img512 (4 channels) or the 64×64 pixels of img64 (3 channels), 1000 classes.
+# All use channel_mult [1,2,3,4], num_blocks 3, attn_resolutions [16,8] (the UNet defaults).
+
+_PRESET_CHANNELS = dict(xxs=64, xs=128, s=192, m=256, l=320, xl=384, xxl=448)
+
+PRESETS: Dict[str, dict] = {}
+for _size, _channels in _PRESET_CHANNELS.items():
+    for _dataset, _img_channels in [("img512", 4), ("img64", 3)]:
+        if _dataset == "img64" and _size in ("xxs", "xxl"):
+            continue  # The paper trains no such models.
+        PRESETS[f"edm2-{_dataset}-{_size}"] = dict(
+            class_name="training.networks_edm2.Precond", img_resolution=64, img_channels=_img_channels,
+            label_dim=1000, model_channels=_channels, dropout=(0.1 if _channels >= 256 else 0.0))
+
+
+def build_preset_network(preset: str, device: Union[str, torch.device] = "meta") -> torch.nn.Module:
+    """The network of a training preset, in eval mode; on the meta device no weights are allocated."""
+    kwargs = PRESETS[preset]
+    with torch.device(device):
+        net = dnnlib.util.construct_class_by_name(**kwargs)
+    return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------
+# Flop conventions of spec §10, keyed by ATen op name (in-place variants share their op's weight).
+
+_PER_OUTPUT_ELEMENT = {
+    "silu": 3, "sigmoid": 3, "_softmax": 3, "softmax": 3,
+    "lerp": 2, "clamp": 2, "clamp_min": 2, "clamp_max": 2, "clip": 2, "leaky_relu": 2,
+    "gelu": 14,
+    "native_group_norm": 4, "group_norm": 4, "native_layer_norm": 4, "layer_norm": 4,
+    "upsample_bilinear2d": 4, "_upsample_bilinear2d_aa": 4,
+}
+
+_PER_INPUT_ELEMENT = {
+    "linalg_vector_norm", "norm", "frobenius_norm",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+}
+
+_CONVOLUTIONS = {
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "cudnn_convolution", "cudnn_convolution_transpose", "mkldnn_convolution",
+    "convolution_overrideable", "_slow_conv2d_forward", "slow_conv_transpose2d", "slow_conv3d_forward",
+}
+
+# Matmuls: index of the multiplicand whose last dimension is the inner (summed) dimension, and
+# whether an added term contributes one more op per output element.
+_MATMULS = {
+    "mm": (0, 0), "bmm": (0, 0), "matmul": (0, 0), "mv": (0, 0), "dot": (0, 0), "vdot": (0, 0),
+    "linear": (0, 0), "addmm": (1, 1), "addbmm": (1, 1), "baddbmm": (1, 1), "addmv": (1, 1),
+}
+
+_FREE = {
+    # Copies and casts.
+    "_to_copy", "copy", "clone", "cat", "stack", "_unsafe_view", "contiguous", "lift_fresh", "lift_fresh_copy",
+    "constant_pad_nd", "repeat", "tile", "index_select", "resize", "_reshape_alias", "view_copy", "expand_copy",
+    "permute_copy", "t_copy", "transpose_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy",
+    "split_copy", "unbind_copy", "detach_copy", "alias_copy", "_local_scalar_dense", "item", "set",
+    # Dropout.
+    "native_dropout", "dropout", "feature_dropout", "alpha_dropout", "bernoulli",
+    # Creation.
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros",
+    "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "fill", "zero", "scalar_tensor", "arange",
+    "linspace", "logspace", "eye", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
+    "randperm", "normal", "uniform", "random", "exponential", "multinomial",
+}
+
+
+def _tensors(tree: Any) -> List[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def op_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[int]:
+    """Flops of one ATen call by the §10 conventions; None for an op they do not cover."""
+    name = func.overloadpacket.__name__
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]  # In-place variant (clamp_, add_, copy_, ...).
+    outputs = _tensors(out)
+    out_numel = outputs[0].numel() if outputs else 0
+    if name in _CONVOLUTIONS:
+        weight = args[1]
+        return out_numel * weight[0].numel()
+    if name in _MATMULS:
+        operand, extra = _MATMULS[name]
+        inner = args[operand].shape[-1]
+        return out_numel * (inner + extra)
+    if name in _PER_INPUT_ELEMENT:
+        return args[0].numel()
+    if name in _PER_OUTPUT_ELEMENT:
+        return out_numel * _PER_OUTPUT_ELEMENT[name]
+    if name in _FREE or func.is_view:
+        return 0
+    if torch.Tag.pointwise in func.tags:
+        return out_numel
+    return None
+
+
+# ----------------------------------------------------------------------------
+# The counting dispatch mode.
+
+
+class FlopCounterMode(TorchDispatchMode):
+    """Counts flops per op (spec §10) and tracks the bytes of tensor storage allocated while active.
+
+    A storage counts from the op that creates it (an output storage shared with no input) until the
+    last tensor using it dies; the peak of that live total approximates what an allocator would hold.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Dict[str, dnnlib.EasyDict] = {}  # op name -> EasyDict(calls, flops)
+        self.unknown: Dict[str, int] = {}          # op name -> calls
+        self.live: Dict[int, tuple] = {}           # storage id -> (weak ref, bytes)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._release_dead_storages()
+        out = func(*args, **kwargs)
+
+        name = func.overloadpacket.__name__
+        flops = op_flops(func, args, kwargs, out)
+        if flops is None:
+            self.unknown[name] = self.unknown.get(name, 0) + 1
+            flops = 0
+        entry = self.ops.setdefault(name, dnnlib.EasyDict(calls=0, flops=0))
+        entry.calls += 1
+        entry.flops += flops
+
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs)) if _has_storage(t)}
+        for t in _tensors(out):
+            if not _has_storage(t):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key not in inputs and key not in self.live:
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return out
+
+    def _release_dead_storages(self):
+        dead = [key for key, (ref, _) in self.live.items() if ref.expired()]
+        for key in dead:
+            self.live_bytes -= self.live.pop(key)[1]
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and not getattr(t, "is_nested", False)
+
+
+@contextlib.contextmanager
+def _exact_math():
+    """TF32 and reduced-precision fp16 reductions off, cuDNN benchmark off (spec §14); restored after."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark) = saved
+
+
+@contextlib.contextmanager
+def _weight_caches_disabled(net: torch.nn.Module):
+    """Turn off eval-mode weight caches (this project's MPConv has one) so every op of the pass runs."""
+    modules = {sys.modules.get(type(m).__module__) for m in net.modules()}
+    switches = [m.set_inference_cache for m in modules if callable(getattr(m, "set_inference_cache", None))]
+    saved = [switch(False) for switch in switches]
+    try:
+        yield
+    finally:
+        for switch, old in zip(switches, saved):
+            switch(old)
+
+
+# ----------------------------------------------------------------------------
+# The library function.
+
+
+def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = None,
+                inputs: Optional[Sequence[Any]] = None) -> dnnlib.EasyDict:
+    """Parameters, flops and memory of one forward pass ``net(x, σ, labels)`` with a batch of one.
+
+    ``net`` needs the attributes ``img_channels``, ``img_resolution`` and ``label_dim`` (a Precond),
+    unless ``inputs`` gives the positional arguments of the pass explicitly (e.g. for one Block);
+    their first dimension is then the batch size the totals are divided by.
+    ``device``: where the pass runs ('cuda', 'cpu' or 'meta'; default: the network's device).
+    The network is moved there, and runs in eval mode without autograd. Returns an EasyDict with
+    ``params``, ``flops`` and ``gflops`` (per sample), ``memory_bytes`` (per sample), ``device``,
+    ``ops`` (op name -> EasyDict(calls, flops), largest first) and ``unknown`` (op name -> calls).
+    """
+    if device is None:
+        device = next(iter(net.parameters()), torch.empty([])).device
+    device = torch.device(device)
+    net = net.eval().requires_grad_(False)
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]) and device.type != "meta":
+        net = net.to_empty(device=device)  # Sizes only: the values of the weights do not matter here.
+    net = net.to(device)
+    if inputs is None:
+        # Spec §10: x zeros [1, C, H, W], σ zeros [1], class labels zeros [1, label_dim].
+        x = torch.zeros([1, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        sigma = torch.zeros([1], device=device)
+        labels = torch.zeros([1, net.label_dim], device=device) if net.label_dim else None
+        inputs = (x, sigma, labels)
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    batch = inputs[0].shape[0]
+
+    counter = FlopCounterMode()
+    with _exact_math(), _weight_caches_disabled(net), torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+        with counter:
+            net(*inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            memory = torch.cuda.max_memory_allocated(device) - baseline
+        else:
+            memory = counter.peak_bytes
+
+    flops = sum(entry.flops for entry in counter.ops.values())
+    ops = dict(sorted(counter.ops.items(), key=lambda item: (-item[1].flops, item[0])))
+    return dnnlib.EasyDict(
+        params=sum(p.numel() for p in net.parameters()),
+        flops=flops // batch,
+        gflops=flops / batch / 1e9,
+        memory_bytes=memory // batch,
+        device=str(device),
+        ops=ops,
+        unknown=dict(counter.unknown),
+    )
+
+
+def format_report(result: dnnlib.EasyDict) -> str:
+    """The printed summary: totals, then one row per op."""
+    lines = [
+        f"Parameters:        {result.params / 1e6:.2f} M ({result.params} parameters)",
+        f"Gflops per sample: {result.gflops:.2f} ({result.flops} flops)",
+        f"Memory per sample: {result.memory_bytes / 2**20:.2f} MiB ({result.device})",
+        "",
+        f"{'Op':<28s}{'Calls':>8s}{'Gflops':>12s}{'Share':>9s}",
+        f"{'-' * 27:<28s}{'-' * 7:>8s}{'-' * 11:>12s}{'-' * 8:>9s}",
+    ]
+    total = max(sum(entry.flops for entry in result.ops.values()), 1)
+    for name, entry in result.ops.items():
+        note = "  (unknown op, counted 0)" if name in result.unknown else ""
+        lines.append(f"{name:<28s}{entry.calls:>8d}{entry.flops / 1e9:>12.4f}{entry.flops / total:>9.2%}{note}")
+    if result.unknown:
+        lines += ["", "Unknown ops (counted 0): " + ", ".join(sorted(result.unknown))]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+
+
+def is_preset(source: str) -> bool:
+    """Whether the command-line argument names a training preset (an existing file of that name wins)."""
+    return source in PRESETS and not os.path.exists(source)
+
+
+def load_network(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> torch.nn.Module:
+    """The ``ema`` network of a network pickle (a path or a URL); a clear one-line error otherwise."""
+    if not dnnlib.util.is_url(source, allow_file_urls=True) and not os.path.isfile(source):
+        raise click.ClickException(f"{source!r} is not a network pickle, a URL or a training preset "
+                                   f"({', '.join(PRESETS)})")
+    try:
+        with dnnlib.util.open_url(source, verbose=verbose) as f:
+            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
+    except persistence.UnsafePickleError as e:
+        raise click.ClickException(f"{source}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise click.ClickException(f"{source} is not a network pickle ({reason})") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot read {source}: {e.strerror or e}") from None
+    net = data.get("ema") if isinstance(data, dict) else None
+    if not isinstance(net, torch.nn.Module):
+        raise click.ClickException(f"{source} is not a network pickle (no 'ema' network in it)")
+    return net
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+@click.command()
+@click.argument("network", metavar="PKL|URL|PRESET")
+@click.option("--device", type=click.Choice(["cuda", "cpu", "meta"]), default=None,
+              help="Where the pass runs  [default: cuda if available; else cpu for pickles, meta for presets]")
+@click.option("--trust-embedded-code", is_flag=True, default=False,
+              help="Load pickles by running their embedded source code (only for pickles you trust)")
+def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None:
+    """Count parameters, Gflops and memory per sample of an EDM2 network.
+
+    PKL|URL|PRESET is a network pickle (a snapshot file or URL; its `ema` is counted) or a training
+    preset name such as edm2-img512-xs, whose network is built without allocating its weights.
+
+    Examples:
+
+    \b
+    # A pre-trained model
+    python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-2147483-0.135.pkl
+
+    \b
+    # A training preset, before training it
+    python count_flops.py edm2-img512-xxl
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    if is_preset(network):
+        net = build_preset_network(network, device=(device or "meta"))
+    else:
+        net = load_network(network, trust_embedded_code=trust_embedded_code)
+    result = count_flops(net, device=device)
+    click.echo(format_report(result))
+
+
+if __name__ == "__main__":
+    main()
