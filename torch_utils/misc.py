@@ -1,0 +1,257 @@
+"""Miscellaneous torch helpers: cached constants, seeding, the infinite sampler, parameter copying,
+DDP helpers and the module summary table.
+
+Reference network pickles execute their embedded source against this module and call
+``constant`` / ``const_like``, so those two keep the reference's names and signatures. Module-level
+imports are limited to the standard library, numpy, torch and dnnlib for the same reason.
+"""
+
+import contextlib
+import re
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import dnnlib
+
+# ----------------------------------------------------------------------------
+# Cached constant tensors.
+
+_constant_cache: dict = {}
+
+
+def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
+             device: Optional[torch.device] = None, memory_format: Optional[torch.memory_format] = None
+             ) -> torch.Tensor:
+    """A constant tensor holding ``value`` (broadcast to ``shape``), created once per distinct request.
+
+    Repeated calls with the same value, shape, dtype, device and memory format return the same
+    tensor, so hot loops do not allocate (or copy host-to-device) the same constant again.
+    """
+    value = np.asarray(value)
+    shape = tuple(shape) if shape is not None else None
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device("cpu") if device is None else torch.device(device)
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+
+    # Tensors made under inference mode cannot enter autograd later, so they are cached apart.
+    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format,
+           torch.is_inference_mode_enabled())
+    tensor = _constant_cache.get(key)
+    if tensor is None:
+        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
+        if shape is not None:
+            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape, dtype=dtype, device=device))
+        tensor = tensor.contiguous(memory_format=memory_format)
+        _constant_cache[key] = tensor
+    return tensor
+
+
+def const_like(ref: torch.Tensor, value: Any, shape: Optional[Sequence[int]] = None,
+               dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+               memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """``constant(value)`` with ``ref``'s dtype and device unless given."""
+    return constant(value, shape=shape, dtype=ref.dtype if dtype is None else dtype,
+                    device=ref.device if device is None else device, memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------
+# Randomness.
+
+
+def set_random_seed(*args: Any) -> None:
+    """Seed torch (every device) and numpy's legacy global generator from ``hash(args) % 2**31``.
+
+    CPython's hash of a tuple of integers is the same in every run, so ``set_random_seed(seed,
+    rank, cur_nimg)`` reproduces a training step exactly.
+    """
+    seed = hash(args) % (1 << 31)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed)
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless dataset indices, reshuffled every epoch, strided across processes (spec §14).
+
+    Global index ``idx`` starts at ``start_idx + rank`` and advances by ``num_replicas``; it yields
+    ``perm_e[idx % N]`` where ``e = idx // N`` and ``perm_e`` is a legacy
+    ``np.random.RandomState(hash((seed, e)) % 2**31)`` shuffle of ``0..N-1``. Resuming with
+    ``start_idx = cur_nimg`` therefore continues the same sequence.
+    """
+
+    def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, seed: int = 0, start_idx: int = 0,
+                 shuffle: bool = True):
+        if len(dataset) <= 0:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        if num_replicas <= 0 or not 0 <= rank < num_replicas:
+            raise ValueError(f"invalid rank {rank} for {num_replicas} replicas")
+        super().__init__()  # torch >= 2.11 rejects the dataset argument of the base class
+        self.dataset = dataset
+        self.rank = rank
+        self.num_replicas = num_replicas
+        self.seed = seed
+        self.start_idx = start_idx
+        self.shuffle = shuffle
+
+    def __iter__(self) -> Iterator[int]:
+        size = len(self.dataset)
+        idx = self.start_idx + self.rank
+        epoch = None
+        order = None
+        while True:
+            if idx // size != epoch:
+                epoch = idx // size
+                order = np.arange(size)
+                if self.shuffle:
+                    np.random.RandomState(hash((self.seed, epoch)) % (1 << 31)).shuffle(order)
+            yield int(order[idx % size])
+            idx += self.num_replicas
+
+
+# ----------------------------------------------------------------------------
+# Parameters and buffers.
+
+
+def params_and_buffers(module: torch.nn.Module) -> List[torch.Tensor]:
+    """All parameters, then all buffers, in registration order."""
+    return list(module.parameters()) + list(module.buffers())
+
+
+def named_params_and_buffers(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """All named parameters, then all named buffers, in registration order."""
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+@torch.no_grad()
+def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
+                            require_all: bool = False) -> None:
+    """Copy values of same-named parameters and buffers from ``src_module`` into ``dst_module``.
+
+    Destination tensors keep their dtype and device. With ``require_all``, every destination
+    tensor must have a source.
+    """
+    src_tensors = dict(named_params_and_buffers(src_module))
+    for name, tensor in named_params_and_buffers(dst_module):
+        if name in src_tensors:
+            tensor.copy_(src_tensors[name])
+        elif require_all:
+            raise KeyError(f"copy_params_and_buffers: '{name}' is missing from the source module")
+
+
+# ----------------------------------------------------------------------------
+# DistributedDataParallel helpers.
+
+
+@contextlib.contextmanager
+def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce inside the block unless ``sync`` (gradient accumulation)."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:
+    """Raise if any parameter or buffer differs from rank 0's (NaNs compare equal to NaNs).
+
+    Tensor names are ``TypeName.path``; those matching ``ignore_regex`` are skipped. A no-op
+    outside ``torch.distributed``.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for name, tensor in named_params_and_buffers(module):
+        fullname = type(module).__name__ + "." + name
+        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
+            continue
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = torch.nan_to_num(tensor)
+        other = tensor.clone()
+        torch.distributed.broadcast(tensor=other, src=0)
+        if not torch.equal(tensor, other):
+            raise RuntimeError(f"DDP consistency check failed: {fullname} differs from rank 0")
+
+
+# ----------------------------------------------------------------------------
+# Module summary.
+
+
+def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3,
+                         skip_redundant: bool = True) -> Any:
+    """Run ``module(*inputs)`` once and print a table of its submodules (up to ``max_nesting``
+    levels deep) with their parameter and buffer counts and output shapes. Returns the outputs.
+
+    With ``skip_redundant``, rows that own no tensors and merely pass on an output shape their
+    parent already shows are left out.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError("print_module_summary expects a torch.nn.Module")
+    if not isinstance(inputs, (tuple, list)):
+        raise TypeError("inputs must be a tuple or list")
+
+    # Record the outputs of every submodule call up to the nesting limit.
+    entries: List[dnnlib.EasyDict] = []
+    nesting = [0]
+
+    def pre_hook(_mod: torch.nn.Module, _inputs: Any) -> None:
+        nesting[0] += 1
+
+    def post_hook(mod: torch.nn.Module, _inputs: Any, outputs: Any) -> None:
+        nesting[0] -= 1
+        if nesting[0] <= max_nesting:
+            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
+            entries.append(dnnlib.EasyDict(mod=mod, outputs=outputs))
+
+    hooks = [mod.register_forward_pre_hook(pre_hook) for mod in module.modules()]
+    hooks += [mod.register_forward_hook(post_hook) for mod in module.modules()]
+    try:
+        outputs = module(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # Each tensor is counted once, by the first (innermost) module that ran and owns it.
+    seen: set = set()
+    for entry in entries:
+        entry.unique_params = [t for t in entry.mod.parameters() if id(t) not in seen]
+        entry.unique_buffers = [t for t in entry.mod.buffers() if id(t) not in seen]
+        entry.unique_outputs = [t for t in entry.outputs if id(t) not in seen]
+        seen |= {id(t) for t in entry.unique_params + entry.unique_buffers + entry.unique_outputs}
+    if skip_redundant:
+        entries = [e for e in entries if len(e.unique_params) or len(e.unique_buffers) or len(e.unique_outputs)]
+
+    # Table rows.
+    names = {mod: name for name, mod in module.named_modules()}
+    rows = [[type(module).__name__, "Parameters", "Buffers", "Output shape", "Datatype"]]
+    rows += [["---"] * len(rows[0])]
+    param_total = 0
+    buffer_total = 0
+    for entry in entries:
+        name = "<top-level>" if entry.mod is module else names.get(entry.mod, "?")
+        param_size = sum(t.numel() for t in entry.unique_params)
+        buffer_size = sum(t.numel() for t in entry.unique_buffers)
+        output_shapes = [str(list(t.shape)) for t in entry.outputs]
+        output_dtypes = [str(t.dtype).split(".")[-1] for t in entry.outputs]
+        rows += [[
+            name + (":0" if len(entry.outputs) >= 2 else ""),
+            str(param_size) if param_size else "-",
+            str(buffer_size) if buffer_size else "-",
+            (output_shapes + ["-"])[0],
+            (output_dtypes + ["-"])[0],
+        ]]
+        for idx in range(1, len(entry.outputs)):
+            rows += [[name + f":{idx}", "-", "-", output_shapes[idx], output_dtypes[idx]]]
+        param_total += param_size
+        buffer_total += buffer_size
+    rows += [["---"] * len(rows[0])]
+    rows += [["Total", str(param_total), str(buffer_total), "-", "-"]]
+
+    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    print()
+    for row in rows:
+        print("  ".join(cell + " " * (width - len(cell)) for cell, width in zip(row, widths)).rstrip())
+    print()
+    return outputs
