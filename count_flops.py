@@ -22,9 +22,9 @@ paper's Table 2. Memory per sample is the peak of memory allocated during the pa
 existed before it (weights and inputs): the CUDA allocator's peak on a GPU, otherwise the peak of
 live tensor storage recorded by the same dispatch mode.
 
-Without a GPU the pass runs on PyTorch's meta device whenever no real arithmetic is needed (training
-presets; `--device=meta` for pickles), so even the largest presets are sized without allocating
-their weights.
+Without a GPU the pass runs by default on PyTorch's meta device: no arithmetic is done and no
+weights are allocated for training presets, so even the largest are sized in seconds, yet every op,
+its flops and every allocation are the same as in a CPU pass (`--device=cpu` runs that instead).
 """
 
 import contextlib
@@ -287,10 +287,14 @@ def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = N
 
 def format_report(result: dnnlib.EasyDict) -> str:
     """The printed summary: totals, then one row per op."""
+    if result.device.startswith("cuda"):
+        where = "peak CUDA allocation"
+    else:
+        where = f"peak of live tensors on {result.device}"
     lines = [
         f"Parameters:        {result.params / 1e6:.2f} M ({result.params} parameters)",
         f"Gflops per sample: {result.gflops:.2f} ({result.flops} flops)",
-        f"Memory per sample: {result.memory_bytes / 2**20:.2f} MiB ({result.device})",
+        f"Memory per sample: {result.memory_bytes / 2**20:.2f} MiB ({where})",
         "",
         f"{'Op':<28s}{'Calls':>8s}{'Gflops':>12s}{'Share':>9s}",
         f"{'-' * 27:<28s}{'-' * 7:>8s}{'-' * 11:>12s}{'-' * 8:>9s}",
@@ -341,7 +345,8 @@ def load_network(source: str, trust_embedded_code: bool = False, verbose: bool =
 @click.command()
 @click.argument("network", metavar="PKL|URL|PRESET")
 @click.option("--device", type=click.Choice(["cuda", "cpu", "meta"]), default=None,
-              help="Where the pass runs  [default: cuda if available; else cpu for pickles, meta for presets]")
+              help="Where the pass runs; meta counts and tracks memory exactly as cpu, without the arithmetic  "
+                   "[default: cuda if available, else meta]")
 @click.option("--trust-embedded-code", is_flag=True, default=False,
               help="Load pickles by running their embedded source code (only for pickles you trust)")
 def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None:
@@ -354,7 +359,7 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
 
     \b
     # A pre-trained model
-    python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-2147483-0.135.pkl
+    python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl
 
     \b
     # A training preset, before training it
@@ -362,10 +367,10 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
-    if device is None and torch.cuda.is_available():
-        device = "cuda"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "meta"
     if is_preset(network):
-        net = build_preset_network(network, device=(device or "meta"))
+        net = build_preset_network(network, device=device)
     else:
         net = load_network(network, trust_embedded_code=trust_embedded_code)
     result = count_flops(net, device=device)
