@@ -59,6 +59,9 @@ class Dataset(torch.utils.data.Dataset):
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
 
     # Subclass interface.
+    def _fname(self, raw_idx: int) -> str:
+        return self._image_fnames[raw_idx].decode('utf8')
+
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -214,13 +217,13 @@ class ImageFolderDataset(Dataset):
 
         supported = _supported_exts()
         self._has_json = 'dataset.json' in all_fnames
-        # A numpy array of fixed-width strings rather than a list of str objects: forked workers touching
-        # the reference counts of millions of small Python objects would copy their pages one by one.
         image_fnames = sorted(f for f in all_fnames if _file_ext(f) in supported)
         del all_fnames
         if len(image_fnames) == 0:
             raise OSError(f'No image or .npy files found in {self._path}')
-        self._image_fnames = np.array(image_fnames)
+        # One numpy array of UTF-8 bytes rather than a list of str objects: forked data-loader workers that
+        # touch the reference counts of millions of small Python objects copy their memory page by page.
+        self._image_fnames = np.array([f.encode('utf8') for f in image_fnames])
         del image_fnames
 
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
@@ -256,8 +259,11 @@ class ImageFolderDataset(Dataset):
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
 
+    def _fname(self, raw_idx: int) -> str:
+        return self._image_fnames[raw_idx].decode('utf8')
+
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
-        fname = str(self._image_fnames[raw_idx])
+        fname = self._fname(raw_idx)
         try:
             with self._open_file(fname) as f:
                 if _file_ext(fname) == '.npy':
@@ -278,11 +284,15 @@ class ImageFolderDataset(Dataset):
         if labels is None:
             return None
         labels = dict(labels)  # {relative path with '/': label}
-        missing = [str(f) for f in self._image_fnames if str(f) not in labels]
+        fnames = [self._fname(i) for i in range(len(self._image_fnames))]
+        missing = [f for f in fnames if f not in labels]
         if missing:
             raise OSError(f'dataset.json in {self._path} has no label for {missing[0]} '
-                          f'({len(missing)} of {len(self._image_fnames)} files unlabelled)')
-        labels = np.array([labels[str(f)] for f in self._image_fnames])
-        if labels.ndim not in (1, 2):
-            raise OSError(f'Labels in {self._path}/dataset.json must be integers or lists of numbers')
+                          f'({len(missing)} of {len(fnames)} files unlabelled)')
+        try:
+            labels = np.array([labels[f] for f in fnames])
+        except ValueError:
+            labels = np.zeros([0, 0, 0])  # ragged lists: rejected below
+        if labels.ndim not in (1, 2) or labels.dtype.kind not in 'biuf':
+            raise OSError(f'Labels in {self._path}/dataset.json must be integers or lists of numbers of equal length')
         return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
