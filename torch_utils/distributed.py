@@ -1,0 +1,217 @@
+"""Multi-process helpers (spec §11): process-group set-up, rank queries, rank-0 printing, training
+checkpoints, and hooks through which a cluster manager can stop or suspend a run.
+
+Launch several processes with ``torchrun --nproc_per_node=N script.py``; without torchrun every
+function works as a single process. The reference always uses NCCL and ``torch.cuda.set_device``;
+here NCCL is used only with CUDA and Gloo otherwise, so multi-process runs work on CPUs too.
+"""
+
+import os
+import re
+import socket
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+import dnnlib
+
+# ----------------------------------------------------------------------------
+# Process group.
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def init() -> None:
+    """Initialise ``torch.distributed`` from torchrun's environment (or as a single process).
+
+    Reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; missing ones get
+    single-process defaults (rank 0 of 1, localhost, a free port). Uses NCCL when CUDA is
+    available and Gloo otherwise, and selects the GPU ``LOCAL_RANK``. Calling it again is a no-op.
+    """
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda and torch.distributed.is_nccl_available() else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend=backend, init_method="env://")
+
+
+def is_distributed() -> bool:
+    """Whether this process was launched as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Hooks for a cluster manager. Outside one, runs never stop or suspend early.
+
+_suspend_requested = False
+_progress = (0, 0)
+
+
+def should_stop() -> bool:
+    """Whether the run should end now (the default environment never asks)."""
+    return False
+
+
+def should_suspend() -> bool:
+    """Whether the run should checkpoint and exit, to be resumed later (never, by default)."""
+    return False
+
+
+def request_suspend() -> None:
+    """Tell the environment that this invocation ended early on purpose (e.g. ``--slice``)."""
+    global _suspend_requested
+    _suspend_requested = True
+
+
+def suspend_requested() -> bool:
+    """Whether ``request_suspend()`` was called in this process."""
+    return _suspend_requested
+
+
+def update_progress(cur: int, total: int) -> None:
+    """Report progress (e.g. kimg done of kimg total) to the environment."""
+    global _progress
+    _progress = (int(cur), int(total))
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints.
+
+
+def _plain(obj: Any) -> Any:
+    """EasyDicts become plain dicts (recursively), so checkpoints load with weights_only=True anywhere."""
+    if isinstance(obj, dnnlib.EasyDict):
+        return {key: _plain(value) for key, value in obj.items()}
+    if type(obj) is dict:
+        return {key: _plain(value) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(value) for value in obj)
+    return obj
+
+
+class CheckpointIO:
+    """Saves and restores named training objects with ``torch.save`` / ``torch.load``.
+
+    Each object is stored as its ``state_dict()`` when it has one, as a copy of its attribute
+    dict when it is a plain object, and as itself otherwise (dicts, tensors, numbers); EasyDicts
+    are written as plain dicts, so the files load with ``torch.load(..., weights_only=True)``
+    anywhere. Loading uses ``weights_only=True`` with ``dnnlib.util.EasyDict`` allowed (read as
+    a dict), which reference checkpoints need.
+    """
+
+    def __init__(self, **objs: Any):
+        self._objs = objs
+
+    def state(self) -> dict:
+        """The dictionary that ``save`` writes."""
+        data = {}
+        for name, obj in self._objs.items():
+            if isinstance(obj, (dict, list, tuple, str, int, float, bool, torch.Tensor)) or obj is None:
+                data[name] = obj
+            elif hasattr(obj, "state_dict") and callable(obj.state_dict):
+                data[name] = obj.state_dict()
+            elif hasattr(obj, "__dict__"):
+                data[name] = dict(obj.__dict__)
+            else:
+                data[name] = obj
+        return _plain(data)
+
+    def save(self, pt_path: str, verbose: bool = True) -> None:
+        """Write the checkpoint (rank 0 only) to a temporary name, then rename it into place."""
+        data = self.state()
+        if get_rank() != 0:
+            return
+        if verbose:
+            print(f"Saving {pt_path} ... ", end="", flush=True)
+        folder = os.path.dirname(os.path.abspath(pt_path))
+        fd, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(pt_path) + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(data, f)
+            os.replace(temp_path, pt_path)
+        finally:
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
+        if verbose:
+            print("done")
+
+    def load(self, pt_path: str, verbose: bool = True) -> None:
+        """Restore every object from ``pt_path`` (``load_state_dict`` or attribute update)."""
+        if verbose:
+            print0(f"Loading {pt_path} ... ", end="", flush=True)
+        # Reference checkpoints pickle `state` as a dnnlib.util.EasyDict. The weights-only
+        # unpickler fills only exact dicts, so that name is allow-listed as a plain dict; the
+        # values are copied into the caller's objects below anyway.
+        with torch.serialization.safe_globals([(dict, "dnnlib.util.EasyDict")]):
+            data = torch.load(pt_path, map_location=torch.device("cpu"), weights_only=True)
+        for name, obj in self._objs.items():
+            if name not in data:
+                raise KeyError(f"{pt_path} has no entry '{name}'")
+            value = data[name]
+            if isinstance(obj, dict):
+                obj.clear()
+                obj.update(value)
+            elif hasattr(obj, "load_state_dict") and callable(obj.load_state_dict):
+                obj.load_state_dict(value)
+            elif isinstance(obj, list):
+                obj[:] = value
+            elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+                obj.__dict__.clear()
+                obj.__dict__.update(value)
+            elif isinstance(obj, torch.Tensor):
+                with torch.no_grad():
+                    obj.copy_(value)
+            else:
+                raise TypeError(f"Cannot restore '{name}' of type {type(obj).__name__} in place")
+        if verbose:
+            print0("done")
+
+    def load_latest(self, run_dir: str, pattern: str = r"training-state-(\d+).pt",
+                    verbose: bool = True) -> Optional[str]:
+        """Load the highest-numbered file in ``run_dir`` whose whole name matches ``pattern``.
+
+        Returns its path, or None when there is none.
+        """
+        if not os.path.isdir(run_dir):
+            return None
+        best = None
+        for entry in os.scandir(run_dir):
+            match = re.fullmatch(pattern, entry.name)
+            if match is not None and entry.is_file():
+                number = int(match.group(1))
+                if best is None or number > best[0]:
+                    best = (number, entry.path)
+        if best is None:
+            return None
+        self.load(best[1], verbose=verbose)
+        return best[1]
