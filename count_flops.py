@@ -237,15 +237,17 @@ def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = N
     ``net`` needs the attributes ``img_channels``, ``img_resolution`` and ``label_dim`` (a Precond),
     unless ``inputs`` gives the positional arguments of the pass explicitly (e.g. for one Block);
     their first dimension is then the batch size the totals are divided by.
-    ``device``: where the pass runs ('cuda', 'cpu' or 'meta'; default: the network's device).
-    The network is moved there, and runs in eval mode without autograd. Returns an EasyDict with
+    ``device``: where the pass runs ('cuda', 'cpu' or 'meta'; default: the network's device). The
+    network is moved there in place, as ``Module.to`` does (to meta, its weights are dropped), and
+    runs in eval mode (restored after) without autograd. Returns an EasyDict with
     ``params``, ``flops`` and ``gflops`` (per sample), ``memory_bytes`` (per sample), ``device``,
     ``ops`` (op name -> EasyDict(calls, flops), largest first) and ``unknown`` (op name -> calls).
     """
     if device is None:
         device = next(iter(net.parameters()), torch.empty([])).device
     device = torch.device(device)
-    net = net.eval().requires_grad_(False)
+    was_training = net.training
+    net.eval()
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]) and device.type != "meta":
         net = net.to_empty(device=device)  # Sizes only: the values of the weights do not matter here.
     net = net.to(device)
@@ -271,6 +273,8 @@ def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = N
             memory = torch.cuda.max_memory_allocated(device) - baseline
         else:
             memory = counter.peak_bytes
+
+    net.train(was_training)
 
     flops = sum(entry.flops for entry in counter.ops.values())
     ops = dict(sorted(counter.ops.items(), key=lambda item: (-item[1].flops, item[0])))

@@ -289,9 +289,11 @@ def test_unknown_ops_are_listed_and_counted_zero():
     assert re.search(r"^cumsum\s+1\s+0\.0000\s+0\.00%\s+\(unknown op, counted 0\)$", report, re.M)
 
 
-def test_counting_leaves_math_settings_as_they_were():
+def test_counting_leaves_settings_and_mode_as_they_were():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    cf.count_flops(_Toy(), device="cpu")
+    toy = _Toy().train()
+    cf.count_flops(toy, device="cpu")
+    assert toy.training and toy.scale.requires_grad
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
             torch.backends.cudnn.benchmark) == before
 
