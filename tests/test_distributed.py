@@ -29,9 +29,11 @@ def _samples(rank, interval):
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     outdir = tmp_path / "run"
+    resultdir = tmp_path / "results"
     outdir.mkdir()
+    resultdir.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO_ROOT / "tests" / "scripts" / "dist_check.py"), str(outdir)]
+           str(REPO_ROOT / "tests" / "scripts" / "dist_check.py"), str(outdir), str(resultdir)]
     env = subprocess_env(CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -41,7 +43,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "DONE rank 0" in output and "DONE rank 1" in output
     assert output.count("PRINT0 from rank") == 1 and "PRINT0 from rank 0" in output
 
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [r for rank in (0, 1) for r in json.loads((resultdir / f"rank{rank}.json").read_text())]
     assert len(results) == 4
     by_key = {(r["rank"], r["interval"]): r for r in results}
 

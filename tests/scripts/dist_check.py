@@ -1,8 +1,8 @@
 """Run by tests/test_distributed.py under ``torchrun --standalone --nproc_per_node=2`` on the CPU.
 
 Checks process-group set-up, an all-reduce, DDP helpers and checkpoint writing with assertions,
-and prints the training_stats results as ``RESULT <json>`` lines for the test to compare with
-numpy. Usage: dist_check.py OUTDIR
+and writes the training_stats results to ``RESULTDIR/rank<r>.json`` for the test to compare with
+numpy. Usage: dist_check.py OUTDIR RESULTDIR
 """
 
 import json
@@ -22,7 +22,8 @@ def samples(rank: int, interval: int) -> np.ndarray:
     return rng.randn(7 + 3 * rank) * (rank + 1) + rank
 
 
-def main(outdir: str) -> None:
+def main(outdir: str, resultdir: str) -> None:
+    results = []
     assert dist.is_distributed()
     dist.init()
     dist.init()  # a second call is a no-op
@@ -48,15 +49,16 @@ def main(outdir: str) -> None:
     collector = training_stats.Collector(regex="Loss/.*|Only/.*|Progress/.*", keep_previous=False)
     collector.update()
     training_stats.default_collector.update()
-    print("RESULT " + json.dumps(dict(rank=rank, interval=0, names=collector.names(), stats=collector.as_dict(),
-                                      default_names=training_stats.default_collector.names())), flush=True)
+    results.append(dict(rank=rank, interval=0, names=collector.names(), stats=collector.as_dict(),
+                        default_names=training_stats.default_collector.names()))
 
     # Second interval: only rank 1 reports Loss/a.
     if rank == 1:
         training_stats.report("Loss/a", torch.tensor(samples(rank, 1)))
     collector.update()
-    print("RESULT " + json.dumps(dict(rank=rank, interval=1, names=collector.names(), stats=collector.as_dict())),
-          flush=True)
+    results.append(dict(rank=rank, interval=1, names=collector.names(), stats=collector.as_dict()))
+    with open(os.path.join(resultdir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
 
     # DDP: no gradient sync inside ddp_sync(sync=False), averaged gradients otherwise.
     torch.manual_seed(0)
@@ -100,4 +102,4 @@ def main(outdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
