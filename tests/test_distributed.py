@@ -155,6 +155,19 @@ def test_training_stats_single_process():
     assert other.num("ts1/a") == 0 and np.isnan(other.mean("ts1/a"))
 
 
+def test_training_stats_reset():
+    training_stats.report("ts4/x", 1.0)
+    training_stats.default_collector.update()
+    assert training_stats.default_collector.mean("ts4/x") == 1.0
+    training_stats.reset()
+    assert training_stats.default_collector.names() == []
+    training_stats.default_collector.update()
+    assert training_stats.default_collector.as_dict() == {}
+    training_stats.report("ts4/x", 3.0)
+    training_stats.default_collector.update()
+    assert training_stats.default_collector.num("ts4/x") == 1 and training_stats.default_collector.mean("ts4/x") == 3.0
+
+
 def test_training_stats_regex_is_full_match():
     training_stats.report("ts2/loss", 1.0)
     training_stats.report("ts2/loss_extra", 1.0)
@@ -226,7 +239,8 @@ def test_checkpoint_loads_reference_style_easydict(tmp_path):
     loss = types.SimpleNamespace(P_mean=0.0, P_std=0.0, sigma_data=0.0)
     _, net2, opt2, _ = _make_objects(5)
     ema = {}
-    dist.CheckpointIO(state=state, net=net2, loss_fn=loss, optimizer=opt2, ema=ema).load(str(path), verbose=False)
+    dist.CheckpointIO(state=state, net=net2, loss_fn=loss, optimizer=opt2, ema=ema, absent=None).load(
+        str(path), verbose=False)
     assert state == dict(cur_nimg=1000448, total_elapsed_time=3.0)
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-0.4, 1.0, 0.5)
     assert ema["stds"] == [0.05] and torch.equal(net2[0].weight, net[0].weight)

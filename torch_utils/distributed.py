@@ -175,6 +175,8 @@ class CheckpointIO:
         with torch.serialization.safe_globals([(dict, "dnnlib.util.EasyDict")]):
             data = torch.load(pt_path, map_location=torch.device("cpu"), weights_only=True)
         for name, obj in self._objs.items():
+            if obj is None:  # an optional object that this run does not have (e.g. no EMA)
+                continue
             if name not in data:
                 raise KeyError(f"{pt_path} has no entry '{name}'")
             value = data[name]

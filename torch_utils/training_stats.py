@@ -171,3 +171,12 @@ class Collector:
 
 
 default_collector = Collector()  # the collector that the training loop reads
+
+
+def reset() -> None:
+    """Forget every name and sample and start ``default_collector`` afresh (e.g. between two
+    training runs in one process, so the second run's first status line has no stale values)."""
+    _counters.clear()
+    _cumulative.clear()
+    _names.clear()
+    default_collector.__init__()
