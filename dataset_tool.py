@@ -144,7 +144,9 @@ class DatasetWriter:
         self.is_zip = _file_ext(dest) == '.zip'
         if self.is_zip and os.path.isdir(dest):
             raise click.ClickException(f'--dest is a folder, not a ZIP file: {dest}')
-        if not self.is_zip and os.path.exists(dest) and (not os.path.isdir(dest) or len(os.listdir(dest)) != 0):
+        if not self.is_zip and os.path.exists(dest) and not os.path.isdir(dest):
+            raise click.ClickException(f'--dest exists and is not a folder (name a .zip to write an archive): {dest}')
+        if not self.is_zip and os.path.isdir(dest) and len(os.listdir(dest)) != 0:
             raise click.ClickException(f'--dest folder must be empty: {dest}')
         parent = os.path.dirname(os.path.abspath(dest))
         os.makedirs(parent, exist_ok=True)

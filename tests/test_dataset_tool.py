@@ -305,7 +305,7 @@ def test_convert_real_photos_center_crop_dhariwal(tmp_path):
               'coffee': skimage.data.coffee(), 'kamera': skimage.data.camera()}  # camera is grayscale
     src = tmp_path / 'photos'
     for name, img in photos.items():
-        save(str(src / f'{name}.png'), img)
+        save(str(src / f'{name}.png'), img, compress_level=1)
     dest = tmp_path / 'photos.zip'
     result = run('convert', '--source', src, '--dest', dest, '--resolution', '64x64', '--transform', 'center-crop-dhariwal')
     assert result.exit_code == 0, result.output
@@ -320,7 +320,7 @@ def test_convert_real_photos_center_crop_dhariwal(tmp_path):
         s = min(h, w)
         square = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         ref = np.array(PIL.Image.fromarray(square).resize((64, 64), PIL.Image.Resampling.BOX)).astype(np.float64)
-        assert np.abs(out - ref).mean() < 8, name
+        assert np.abs(out - ref).mean() < 6, name  # a crop off-centre or mirrored is > 30 away
         if name == 'kamera':
             assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
     assert json.loads(files['dataset.json']) == {'labels': None}
