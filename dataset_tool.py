@@ -489,7 +489,7 @@ def decode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
 
 @click.group()
 def cmdline() -> None:
-    """Dataset processing tool for dataset image data conversion and VAE encode/decode preprocessing.
+    """Create datasets: convert images to PNG datasets, encode them to VAE latents, decode latents back.
 
     \b
     python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img512.zip \\
