@@ -1,0 +1,428 @@
+"""Post-hoc EMA reconstruction: build networks with any power-function EMA length from snapshots.
+
+Training stores, at regular times t_i, snapshots of a few power-function EMAs (sigma_rel 0.050
+and 0.100 by default). Each is the trajectory of weights averaged with a known profile p_i.
+Any other profile p_o (sigma_rel, end time) is approximated by the least-squares combination
+sum_i X[i, o] p_i (training/phema.py), and since averaging is linear, the network with that EMA
+is sum_i X[i, o] w_i (spec §4.3 and §9, Algorithm 3 of Karras et al. 2024).
+
+The inputs are streamed: a batch of outputs is accumulated in float32 while each input pickle
+is read once, so memory holds the batch's accumulators and one input at a time.
+"""
+
+import copy
+import math
+import os
+import pickle
+import re
+import tempfile
+from typing import Any, Iterator, List, Optional, Sequence, Union
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import persistence
+from training import phema
+
+MAX_STD = 0.289  # sigma_rel of a flat average is sqrt(1/12) ~= 0.2887; longer profiles do not exist.
+_INPUT_NAME = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")
+
+# ----------------------------------------------------------------------------
+# Names, times and the sigma_rel list syntax.
+
+
+def kimg_to_nimg(kimg: int) -> int:
+    """Image count of a snapshot named by ``kimg`` (snapshot times are multiples of 1024 images)."""
+    return (kimg * 1000 + 999) // 1024 * 1024
+
+
+def output_path(out_dir: str, out_prefix: str, out_nimg: int, std: float) -> str:
+    return os.path.join(out_dir, f"{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.pkl")
+
+
+def _parse_number(token: str) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        raise ValueError(f"'{token}' is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{token}' is not a finite number")
+    return value
+
+
+def parse_std_list(s: Union[str, float, Sequence[float]]) -> List[float]:
+    """Parse a comma-separated sigma_rel list; ``a,b,...,c`` means a, b, b+(b-a), ..., c.
+
+    The result is deduplicated and sorted; every value must lie in (0, 0.289), and no two
+    values may share an output name (``{std:.3f}``). Raises ValueError with a one-line reason.
+    """
+    if isinstance(s, (int, float)):
+        tokens = [str(s)]
+    elif isinstance(s, str):
+        tokens = [t.strip() for t in s.split(",")]
+    else:
+        tokens = [str(x) for x in s]
+    if not tokens or tokens == [""]:
+        raise ValueError("empty list")
+    values: List[float] = []
+    for idx, token in enumerate(tokens):
+        if token == "":
+            raise ValueError("empty entry in list")
+        if token != "...":
+            if idx > 0 and tokens[idx - 1] == "...":
+                continue  # Consumed as the end of the range below.
+            values.append(_parse_number(token))
+            continue
+        # A range 'a,b,...,c': two values before, one after.
+        if idx == 0:
+            raise ValueError("'...' cannot come first; write a,b,...,c")
+        if idx == len(tokens) - 1:
+            raise ValueError("'...' cannot come last; write a,b,...,c")
+        if idx < 2 or tokens[idx - 2] == "..." or tokens[idx + 1] == "...":
+            raise ValueError("'...' needs two values before it and one after it, as in a,b,...,c")
+        a, b = values[-2], values[-1]
+        c = _parse_number(tokens[idx + 1])
+        step = b - a
+        if step == 0:
+            raise ValueError(f"'{tokens[idx - 2]},{tokens[idx - 1]},...' has equal values, so no step")
+        count = (c - b) / step
+        if count < -1e-9:
+            raise ValueError(f"range {tokens[idx - 2]},{tokens[idx - 1]},...,{tokens[idx + 1]} never reaches its end")
+        if abs(count - round(count)) > 1e-6 * max(1.0, abs(count)):
+            raise ValueError(f"range {tokens[idx - 2]},{tokens[idx - 1]},...,{tokens[idx + 1]} is unevenly spaced: "
+                             f"{tokens[idx + 1]} is not {tokens[idx - 1]} plus a whole number of steps of {step:g}")
+        # Round away the float noise of a + k * step (e.g. 0.30000000000000004).
+        values += [round(a + (k + 2) * step, 12) for k in range(int(round(count)))]
+    for value in values:
+        if not 0 < value < MAX_STD:
+            raise ValueError(f"{value:g} is outside (0, {MAX_STD})")
+    values = sorted(set(values))
+    names = [f"{v:.3f}" for v in values]
+    for v0, v1, n0, n1 in zip(values, values[1:], names, names[1:]):
+        if n0 == n1:
+            raise ValueError(f"{v0:g} and {v1:g} would both be saved as '-{n0}.pkl'")
+    return values
+
+
+class StdList(click.ParamType):
+    """Click type for ``--outstd`` / ``--instd``."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> List[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_std_list(value)
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+
+
+# ----------------------------------------------------------------------------
+# Listing the inputs.
+
+
+def list_input_pickles(
+    in_dir: str, in_prefix: Optional[str] = None, in_std: Optional[Sequence[float]] = None, verbose: bool = False
+) -> List[dnnlib.EasyDict]:
+    """Snapshots ``{prefix}-{kimg}-{std}.pkl`` in ``in_dir``, sorted by (nimg, std).
+
+    Each entry is an EasyDict(path, prefix, nimg, std). ``in_prefix`` and ``in_std`` filter by
+    name; files whose kimg does not map back to an exact image count are not snapshots and are
+    ignored. Two inputs with the same time and sigma_rel (e.g. from different prefixes) are an
+    error, since their profiles would be identical.
+    """
+    if not os.path.isdir(in_dir):
+        raise click.ClickException(f"Input directory '{in_dir}' does not exist" if not os.path.exists(in_dir)
+                                   else f"Input path '{in_dir}' is not a directory")
+    wanted_std = None if in_std is None else [float(s) for s in in_std]
+    pkls = []
+    with os.scandir(in_dir) as entries:
+        for entry in entries:
+            m = _INPUT_NAME.fullmatch(entry.name)
+            if m is None or not entry.is_file():
+                continue
+            prefix, kimg, std = m.group(1), int(m.group(2)), float(m.group(3))
+            nimg = kimg_to_nimg(kimg)
+            if nimg // 1000 != kimg:
+                if verbose:
+                    print(f"Ignoring {entry.name}: {kimg} kimg is not a whole number of 1024-image steps")
+                continue
+            if in_prefix is not None and prefix != in_prefix:
+                continue
+            if wanted_std is not None and not any(abs(std - s) < 5e-7 for s in wanted_std):
+                continue
+            pkls.append(dnnlib.EasyDict(path=entry.path, prefix=prefix, nimg=nimg, std=std))
+    pkls.sort(key=lambda p: (p.nimg, p.std, p.path))
+    for a, b in zip(pkls, pkls[1:]):
+        if a.nimg == b.nimg and a.std == b.std:
+            raise click.ClickException(
+                f"Inputs {os.path.basename(a.path)} and {os.path.basename(b.path)} have the same time and sigma_rel; "
+                f"choose one set with --inprefix")
+    return pkls
+
+
+# ----------------------------------------------------------------------------
+# Reading and writing pickles.
+
+
+def load_input(path: str, trust_embedded_code: bool = False) -> dict:
+    """Read one input snapshot; any failure becomes a one-line error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
+    except persistence.UnsafePickleError as e:
+        raise click.ClickException(f"Cannot load input pickle {path}: {e}") from None
+    except OSError as e:
+        raise click.ClickException(f"Cannot read input pickle {path}: {e.strerror or e}") from None
+    except Exception as e:  # A damaged pickle can fail in many ways (EOFError, UnpicklingError, ...).
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise click.ClickException(f"Cannot load input pickle {path}: {type(e).__name__}: {reason}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("ema"), torch.nn.Module):
+        raise click.ClickException(f"Input pickle {path} is not a network snapshot (no 'ema' network in it)")
+    return data
+
+
+def save_pickle_atomic(data: Any, path: str) -> None:
+    """Pickle ``data`` to a temporary file next to ``path`` and rename it into place when complete."""
+    out_dir = os.path.dirname(path) or "."
+    fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(data, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# The reconstruction.
+
+
+class ReconstructionSteps:
+    """The steps of a reconstruction: iterate to run it (one step per input read), ``len()`` to count.
+
+    Each step yields an EasyDict with ``step``, ``num_steps``, ``batch_idx``, ``num_batches``,
+    ``in_pkl`` (the input just read), ``out_std`` (this batch's sigma_rel values) and
+    ``outputs``: empty until the last step of a batch, then one EasyDict(std, path, data) per
+    output of the batch (``path`` is None when no output directory was given; ``data`` is the
+    output dictionary with its float16 ``ema``).
+    """
+
+    def __init__(self, in_pkls, out_nimg, batches, out_dir, out_prefix, trust_embedded_code):
+        self.in_pkls = in_pkls
+        self.out_nimg = out_nimg
+        self.batches = batches
+        self.out_dir = out_dir
+        self.out_prefix = out_prefix
+        self.trust_embedded_code = trust_embedded_code
+
+    def __len__(self) -> int:
+        return len(self.batches) * len(self.in_pkls)
+
+    def __iter__(self) -> Iterator[dnnlib.EasyDict]:
+        in_nimg = np.array([p.nimg for p in self.in_pkls], dtype=np.float64)
+        in_std = np.array([p.std for p in self.in_pkls], dtype=np.float64)
+        if self.out_dir is not None:
+            os.makedirs(self.out_dir, exist_ok=True)
+        step = 0
+        for batch_idx, out_std in enumerate(self.batches):
+            try:
+                coefs = phema.solve_posthoc_coefficients(in_nimg, in_std, self.out_nimg, out_std)
+            except np.linalg.LinAlgError as e:
+                raise click.ClickException(f"Cannot solve for the EMA coefficients: {e}") from None
+            accum = None  # accum[o][k]: float32 sum for output o, parameter k.
+            template = None  # The first input's dictionary: every output is a copy of it.
+            for i, in_pkl in enumerate(self.in_pkls):
+                data = load_input(in_pkl.path, self.trust_embedded_code)
+                params = [p.detach() for p in data["ema"].parameters()]
+                if template is None:
+                    template = data
+                    shapes = [p.shape for p in params]
+                    accum = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes] for _ in out_std]
+                elif [p.shape for p in params] != shapes:
+                    raise click.ClickException(f"Input pickle {in_pkl.path} holds a network with different parameters "
+                                               f"from {self.in_pkls[0].path}")
+                with torch.no_grad():
+                    for k, p in enumerate(params):
+                        p32 = p.to(device="cpu", dtype=torch.float32)  # One converted tensor at a time.
+                        for o in range(len(out_std)):
+                            accum[o][k].add_(p32, alpha=float(coefs[i, o]))
+                    del p32
+                last = i == len(self.in_pkls) - 1
+                buffers = [b.detach().clone() for b in data["ema"].buffers()] if last else None
+                if data is template:
+                    # Keep the first input's dictionary for the outputs, but not its weights:
+                    # _make_output swaps new tensors in for these empty placeholders.
+                    for p in template["ema"].parameters():
+                        p.data = torch.empty(0, dtype=p.dtype)
+                del data, params  # Only one input is in memory at a time.
+                outputs = []
+                if last:
+                    for o, std in enumerate(out_std):
+                        out_data = _make_output(template, accum[o], buffers)
+                        accum[o] = None  # Free the float32 sums as soon as they are stored.
+                        path = None
+                        if self.out_dir is not None:
+                            path = output_path(self.out_dir, self.out_prefix, self.out_nimg, std)
+                            try:
+                                save_pickle_atomic(out_data, path)
+                            except OSError as e:
+                                raise click.ClickException(f"Cannot write {path}: {e.strerror or e}") from None
+                        outputs.append(dnnlib.EasyDict(std=float(std), path=path, data=out_data))
+                    template = buffers = None
+                yield dnnlib.EasyDict(step=step, num_steps=len(self), batch_idx=batch_idx,
+                                      num_batches=len(self.batches), in_pkl=in_pkl, out_std=list(out_std),
+                                      outputs=outputs)
+                step += 1
+                del outputs
+
+
+def _make_output(template: dict, params: List[torch.Tensor], buffers: List[torch.Tensor]) -> dict:
+    """A deep copy of ``template`` whose ``ema`` has the given parameters and buffers, in float16."""
+    ema = template["ema"]
+    # Pre-seeding deepcopy's memo swaps the tensors in without ever copying the template's own.
+    memo = {}
+    for p, value in zip(ema.parameters(), params):
+        memo[id(p)] = torch.nn.Parameter(value.to(torch.float16), requires_grad=False)
+    for b, value in zip(ema.buffers(), buffers):
+        memo[id(b)] = value.to(torch.float16) if value.is_floating_point() else value.clone()
+    out = copy.deepcopy(template, memo)
+    out["ema"].eval().requires_grad_(False)
+    return out
+
+
+def reconstruct_phema(
+    in_pkls: Sequence[dnnlib.EasyDict],
+    out_std: Union[float, Sequence[float]],
+    out_nimg: Optional[int] = None,
+    out_dir: Optional[str] = None,
+    out_prefix: str = "phema",
+    batch: int = 8,
+    skip: bool = False,
+    trust_embedded_code: bool = False,
+    verbose: bool = True,
+) -> ReconstructionSteps:
+    """Reconstruct power-function EMAs with the given sigma_rel values at time ``out_nimg``.
+
+    ``in_pkls`` comes from ``list_input_pickles``; ``out_nimg`` must be one of their times
+    (default: the latest), and only inputs with 0 < nimg <= out_nimg are used. Outputs are
+    built ``batch`` at a time (``ceil(n / batch)`` near-equal groups), reading every input once
+    per group, and saved as ``{out_prefix}-{kimg:07d}-{std:.3f}.pkl`` in ``out_dir`` (if
+    given); ``skip`` leaves existing outputs alone. Input errors raise click.ClickException at
+    once; the work happens while iterating over the returned ReconstructionSteps.
+    """
+    in_pkls = sorted(in_pkls, key=lambda p: (p.nimg, p.std))
+    if len(in_pkls) == 0:
+        raise click.ClickException("No input pickles to reconstruct from")
+    times = sorted({p.nimg for p in in_pkls})
+    if out_nimg is None:
+        out_nimg = times[-1]
+    elif out_nimg not in times:
+        raise click.ClickException(f"Output time {out_nimg // 1000} kimg does not match any input snapshot "
+                                   f"(inputs exist at kimg {', '.join(str(t // 1000) for t in times)})")
+    in_pkls = [p for p in in_pkls if 0 < p.nimg <= out_nimg]
+    if len(in_pkls) == 0:
+        raise click.ClickException(f"No usable inputs: every snapshot up to {out_nimg // 1000} kimg is at time 0")
+    try:
+        out_std = parse_std_list(out_std)
+    except ValueError as e:
+        raise click.ClickException(f"Invalid output sigma_rel: {e}") from None
+    if batch < 1:
+        raise click.ClickException("batch must be at least 1")
+
+    if skip and out_dir is not None:
+        existing = [s for s in out_std if os.path.isfile(output_path(out_dir, out_prefix, out_nimg, s))]
+        if verbose and existing:
+            print(f"Skipping {len(existing)} existing output(s): {', '.join(f'{s:.3f}' for s in existing)}")
+        out_std = [s for s in out_std if s not in existing]
+    num_batches = math.ceil(len(out_std) / batch)
+    batches = [list(b) for b in np.array_split(np.array(out_std, dtype=np.float64), num_batches)] if num_batches else []
+
+    if verbose:
+        stds = sorted({p.std for p in in_pkls})
+        print(f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
+              f"sigma_rel {', '.join(f'{s:.3f}' for s in stds)}")
+        if out_std:
+            where = f" in {out_dir}" if out_dir is not None else ""
+            print(f"Outputs: {len(out_std)} at kimg {out_nimg // 1000}{where}, "
+                  f"{num_batches} pass(es) over the inputs: sigma_rel {', '.join(f'{s:.3f}' for s in out_std)}")
+        else:
+            print("Nothing to do: every output exists")
+    return ReconstructionSteps(in_pkls, out_nimg, batches, out_dir, out_prefix, trust_embedded_code)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _refuse_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1)  # Rank 0 explains; the others just fail.
+        raise click.ClickException("reconstruct_phema.py runs as a single process; run it with python, not torchrun")
+
+
+@click.command()
+@click.option("--indir", help="Directory with the input snapshots", metavar="DIR", type=str, required=True)
+@click.option("--inprefix", help="Use only inputs with this file name prefix", metavar="STR", type=str, default=None)
+@click.option("--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList(), default=None)
+@click.option("--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", type=str, required=True)
+@click.option("--outprefix", help="Output file name prefix", metavar="STR", type=str, default="phema", show_default=True)
+@click.option("--outstd", help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250", metavar="LIST",
+              type=StdList(), required=True)
+@click.option("--outkimg", help="Training time of the outputs; must match an input  [default: latest]", metavar="KIMG",
+              type=click.IntRange(min=1), default=None)
+@click.option("--skip", help="Skip outputs that already exist", is_flag=True)
+@click.option("--batch", help="Outputs built per pass over the inputs", metavar="INT", type=click.IntRange(min=1),
+              default=8, show_default=True)
+@click.option("--trust-embedded-code", help="Load inputs by running the code they carry (only for trusted pickles)",
+              is_flag=True)
+def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, trust_embedded_code):
+    """Perform post-hoc EMA reconstruction.
+
+    Examples:
+
+    \b
+    # Reconstruct a new EMA profile with std=0.150
+    python reconstruct_phema.py --indir=raw-snapshots/edm2-img512-xs \\
+        --outdir=out --outstd=0.150
+
+    \b
+    # Reconstruct a set of 49 EMA profiles, streaming over the input data 7 times
+    python reconstruct_phema.py --indir=raw-snapshots/edm2-img512-xs \\
+        --outdir=out --outstd=0.010,0.015,...,0.250 --batch=8
+
+    \b
+    # Perform reconstruction for the latest snapshot of a given training run
+    python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs \\
+        --outdir=out --outstd=0.150 --inprefix=network-snapshot
+    """
+    _refuse_distributed()
+    in_pkls = list_input_pickles(indir, in_prefix=inprefix, in_std=instd, verbose=True)
+    if len(in_pkls) == 0:
+        filters = [f"prefix '{inprefix}'" if inprefix is not None else None,
+                   f"sigma_rel {', '.join(f'{s:.3f}' for s in instd)}" if instd is not None else None]
+        filters = " and ".join(f for f in filters if f)
+        raise click.ClickException(f"No input snapshots named PREFIX-KIMG-STD.pkl in '{indir}'"
+                                   + (f" with {filters}" if filters else ""))
+    out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
+    if out_nimg is not None and out_nimg // 1000 != outkimg:
+        raise click.BadParameter(f"{outkimg} is not the time of a snapshot", param_hint="'--outkimg'")
+    steps = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
+                              batch=batch, skip=skip, trust_embedded_code=trust_embedded_code, verbose=True)
+    saved = []
+    for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):
+        saved += [out.path for out in step.outputs]
+    for path in saved:
+        print(f"Saved {path}")
+    print("Done.")
+
+
+if __name__ == "__main__":
+    main()
