@@ -56,7 +56,7 @@ def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3
         lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
     if rampup_Mimg > 0:
         lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
-    return lr
+    return float(lr)
 
 # ----------------------------------------------------------------------------
 # Helpers.
@@ -362,7 +362,8 @@ def training_loop(
                     loss.sum().mul(loss_scaling / batch_per_process).backward()
 
             # Learning rate of this step from the image count before it; then the optimizer step.
-            lr = dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs)
+            # A plain float: the optimizer state (with its lr) must load with torch.load(weights_only=True).
+            lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
             training_stats.report('Loss/learning_rate', lr)
             for g in optimizer.param_groups:
                 g['lr'] = lr

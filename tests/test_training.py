@@ -1,0 +1,417 @@
+"""Tests of training/training_loop.py: the loss and learning-rate schedule against their equations,
+exact resumption (slice_nimg, SIGKILL after a checkpoint), crash safety of snapshot and checkpoint
+writes, the distributed and gradient-accumulation mechanics, and that a small model learns digits."""
+
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, subprocess_env
+from tests.scripts import train_helpers
+from torch_utils import persistence
+from training import training_loop as tl
+
+TINY_NET = dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[4], logvar_channels=8)
+
+
+def tiny_kwargs(run_dir, data, **overrides) -> dict:
+    """training_loop kwargs for a ~40k-parameter model on 8x8 images (loader in the main process)."""
+    kwargs = dict(
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data), use_labels=True),
+        data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
+        network_kwargs=dict(TINY_NET, dropout=0.1),  # dropout: its masks must be reseeded on resume too
+        loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
+        lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, ref_batches=16, rampup_Mimg=0.0005),
+        run_dir=str(run_dir), seed=3, batch_size=64, total_nimg=2048, status_nimg=512, snapshot_nimg=1024, checkpoint_nimg=1024,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_bitwise_equal(a, b, where='checkpoint'):
+    """Recursively compare checkpoint contents: tensors bitwise, everything else with ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f'{where} differs'
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for idx, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f'{where}[{idx}]')
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+def assert_same_training_state(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a['state']['cur_nimg'] == b['state']['cur_nimg']
+    for key in ['net', 'optimizer', 'ema', 'loss_fn']:
+        assert_bitwise_equal(a[key], b[key], key)
+
+
+def snapshot_tensors(path) -> list:
+    with open(path, 'rb') as f:
+        data = pickle.load(f)
+    return [t.clone() for t in list(data['ema'].parameters()) + list(data['ema'].buffers())]
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('training')
+
+
+@pytest.fixture(scope='module')
+def tiny_data(workdir):
+    return train_helpers.random_dataset_zip(str(workdir / 'tiny.zip'), num_images=48, resolution=8, num_classes=4)
+
+
+@pytest.fixture(scope='module')
+def reference_run(workdir, tiny_data):
+    """The tiny configuration trained to 2048 images in one go."""
+    run_dir = workdir / 'reference'
+    tl.training_loop(**tiny_kwargs(run_dir, tiny_data))
+    return run_dir
+
+# ----------------------------------------------------------------------------
+# Loss and learning rate.
+
+
+class _KnownNet(torch.nn.Module):
+    """D(x; sigma) = 0.5 x + sigma and u(sigma) = log(sigma) / 2 + 0.1: known outputs for checking the loss."""
+
+    def forward(self, x, sigma, labels=None, return_logvar=False):
+        assert return_logvar
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        return 0.5 * x + sigma, (sigma.log() / 2 + 0.1).expand(-1, 1, 1, 1)
+
+
+def test_edm2_loss_matches_equation():
+    loss_fn = tl.EDM2Loss(P_mean=-0.7, P_std=1.3, sigma_data=0.6)
+    y = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+
+    torch.manual_seed(123)
+    loss = loss_fn(net=_KnownNet(), images=y, labels=None)
+
+    # The same draws, in the documented order: sigma normals [N,1,1,1], then epsilon.
+    torch.manual_seed(123)
+    n = torch.randn([2, 1, 1, 1]).double()
+    eps = torch.randn_like(y).double()
+    sigma = torch.exp(-0.7 + 1.3 * n)
+    lam = (sigma ** 2 + 0.36) / (sigma * 0.6) ** 2
+    D = 0.5 * (y.double() + sigma * eps) + sigma
+    u = sigma.log() / 2 + 0.1
+    expected = lam / u.exp() * (D - y.double()) ** 2 + u
+    assert loss.shape == y.shape
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_edm2_loss_is_persistent_with_exact_state():
+    loss_fn = tl.EDM2Loss(P_mean=-0.8, P_std=1.6)
+    assert persistence.is_persistent(loss_fn)
+    assert set(loss_fn.__dict__) == {'P_mean', 'P_std', 'sigma_data', '_init_args', '_init_kwargs'}
+    assert (loss_fn.P_mean, loss_fn.P_std, loss_fn.sigma_data) == (-0.8, 1.6, 0.5)
+    clone = pickle.loads(pickle.dumps(loss_fn))
+    assert (clone.P_mean, clone.P_std, clone.sigma_data) == (-0.8, 1.6, 0.5)
+
+
+@pytest.mark.parametrize('cur_nimg,batch_size,ref_lr,ref_batches,rampup_Mimg,expected', [
+    (0, 2048, 0.01, 70000, 10, 0.0),                                          # the first step runs with lr 0
+    (5_000_000, 2048, 0.01, 70000, 10, 0.01 * 0.5),                           # half-way up the ramp, before the decay
+    (70000 * 2048, 2048, 0.01, 70000, 10, 0.01),                              # t = t_ref: decay just starting
+    (4 * 70000 * 2048, 2048, 0.01, 70000, 10, 0.01 / 2),                      # t = 4 t_ref: 1/sqrt(4)
+    (9 * 35000 * 512, 512, 0.012, 35000, 10, 0.012 / 3),
+    (100 * 64, 64, 0.01, 0, 10, 0.01 * 6400 / 10e6),                          # ref_batches 0: no decay
+    (50 * 64, 64, 0.01, 10, 0, 0.01 / math.sqrt(5)),                          # rampup 0: no ramp-up
+])
+def test_learning_rate_schedule(cur_nimg, batch_size, ref_lr, ref_batches, rampup_Mimg, expected):
+    lr = tl.learning_rate_schedule(cur_nimg=cur_nimg, batch_size=batch_size, ref_lr=ref_lr, ref_batches=ref_batches,
+                                   rampup_Mimg=rampup_Mimg)
+    assert lr == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_check_training_config_rejects_bad_layouts():
+    assert tl.check_training_config(batch_size=64, world_size=2, batch_gpu=8) == (8, 4)
+    assert tl.check_training_config(batch_size=64, world_size=2, batch_gpu=100) == (32, 1)  # clamped
+    for kwargs in [dict(batch_size=64, world_size=3), dict(batch_size=64, world_size=2, batch_gpu=12),
+                   dict(batch_size=64, total_nimg=1000), dict(batch_size=64, status_nimg=96),
+                   dict(batch_size=64, snapshot_nimg=640), dict(batch_size=64, checkpoint_nimg=64 * 24)]:
+        with pytest.raises(ValueError):
+            tl.check_training_config(**kwargs)
+
+# ----------------------------------------------------------------------------
+# Exact resume.
+
+
+def test_reference_run_learning_rate_and_files(reference_run):
+    """The run of the module fixture: files of every tick, and lr from the image count before each step."""
+    names = sorted(os.listdir(reference_run))
+    assert names == ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+                     'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
+                     'network-snapshot-0000002-0.050.pkl', 'network-snapshot-0000002-0.100.pkl',
+                     'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt']
+    ckpt = load_checkpoint(reference_run / 'training-state-0000002.pt')
+    assert ckpt['state']['cur_nimg'] == 2048
+    # Mean lr over the steps of the tick ending at 512 images: steps start at 0, 64, ..., 448.
+    stats = [json.loads(line) for line in (reference_run / 'stats.jsonl').read_text().splitlines()]
+    expected = np.mean([tl.learning_rate_schedule(n, 64, 0.01, 16, 0.0005) for n in range(0, 512, 64)])
+    assert stats[1]['Progress/kimg'] == 0.512
+    assert stats[1]['Loss/learning_rate'] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_by_slice_is_bitwise_exact(workdir, tiny_data, reference_run, capsys):
+    run_dir = workdir / 'sliced'
+    tl.training_loop(**tiny_kwargs(run_dir, tiny_data, slice_nimg=1536))  # rounds down to the 1024 checkpoint
+    assert sorted(p.name for p in run_dir.glob('training-state-*.pt')) == ['training-state-0000001.pt']
+    capsys.readouterr()
+    tl.training_loop(**tiny_kwargs(run_dir, tiny_data, slice_nimg=1536))
+    assert 'training-state-0000001.pt' in capsys.readouterr().out  # it resumed
+    assert_same_training_state(reference_run / 'training-state-0000002.pt', run_dir / 'training-state-0000002.pt')
+    for suffix in ['-0.050', '-0.100']:
+        name = f'network-snapshot-0000002{suffix}.pkl'
+        for a, b in zip(snapshot_tensors(reference_run / name), snapshot_tensors(run_dir / name)):
+            assert torch.equal(a, b)
+    # A resumed run writes no status line, stats line or snapshot at its starting count.
+    kimgs = [json.loads(line)['Progress/kimg'] for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    assert kimgs == [0.0, 0.512, 1.024, 1.536, 2.048]
+
+
+# SIGKILL tests: the run goes on in a forked child (no interpreter start-up), which a hook stops at
+# a chosen point by writing a marker file and sleeping; the test then kills it with SIGKILL.
+
+def _child_main(kwargs, hook, target, marker):
+    import traceback
+    try:
+        _child_main2(kwargs, hook, target, marker)
+    except BaseException:
+        Path(marker + '.err').write_text(traceback.format_exc())
+        raise
+
+
+def _child_main2(kwargs, hook, target, marker):
+    import torch_utils.distributed as dist_mod
+
+    def block():
+        Path(marker).write_text('blocked')
+        time.sleep(3600)
+
+    current = {}
+    orig_save = dist_mod.CheckpointIO.save
+
+    def save(self, pt_path, *args, **kw):
+        current['path'] = pt_path
+        orig_save(self, pt_path, *args, **kw)
+        if hook == 'after_checkpoint' and os.path.basename(pt_path) == target:
+            block()
+    dist_mod.CheckpointIO.save = save
+
+    if hook == 'during_checkpoint':
+        orig_torch_save = torch.save
+
+        def torch_save(obj, f, *args, **kw):
+            if os.path.basename(current.get('path', '')) != target:
+                return orig_torch_save(obj, f, *args, **kw)
+            import io
+            buf = io.BytesIO()
+            orig_torch_save(obj, buf, *args, **kw)
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            f.flush()
+            block()
+        torch.save = torch_save
+
+    if hook == 'during_snapshot':
+        orig_dump = pickle.dump
+
+        def dump(obj, f, *args, **kw):
+            if not os.path.basename(str(getattr(f, 'name', ''))).startswith(target):
+                return orig_dump(obj, f, *args, **kw)
+            data = pickle.dumps(obj, *args, **kw)
+            f.write(data[:len(data) // 2])
+            f.flush()
+            block()
+        pickle.dump = dump
+
+    tl.training_loop(**kwargs)
+    os._exit(3)  # reaching the end means the hook never fired
+
+
+def run_until_hook_then_kill(kwargs, hook, target, tmp_path):
+    marker = tmp_path / f'marker-{hook}'
+    if marker.exists():
+        marker.unlink()
+    proc = multiprocessing.get_context('fork').Process(target=_child_main, args=(kwargs, hook, target, str(marker)))
+    proc.start()
+    deadline = time.time() + 300
+    while not marker.exists():
+        err = Path(str(marker) + '.err')
+        assert proc.is_alive(), f'the training process ended (exit code {proc.exitcode}) before the {hook} hook fired' + (
+            ':\n' + err.read_text() if err.exists() else '')
+        assert time.time() < deadline, 'timed out waiting for the hook'
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data, reference_run, capsys):
+    run_dir = tmp_path / 'run'
+    kwargs = tiny_kwargs(run_dir, tiny_data)
+    run_until_hook_then_kill(kwargs, 'after_checkpoint', 'training-state-0000001.pt', tmp_path)
+    assert sorted(p.name for p in run_dir.glob('training-state-*')) == ['training-state-0000001.pt']
+    capsys.readouterr()
+    tl.training_loop(**kwargs)  # the same command again
+    assert 'training-state-0000001.pt' in capsys.readouterr().out
+    assert_same_training_state(reference_run / 'training-state-0000002.pt', run_dir / 'training-state-0000002.pt')
+
+
+def test_sigkill_during_writes_leaves_no_truncated_files(tmp_path, workdir, tiny_data, reference_run, capsys):
+    # Start from a run directory holding the 1024-image checkpoint.
+    run_dir = tmp_path / 'run'
+    kwargs = tiny_kwargs(run_dir, tiny_data)
+    tl.training_loop(**dict(kwargs, slice_nimg=1024))
+    assert (run_dir / 'training-state-0000001.pt').is_file()
+
+    def check_complete_files():
+        for path in run_dir.glob('network-snapshot-*.pkl'):
+            with open(path, 'rb') as f:
+                assert 'ema' in pickle.load(f)
+        for path in run_dir.glob('training-state-*.pt'):
+            load_checkpoint(path)
+
+    # Killed in the middle of writing the second snapshot of 2048 images.
+    run_until_hook_then_kill(kwargs, 'during_snapshot', 'network-snapshot-0000002-0.100.pkl', tmp_path)
+    assert (run_dir / 'network-snapshot-0000002-0.050.pkl').is_file()
+    assert not (run_dir / 'network-snapshot-0000002-0.100.pkl').exists()
+    assert list(run_dir.glob('network-snapshot-0000002-0.100.pkl*'))  # the partial temporary file
+    check_complete_files()
+
+    # Killed in the middle of writing the checkpoint of 2048 images: it resumed from 1024 again.
+    run_until_hook_then_kill(kwargs, 'during_checkpoint', 'training-state-0000002.pt', tmp_path)
+    assert not (run_dir / 'training-state-0000002.pt').exists()
+    assert list(run_dir.glob('training-state-0000002.pt*'))
+    check_complete_files()
+
+    # The next start resumes from the last complete checkpoint and ends exactly like the reference.
+    capsys.readouterr()
+    tl.training_loop(**kwargs)
+    assert 'training-state-0000001.pt' in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.iterdir() if 'tmp' in p.name) == []  # stale temporaries removed
+    check_complete_files()
+    assert_same_training_state(reference_run / 'training-state-0000002.pt', run_dir / 'training-state-0000002.pt')
+    for a, b in zip(snapshot_tensors(reference_run / 'network-snapshot-0000002-0.100.pkl'),
+                    snapshot_tensors(run_dir / 'network-snapshot-0000002-0.100.pkl')):
+        assert torch.equal(a, b)
+
+# ----------------------------------------------------------------------------
+# Distributed and accumulation mechanics, with a loss that makes no random draws.
+
+
+def mechanics_kwargs(run_dir, data, **overrides) -> dict:
+    kwargs = tiny_kwargs(run_dir, data, total_nimg=64 * 4, status_nimg=None, snapshot_nimg=None, checkpoint_nimg=1024,
+                         loss_kwargs=dict(class_name='tests.scripts.train_helpers.DeterministicLoss'),
+                         network_kwargs=dict(TINY_NET, dropout=0.0),
+                         # SGD: unlike Adam, its step scales with the gradient, so a wrong loss scale shows.
+                         optimizer_kwargs=dict(class_name='torch.optim.SGD', momentum=0.9),
+                         lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.05, ref_batches=0, rampup_Mimg=0))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def compare_nets(path_a, path_b, tol):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a['state']['cur_nimg'] == b['state']['cur_nimg']
+    for key in a['net']:
+        assert rel_diff(a['net'][key], b['net'][key]) < tol, key
+    for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
+        for key in ema_a:
+            assert rel_diff(ema_a[key], ema_b[key]) < tol, key
+
+
+@pytest.fixture(scope='module')
+def mechanics_reference(workdir, tiny_data):
+    run_dir = workdir / 'mechanics-one-process'
+    tl.training_loop(**mechanics_kwargs(run_dir, tiny_data))
+    return run_dir / 'training-state-0000000.pt'
+
+
+def test_gradient_accumulation_matches_one_round(workdir, tiny_data, mechanics_reference):
+    run_dir = workdir / 'mechanics-accumulated'
+    tl.training_loop(**mechanics_kwargs(run_dir, tiny_data, batch_gpu=16))  # 4 rounds of 16
+    compare_nets(run_dir / 'training-state-0000000.pt', mechanics_reference, tol=1e-5)
+
+
+def test_mechanics_comparison_detects_a_wrong_gradient_scale(workdir, tiny_data, mechanics_reference):
+    # Gradients off by 10% (here: the learning rate, which SGD multiplies with them) fail the comparison.
+    run_dir = workdir / 'mechanics-scaled'
+    tl.training_loop(**mechanics_kwargs(run_dir, tiny_data, lr_kwargs=dict(
+        func_name='training.training_loop.learning_rate_schedule', ref_lr=0.055, ref_batches=0, rampup_Mimg=0)))
+    with pytest.raises(AssertionError):
+        compare_nets(run_dir / 'training-state-0000000.pt', mechanics_reference, tol=1e-5)
+
+
+def test_two_processes_match_one_process(workdir, tiny_data, mechanics_reference):
+    run_dir = workdir / 'mechanics-two-processes'
+    kwargs_file = workdir / 'mechanics-two-processes.json'
+    kwargs_file.write_text(json.dumps(mechanics_kwargs(run_dir, tiny_data)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO_ROOT / 'tests' / 'scripts' / 'train_run.py'), str(kwargs_file)]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compare_nets(run_dir / 'training-state-0000000.pt', mechanics_reference, tol=1e-5)
+
+# ----------------------------------------------------------------------------
+# Learning happens.
+
+
+ARTIFACT_DIR = REPO_ROOT / 'out' / 'test-artifacts'
+
+
+def test_small_model_learns_digits(workdir):
+    data = train_helpers.digits_dataset_zip(str(workdir / 'digits16.zip'), resolution=16)
+    run_dir = workdir / 'digits'
+    tl.training_loop(
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
+        data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
+        network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2, 2],
+                            num_blocks=1, attn_resolutions=[4], logvar_channels=16),
+        loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
+        lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.02, ref_batches=100, rampup_Mimg=0.001),
+        ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.100]),
+        run_dir=str(run_dir), seed=0, batch_size=64, total_nimg=6144, status_nimg=1024, snapshot_nimg=6144, checkpoint_nimg=None)
+
+    stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    losses = [s['Loss/loss'] for s in stats if 'Loss/loss' in s]
+    assert len(losses) == 6
+    assert losses[-1] < 0.75 * losses[0], losses
+
+    # A sample grid from the final snapshot: one row per class.
+    with open(run_dir / 'network-snapshot-0000006-0.100.pkl', 'rb') as f:
+        data = pickle.load(f)
+    net = data['ema'].float()
+    labels = torch.eye(10).repeat_interleave(6, dim=0)
+    images = train_helpers.heun_sample(net, labels, num_steps=16, seed=0)
+    pixels = data['encoder'].decode(images).numpy()
+    train_helpers.save_grid(pixels, str(ARTIFACT_DIR / 'training-digits-grid.png'), cols=6)
+    assert pixels.std() > 10  # not a constant image
