@@ -341,6 +341,13 @@ def reconstruct_phema(
         if verbose and existing:
             print(f"Skipping {len(existing)} existing output(s): {', '.join(f'{s:.3f}' for s in existing)}")
         out_std = [s for s in out_std if s not in existing]
+    if out_dir is not None:
+        in_paths = {os.path.realpath(p.path) for p in in_pkls}
+        for s in out_std:
+            path = output_path(out_dir, out_prefix, out_nimg, s)
+            if os.path.realpath(path) in in_paths:
+                raise click.ClickException(f"Output {path} would overwrite one of the inputs; "
+                                           f"choose another --outprefix or --outdir")
     num_batches = math.ceil(len(out_std) / batch)
     batches = [list(b) for b in np.array_split(np.array(out_std, dtype=np.float64), num_batches)] if num_batches else []
 

@@ -463,6 +463,18 @@ def test_corrupt_input_names_file_and_leaves_nothing(snapshots, tmp_path, damage
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_refuses_to_overwrite_an_input(snapshots, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for nimg in (T // 2, T):
+        for std in (0.05, 0.1):
+            os.link(snapshots.paths[(nimg, std)], folder / os.path.basename(snapshots.paths[(nimg, std)]))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    res = run_cli("--indir", folder, "--outdir", folder, "--outprefix", "network-snapshot", "--outstd", "0.05,0.07")
+    assert res.exit_code != 0 and "overwrite" in error_lines(res.output)[0], res.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+
+
 def test_failed_write_leaves_no_partial_file(snapshots, tmp_path, monkeypatch):
     pkls = [p for p in reconstruct_phema.list_input_pickles(snapshots.folder) if p.nimg == T]
     real_dump = pickle.dump
@@ -490,3 +502,51 @@ def test_refuses_torchrun(snapshots, tmp_path):
     assert len(ours) == 1, output
     assert 'reconstruct_phema.py", line' not in output  # no traceback from our script
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------
+# 2. End to end: train_edm2.py snapshots -> reconstruct_phema.py -> generate_images.py.
+
+
+def test_end_to_end_train_reconstruct_generate(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(32):
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)).save(data / f"img{i:08d}.png")
+    run = tmp_path / "run"
+    env = subprocess_env()
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train_edm2.py"), f"--outdir={run}", f"--data={data}", "--cond=False",
+           "--preset=cpu-16", "--duration=2Ki", "--batch=256", "--status=1Ki", "--snapshot=1Ki", "--checkpoint=2Ki"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert os.path.isfile(run / "network-snapshot-0000002-0.100.pkl")
+
+    out = tmp_path / "out"
+    res = run_cli("--indir", run, "--outdir", out, "--outstd", "0.100,0.150")
+    assert res.exit_code == 0, res.output
+    assert "Inputs: 4 snapshots from kimg 1 to 2" in res.output  # the image-0 snapshots are not used
+    assert sorted(os.listdir(out)) == ["phema-0000002-0.100.pkl", "phema-0000002-0.150.pkl"]
+    # Asking for a profile that was tracked during training gives that snapshot back.
+    same = flat_params(load(out / "phema-0000002-0.100.pkl")["ema"])
+    snap = flat_params(load(run / "network-snapshot-0000002-0.100.pkl")["ema"])
+    assert np.all(np.abs(same - snap) <= 2**-10 * np.abs(snap) + 1e-6)
+    # And another profile is the combination that the closed form prescribes.
+    used = [(nimg, std) for nimg in (1024, 2048) for std in (0.05, 0.1)]
+    X, _ = reference_coefficients([u[0] for u in used], [u[1] for u in used], 2048, [0.15])
+    W = stored_inputs([str(run / f"network-snapshot-{nimg // 1000:07d}-{std:.3f}.pkl") for nimg, std in used])
+    expected = X[:, 0] @ W
+    got = flat_params(load(out / "phema-0000002-0.150.pkl")["ema"])
+    assert np.all(np.abs(got - expected) <= 2**-11 * np.abs(expected) + 1e-6 * (np.abs(X[:, 0]) @ np.abs(W)) + 1e-7)
+
+    images = tmp_path / "images"
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "generate_images.py"), f"--net={out / 'phema-0000002-0.150.pkl'}",
+           f"--outdir={images}", "--seeds=0-1", "--steps=4"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(os.listdir(images)) == ["000000.png", "000001.png"]
+    for name in os.listdir(images):
+        img = np.asarray(Image.open(images / name))
+        assert img.shape == (8, 8, 3) and img.dtype == np.uint8
