@@ -183,8 +183,8 @@ def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose:
         try:
             data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
         except persistence.UnsafePickleError as e:
-            raise click.ClickException(f'Refusing to load "{source}": {_one_line(e)} '
-                                       '(--trust-embedded-code runs the code embedded in the pickle)') from e
+            # The message names the offending global and the --trust-embedded-code option.
+            raise click.ClickException(f'Cannot load "{source}": {_one_line(e)}') from e
         except Exception as e:  # a truncated or foreign file can fail in many ways
             raise click.ClickException(f'"{source}" is not a network pickle: {_one_line(e)}') from e
     if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
@@ -284,7 +284,10 @@ def generate_images(
         if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
             encoder.batch_size = encoder_batch_size
         if hasattr(encoder, 'init'):
-            encoder.init(device)  # e.g. fetch the VAE, also rank 0 first
+            try:
+                encoder.init(device)  # e.g. fetch the VAE, also rank 0 first
+            except Exception as e:
+                raise click.ClickException(f'Cannot set up the encoder {type(encoder).__name__}: {_one_line(e)}') from e
     finally:
         if rank == 0:
             _barrier()
@@ -410,7 +413,17 @@ def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDic
     return opts
 
 
-@click.command(epilog='Presets: ' + ', '.join(config_presets))
+_PRESETS_HELP = '''\b
+Presets (see config_presets for the exact models and guidance):
+  edm2-img512-{xs|s|m|l|xl|xxl}-{fid|dino}         no guidance
+  edm2-img64-{s|m|l|xl}-fid                        no guidance
+  edm2-img512-{xs|s|m|l|xl|xxl}-guid-{fid|dino}    classifier-free guidance
+  edm2-img512-{s|xxl}-autog-{fid|dino}             autoguidance
+  edm2-img512-s-uncond-autog-{fid|dino}            autoguidance, unconditional
+  edm2-img64-s-autog-{fid|dino}                    autoguidance'''
+
+
+@click.command(epilog=_PRESETS_HELP)
 @click.option('--preset',                help='Configuration preset', metavar='STR', type=str, default=None)
 @click.option('--net',                   help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
 @click.option('--gnet',                  help='Guiding network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
