@@ -14,6 +14,7 @@ error. ``load_pickle(file, trust_embedded_code=True)`` is the explicit opt-in to
 """
 
 import copy
+import functools
 import importlib
 import inspect
 import io
@@ -234,6 +235,7 @@ def _safe_reconstruct_persistent_obj(meta: dict) -> Any:
     return _restore_instance(cls, meta.state)
 
 
+@functools.cache
 def _allowed_globals() -> dict:
     """(module, name) -> object that the safe unpickler may hand out."""
     allowed = {
