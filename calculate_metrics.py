@@ -22,6 +22,7 @@ stand in for a detector through ``register_detector`` or the ``detectors`` argum
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -384,7 +385,9 @@ def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
-    return lines[-1] if 'Traceback' in str(e) else ' '.join(lines)
+    if 'Traceback' not in str(e):
+        return ' '.join(lines)
+    return re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1])  # 'OSError: Cannot read ...' -> 'Cannot read ...'
 
 
 def _unpack_images(batch: Any) -> Optional[torch.Tensor]:

@@ -1,0 +1,278 @@
+"""End-to-end tests of the calculate_metrics.py command line on the CPU: ``ref`` on a dataset ZIP,
+``calc`` on a folder of PNGs, ``gen`` on a small network pickle, the same statistics file from
+one and two processes (torchrun), and one-line errors for bad input.
+
+Small real detectors (tests/scripts/metrics_detectors.py) are injected through the public
+``register_detector``; expected values are computed independently with numpy and the
+reference's sqrtm formula.
+"""
+
+import io
+import json
+import pickle
+import re
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+import calculate_metrics as cm
+import dnnlib
+from tests.conftest import REPO_ROOT, subprocess_env
+from tests.scripts import metrics_detectors as md
+
+# ----------------------------------------------------------------------------
+# Helpers and fixtures.
+
+
+def random_images(num, res=8, seed=0):
+    # Smooth-ish images: a random per-image colour plus noise, so the statistics are not degenerate.
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, size=(num, 3, 1, 1))
+    return np.clip(base + rng.integers(-40, 41, size=(num, 3, res, res)), 0, 255).astype(np.uint8)
+
+
+def block_means(images):
+    """PoolDetector's features, computed independently (float64)."""
+    n, c, h, w = images.shape
+    return images.reshape(n, c, 2, h // 2, 2, w // 2).astype(np.float64).mean(axis=(3, 5)).reshape(n, -1)
+
+
+def numpy_stats(features):
+    return dict(mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+
+
+def reference_fd(a, b):
+    """The reference implementation's formula (scipy.linalg.sqrtm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        s, _ = scipy.linalg.sqrtm(a['sigma'] @ b['sigma'], disp=False)
+    return float(np.real(np.square(a['mu'] - b['mu']).sum() + np.trace(a['sigma'] + b['sigma'] - 2 * s)))
+
+
+def png_bytes(image):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image.transpose(1, 2, 0)).save(buf, format='PNG', compress_level=0)
+    return buf.getvalue()
+
+
+def write_dataset_zip(path, images):
+    """A ZIP in dataset_tool.py's layout: 00000/img00000000.png, ..., dataset.json with null labels."""
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+        for i, image in enumerate(images):
+            z.writestr(f'{i // 1000:05d}/img{i:08d}.png', png_bytes(image))
+        z.writestr('dataset.json', json.dumps({'labels': None}))
+    return str(path)
+
+
+def write_png_folder(folder, images):
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        (folder / f'{i:06d}.png').write_bytes(png_bytes(image))
+    return str(folder)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('metrics-data')
+    d = dnnlib.EasyDict(zip_images=random_images(10, seed=1), png_images=random_images(14, seed=2))
+    d.zip = write_dataset_zip(root / 'data.zip', d.zip_images)
+    d.pngs = write_png_folder(root / 'pngs', d.png_images)
+    return d
+
+
+@pytest.fixture
+def detectors(monkeypatch):
+    """fid -> PoolDetector (exact features), fd_dinov2 -> ConvDetector (counts its calls)."""
+    monkeypatch.setattr(cm, '_detector_cache', {})
+    dets = dnnlib.EasyDict(fid=md.PoolDetector(), fd_dinov2=md.ConvDetector(seed=2))
+    for metric, det in dets.items():
+        cm.register_detector(metric, det)
+    return dets
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """Run the command line in this process; the process group it creates is torn down."""
+    for var in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dnnlib.util, 'retry_delay', 0)
+    runner = CliRunner()
+    yield lambda *args: runner.invoke(cm.cmdline, [str(a) for a in args])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def assert_ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a click error, not a crash
+    assert 'Traceback' not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('Error')]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def printed_metrics(output):
+    return {m: float(v) for m, v in re.findall(r'^(\w+) = (\S+)$', output, flags=re.MULTILINE)}
+
+
+def subset(num_total, num, seed):
+    """Spec §14: a legacy RandomState(seed) shuffle of all indices, the first num, in file order."""
+    idx = np.arange(num_total)
+    np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+    return np.sort(idx[:num])
+
+# ----------------------------------------------------------------------------
+# End to end.
+
+
+def test_ref_then_calc(data, detectors, run_cli, tmp_path):
+    # ref on a dataset ZIP: every image, in the spec's layout, equal to numpy's statistics.
+    dest = tmp_path / 'refs' / 'data.pkl'
+    result = run_cli('ref', '--data', data.zip, '--dest', dest, '--batch', 4, '--workers', 0)
+    assert_ok(result)
+    with open(dest, 'rb') as f:
+        ref = pickle.load(f)
+    assert list(ref) == ['num_images', 'fid', 'fd_dinov2'] and ref['num_images'] == 10
+    expected = numpy_stats(block_means(data.zip_images))
+    np.testing.assert_allclose(ref['fid']['mu'], expected['mu'], rtol=1e-13)
+    np.testing.assert_allclose(ref['fid']['sigma'], expected['sigma'], rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        conv_features = md.ConvDetector(seed=2)(torch.from_numpy(data.zip_images)).double().numpy()
+    np.testing.assert_allclose(ref['fd_dinov2']['sigma'], np.cov(conv_features, rowvar=False), rtol=1e-5, atol=1e-8)
+
+    # calc on a folder of PNGs: a seeded random subset of --num images.
+    results = {}
+    for seed in (3, 4):
+        result = run_cli('calc', '--images', data.pngs, '--ref', dest, '--num', 9, '--seed', seed,
+                         '--batch', 4, '--workers', 0)
+        assert_ok(result)
+        results[seed] = printed_metrics(result.stdout)
+        assert list(results[seed]) == ['fid', 'fd_dinov2']
+        stats = numpy_stats(block_means(data.png_images[subset(14, 9, seed)]))
+        assert results[seed]['fid'] == pytest.approx(reference_fd(stats, ref['fid']), rel=1e-5)
+    assert results[3] != results[4]
+
+
+def test_calc_with_worker_processes(data, detectors, run_cli, tmp_path):
+    ref = tmp_path / 'ref.pkl'
+    cm.save_stats({'num_images': 10, 'fid': numpy_stats(block_means(data.zip_images))}, str(ref), verbose=False)
+    result = run_cli('calc', '--images', data.pngs, '--ref', ref, '--metrics', 'fid', '--num', 14,
+                     '--batch', 3, '--workers', 2)
+    assert_ok(result)
+    stats = numpy_stats(block_means(data.png_images))
+    expected = reference_fd(stats, numpy_stats(block_means(data.zip_images)))
+    assert printed_metrics(result.stdout) == {'fid': pytest.approx(expected, rel=1e-5)}
+    assert detectors.fd_dinov2.calls == 0  # not asked for
+
+
+def tiny_network_pickle(path):
+    from training.encoders import StandardRGBEncoder
+    from training.networks_edm2 import Precond
+    from training.training_loop import EDM2Loss
+    torch.manual_seed(0)
+    net = Precond(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[4])
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)  # nonzero output and modulation gains, so the images depend on the net
+    data = dnnlib.EasyDict(encoder=StandardRGBEncoder(),
+                           dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
+                                                          path='data.zip', use_labels=True),
+                           loss_fn=EDM2Loss(), ema=net.eval().requires_grad_(False).half())
+    with open(path, 'wb') as f:
+        pickle.dump(data, f)
+    return str(path)
+
+
+def test_gen_on_network_pickle(data, detectors, run_cli, tmp_path):
+    from generate_images import generate_images
+    net = tiny_network_pickle(tmp_path / 'net.pkl')
+    ref = tmp_path / 'ref.pkl'
+    cm.save_stats({'num_images': 10, 'fid': numpy_stats(block_means(data.zip_images))}, str(ref), verbose=False)
+    result = run_cli('gen', '--net', net, '--ref', ref, '--metrics', 'fid', '--num', 5, '--seed', 7, '--batch', 2)
+    assert_ok(result)
+
+    # The same seeds sampled independently, then numpy statistics and the sqrtm formula.
+    images = np.concatenate([r.images.cpu().numpy() for r in generate_images(net, seeds=range(7, 12), verbose=False)])
+    assert images.shape == (5, 3, 8, 8) and images.std() > 0
+    expected = reference_fd(numpy_stats(block_means(images)), numpy_stats(block_means(data.zip_images)))
+    assert printed_metrics(result.stdout) == {'fid': pytest.approx(expected, rel=1e-5)}
+
+
+def test_two_processes_write_the_same_file(data, detectors, run_cli, tmp_path):
+    images = random_images(7, seed=3)
+    zip_path = write_dataset_zip(tmp_path / 'seven.zip', images)
+    one, two = tmp_path / 'one.pkl', tmp_path / 'two.pkl'
+    assert_ok(run_cli('ref', '--data', zip_path, '--dest', one, '--metrics', 'fid', '--batch', 2, '--workers', 0))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO_ROOT / 'tests' / 'scripts' / 'metrics_detectors.py'),
+           'ref', '--data', zip_path, '--dest', str(two), '--metrics', 'fid', '--batch', '2', '--workers', '0']
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert two.read_bytes() == one.read_bytes()  # exact features: float64 sums agree bit for bit
+    with open(two, 'rb') as f:
+        stats = pickle.load(f)
+    assert stats['num_images'] == 7
+    np.testing.assert_allclose(stats['fid']['sigma'], numpy_stats(block_means(images))['sigma'], rtol=1e-9, atol=1e-9)
+
+# ----------------------------------------------------------------------------
+# Bad input: one line, non-zero exit.
+
+
+def test_reference_fails_before_any_work(data, detectors, run_cli, tmp_path):
+    missing = tmp_path / 'missing.pkl'
+    result = run_cli('calc', '--images', tmp_path / 'no-images', '--ref', missing, '--workers', 0)
+    assert_one_line_error(result, 'Cannot open feature statistics', 'missing.pkl')
+    not_stats = tmp_path / 'not-stats.pkl'
+    not_stats.write_bytes(pickle.dumps({'hello': 'world'}))
+    result = run_cli('calc', '--images', data.pngs, '--ref', not_stats, '--num', 2, '--workers', 0)
+    assert_one_line_error(result, 'not a feature statistics file')
+    result = run_cli('gen', '--net', tmp_path / 'no-net.pkl', '--ref', missing, '--num', 2)
+    assert_one_line_error(result, 'Cannot open feature statistics')
+    assert detectors.fd_dinov2.calls == 0
+
+
+def test_num_larger_than_available(data, detectors, run_cli, tmp_path):
+    ref = tmp_path / 'ref.pkl'
+    cm.save_stats({'num_images': 10, 'fid': numpy_stats(block_means(data.zip_images))}, str(ref), verbose=False)
+    result = run_cli('calc', '--images', data.pngs, '--ref', ref, '--num', 15, '--workers', 0)
+    assert_one_line_error(result, 'Found 14 images', 'at least 15')
+    assert detectors.fd_dinov2.calls == 0
+    assert_one_line_error(run_cli('calc', '--images', data.pngs, '--ref', ref, '--num', 1), '--num')
+
+
+def test_unknown_metric(data, detectors, run_cli, tmp_path):
+    result = run_cli('ref', '--data', data.zip, '--dest', tmp_path / 'x.pkl', '--metrics', 'fid,kid')
+    assert_one_line_error(result, '--metrics', 'unknown metric "kid"')
+    assert not (tmp_path / 'x.pkl').exists()
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_unreadable_images(data, detectors, run_cli, tmp_path, workers):
+    ref = tmp_path / 'ref.pkl'
+    cm.save_stats({'num_images': 10, 'fid': numpy_stats(block_means(data.zip_images))}, str(ref), verbose=False)
+    calc = lambda images: run_cli('calc', '--images', images, '--ref', ref, '--metrics', 'fid', '--num', 2,
+                                  '--batch', 2, '--workers', workers)
+    assert_one_line_error(calc(tmp_path / 'nowhere'), 'Cannot read images', 'nowhere')
+    (tmp_path / 'empty').mkdir()
+    assert_one_line_error(calc(tmp_path / 'empty'), 'Cannot read images', 'No image')
+    # A corrupt file among good ones fails while loading, also in a worker process.
+    folder = tmp_path / 'broken'
+    write_png_folder(folder, random_images(3))
+    (folder / '000001.png').write_bytes(b'this is not a PNG')
+    assert_one_line_error(calc(folder), 'Error: Cannot read 000001.png')
