@@ -329,8 +329,8 @@ def mechanics_kwargs(run_dir, data, **overrides) -> dict:
                          loss_kwargs=dict(class_name='tests.scripts.train_helpers.DeterministicLoss'),
                          network_kwargs=dict(TINY_NET, dropout=0.0),
                          # SGD: unlike Adam, its step scales with the gradient, so a wrong loss scale shows.
-                         optimizer_kwargs=dict(class_name='torch.optim.SGD', momentum=0.9),
-                         lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.05, ref_batches=0, rampup_Mimg=0))
+                         optimizer_kwargs=dict(class_name='torch.optim.SGD'),
+                         lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.01, ref_batches=0, rampup_Mimg=0))
     kwargs.update(overrides)
     return kwargs
 
@@ -340,13 +340,17 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare_nets(path_a, path_b, tol):
+    """Relative difference of all network weights (and of each EMA) taken together, below ``tol``.
+
+    (Single scalars such as out_gain can pass near zero, where their own relative difference
+    means little; the weights as a whole are what must agree.)"""
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     assert a['state']['cur_nimg'] == b['state']['cur_nimg']
-    for key in a['net']:
-        assert rel_diff(a['net'][key], b['net'][key]) < tol, key
+    flat = lambda sd: torch.cat([t.flatten().double() for t in sd.values()])
+    assert list(a['net']) == list(b['net'])
+    assert rel_diff(flat(a['net']), flat(b['net'])) < tol
     for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
-        for key in ema_a:
-            assert rel_diff(ema_a[key], ema_b[key]) < tol, key
+        assert rel_diff(flat(ema_a), flat(ema_b)) < tol
 
 
 @pytest.fixture(scope='module')
@@ -366,7 +370,7 @@ def test_mechanics_comparison_detects_a_wrong_gradient_scale(workdir, tiny_data,
     # Gradients off by 10% (here: the learning rate, which SGD multiplies with them) fail the comparison.
     run_dir = workdir / 'mechanics-scaled'
     tl.training_loop(**mechanics_kwargs(run_dir, tiny_data, lr_kwargs=dict(
-        func_name='training.training_loop.learning_rate_schedule', ref_lr=0.055, ref_batches=0, rampup_Mimg=0)))
+        func_name='training.training_loop.learning_rate_schedule', ref_lr=0.011, ref_batches=0, rampup_Mimg=0)))
     with pytest.raises(AssertionError):
         compare_nets(run_dir / 'training-state-0000000.pt', mechanics_reference, tol=1e-5)
 
@@ -402,7 +406,7 @@ def test_small_model_learns_digits(workdir):
         run_dir=str(run_dir), seed=0, batch_size=64, total_nimg=6144, status_nimg=1024, snapshot_nimg=6144, checkpoint_nimg=None)
 
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
-    losses = [s['Loss/loss'] for s in stats if 'Loss/loss' in s]
+    losses = [s['Loss/loss'] for s in stats if s['Progress/kimg'] > 0]
     assert len(losses) == 6
     assert losses[-1] < 0.75 * losses[0], losses
 

@@ -41,23 +41,22 @@ def random_dataset_zip(path: str, num_images: int = 64, resolution: int = 8, cha
     return write_dataset_zip(path, images, labels)
 
 
-def digits_images(resolution: int = 16) -> tuple:
-    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upscaled bicubically to
-    ``resolution`` and replicated to RGB. Returns (NHWC uint8 images, int labels 0-9)."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    images = []
-    for img in digits.images:
-        pil = Image.fromarray(np.uint8(np.clip(img / 16 * 255, 0, 255)))
-        pil = pil.resize((resolution, resolution), Image.BICUBIC)
-        images.append(np.repeat(np.asarray(pil)[:, :, None], 3, axis=2))
-    return np.stack(images), digits.target.astype(np.int64)
-
-
 def digits_dataset_zip(path: str, resolution: int = 16) -> str:
-    """The digits as a dataset ZIP (10 classes)."""
-    images, labels = digits_images(resolution)
-    return write_dataset_zip(path, images, labels)
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, labels 0-9) as a dataset ZIP at
+    ``resolution``, made the way a user would: PNGs in one folder per class, then
+    ``dataset_tool.py convert`` (Lanczos resize, RGB)."""
+    import tempfile
+
+    from sklearn.datasets import load_digits
+
+    import dataset_tool
+    digits = load_digits()
+    with tempfile.TemporaryDirectory() as source:
+        for idx, (img, label) in enumerate(zip(digits.images, digits.target)):
+            os.makedirs(os.path.join(source, str(label)), exist_ok=True)
+            Image.fromarray(np.uint8(np.clip(img / 16 * 255, 0, 255))).save(os.path.join(source, str(label), f'{idx:04d}.png'))
+        dataset_tool.convert_dataset(source=source, dest=path, resolution=(resolution, resolution))
+    return path
 
 # ----------------------------------------------------------------------------
 # A loss without random draws, for checking the distributed and accumulation mechanics.

@@ -1,0 +1,295 @@
+"""Tests of train_edm2.py: image-count parsing, the presets of spec §4.5 and the CPU presets,
+overrides, one-line errors for bad input, and a complete short run through the command line."""
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import train_edm2
+from tests.conftest import REPO_ROOT, subprocess_env
+from tests.scripts import train_helpers
+from torch_utils import persistence
+
+Ki, Mi = 1 << 10, 1 << 20
+
+# Spec §4.5, typed in independently: duration, batch, channels, lr, decay, dropout, P_mean, P_std.
+SPEC_PRESETS = {
+    'edm2-img512-xxs': (2048 * Mi, 2048, 64, 0.0170, 70000, 0.00, -0.4, 1.0),
+    'edm2-img512-xs':  (2048 * Mi, 2048, 128, 0.0120, 70000, 0.00, -0.4, 1.0),
+    'edm2-img512-s':   (2048 * Mi, 2048, 192, 0.0100, 70000, 0.00, -0.4, 1.0),
+    'edm2-img512-m':   (2048 * Mi, 2048, 256, 0.0090, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-l':   (1792 * Mi, 2048, 320, 0.0080, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-xl':  (1280 * Mi, 2048, 384, 0.0070, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-xxl': (896 * Mi, 2048, 448, 0.0065, 70000, 0.10, -0.4, 1.0),
+    'edm2-img64-xs':   (1024 * Mi, 2048, 128, 0.0120, 35000, 0.00, -0.8, 1.6),
+    'edm2-img64-s':    (1024 * Mi, 2048, 192, 0.0100, 35000, 0.00, -0.8, 1.6),
+    'edm2-img64-m':    (2048 * Mi, 2048, 256, 0.0090, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-l':    (1024 * Mi, 2048, 320, 0.0080, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-xl':   (640 * Mi, 2048, 384, 0.0070, 35000, 0.10, -0.8, 1.6),
+}
+
+OPTION_KEYS = ['dataset_kwargs', 'encoder_kwargs', 'total_nimg', 'batch_size', 'network_kwargs', 'loss_kwargs', 'lr_kwargs',
+               'batch_gpu', 'loss_scaling', 'cudnn_benchmark', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg', 'seed']
+
+
+@pytest.fixture(scope='module')
+def datasets(tmp_path_factory):
+    """Small dataset ZIPs: labelled RGB, unlabelled RGB, greyscale, and a file that is not a ZIP."""
+    root = tmp_path_factory.mktemp('cli-data')
+    paths = dnnlib.EasyDict(
+        rgb=train_helpers.random_dataset_zip(str(root / 'rgb.zip'), num_images=16, resolution=8, num_classes=4),
+        unlabelled=train_helpers.random_dataset_zip(str(root / 'unlabelled.zip'), num_images=8, resolution=8, num_classes=None),
+        grey=train_helpers.random_dataset_zip(str(root / 'grey.zip'), num_images=8, resolution=8, channels=1),
+        rgba=train_helpers.random_dataset_zip(str(root / 'rgba.zip'), num_images=8, resolution=8, channels=4),
+        garbage=str(root / 'garbage.zip'),
+    )
+    with open(paths.garbage, 'wb') as f:
+        f.write(b'this is not a zip archive' * 10)
+    return paths
+
+
+def invoke(args):
+    return CliRunner().invoke(train_edm2.cmdline, args)
+
+
+def dry_run_config(result) -> dict:
+    """The JSON configuration that --dry-run printed."""
+    assert result.exit_code == 0, result.output
+    text = result.output.split('Training config:\n', 1)[1]
+    return json.loads(text[:text.index('\n}\n') + 2])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert 'Traceback' not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1, result.output
+    # The message is that one line: nothing follows it.
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0], result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+# ----------------------------------------------------------------------------
+# Parsing, presets, overrides.
+
+
+@pytest.mark.parametrize('text,value', [('0', 0), ('1000', 1000), ('1Ki', 1024), ('128Ki', 128 * 1024),
+                                        ('8Mi', 8 * 1024 ** 2), ('2Gi', 2 * 1024 ** 3)])
+def test_parse_nimg(text, value):
+    assert train_edm2.parse_nimg(text) == value
+
+
+@pytest.mark.parametrize('text', ['1K', '1ki', 'abc', '-5', '1.5Mi', 'Mi', ''])
+def test_parse_nimg_rejects(text, datasets, tmp_path):
+    with pytest.raises(ValueError):
+        train_edm2.parse_nimg(text)
+    result = invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--duration', text, '-n'])
+    assert result.exit_code == 2 and 'Error' in result.output and 'Traceback' not in result.output
+
+
+@pytest.mark.parametrize('preset', list(SPEC_PRESETS))
+def test_presets_resolve_to_spec_table(preset, datasets, tmp_path):
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--preset', preset, '--dry-run']))
+    duration, batch, channels, lr, decay, dropout, P_mean, P_std = SPEC_PRESETS[preset]
+    assert list(c) == OPTION_KEYS
+    assert c['total_nimg'] == duration and c['batch_size'] == batch
+    assert c['network_kwargs'] == dict(class_name='training.networks_edm2.Precond', model_channels=channels, dropout=dropout, use_fp16=True)
+    assert list(c['network_kwargs']) == ['class_name', 'model_channels', 'dropout', 'use_fp16']
+    assert c['loss_kwargs'] == dict(class_name='training.training_loop.EDM2Loss', P_mean=P_mean, P_std=P_std)
+    assert c['lr_kwargs'] == dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=lr, ref_batches=decay)
+    assert list(c['lr_kwargs']) == ['func_name', 'ref_lr', 'ref_batches']
+    # Defaults of the other options.
+    assert c['dataset_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path=datasets.rgb, use_labels=True)
+    assert c['encoder_kwargs'] == dict(class_name='training.encoders.StandardRGBEncoder')
+    assert (c['batch_gpu'], c['loss_scaling'], c['cudnn_benchmark'], c['seed']) == (None, 1, True, 0)
+    assert (c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg']) == (128 * Ki, 8 * Mi, 128 * Mi)
+
+
+def test_default_preset_is_img512_s(datasets, tmp_path):
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '-n']))
+    assert c['network_kwargs']['model_channels'] == 192 and c['lr_kwargs']['ref_lr'] == 0.0100
+
+
+def test_overrides_win_over_presets(datasets, tmp_path):
+    result = invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.unlabelled, '--preset', 'edm2-img64-m', '--cond', 'False',
+                     '--duration', '3Mi', '--batch', '1Ki', '--channels', '96', '--dropout', '0.25', '--P_mean', '-1.5',
+                     '--P_std', '2.5', '--lr', '0.5', '--decay', '123', '--batch-gpu', '32', '--fp16', 'False', '--ls', '4',
+                     '--bench', 'False', '--status', '2Ki', '--snapshot', '4Ki', '--checkpoint', '8Ki', '--seed', '7', '-n'])
+    c = dry_run_config(result)
+    assert 'Dry run; exiting.' in result.output
+    assert c['dataset_kwargs']['use_labels'] is False
+    assert (c['total_nimg'], c['batch_size'], c['batch_gpu']) == (3 * Mi, 1024, 32)
+    assert c['network_kwargs'] == dict(class_name='training.networks_edm2.Precond', model_channels=96, dropout=0.25, use_fp16=False)
+    assert (c['loss_kwargs']['P_mean'], c['loss_kwargs']['P_std']) == (-1.5, 2.5)
+    assert (c['lr_kwargs']['ref_lr'], c['lr_kwargs']['ref_batches']) == (0.5, 123)
+    assert (c['loss_scaling'], c['cudnn_benchmark'], c['seed']) == (4, False, 7)
+    assert (c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg']) == (2 * Ki, 4 * Ki, 8 * Ki)
+    assert not os.path.exists(tmp_path / 'run')  # a dry run creates nothing
+
+
+def test_zero_disables_status_snapshot_checkpoint(datasets, tmp_path):
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--status', '0', '--snapshot', '0',
+                               '--checkpoint', '0', '-n']))
+    assert (c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg']) == (None, None, None)
+
+
+@pytest.mark.parametrize('preset,resolution', [('cpu-16', 16), ('cpu-32', 32)])
+def test_cpu_presets_are_small_conditional_models(preset, resolution, tmp_path):
+    data = train_helpers.random_dataset_zip(str(tmp_path / 'data.zip'), num_images=10, resolution=resolution, num_classes=10)
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', data, '--preset', preset, '-n']))
+    assert c['dataset_kwargs']['use_labels'] is True
+    assert c['network_kwargs']['model_channels'] < 64
+    # Short runs: the learning rate ramps up and decays within the run; frequent status and snapshots.
+    assert c['lr_kwargs']['rampup_Mimg'] * 1e6 < c['total_nimg'] / 10
+    assert c['lr_kwargs']['ref_batches'] * c['batch_size'] < c['total_nimg']
+    assert c['status_nimg'] <= c['total_nimg'] / 10 and c['snapshot_nimg'] <= c['total_nimg'] / 4
+    # A few hundred thousand parameters.
+    net = dnnlib.util.construct_class_by_name(**c['network_kwargs'], img_resolution=resolution, img_channels=3, label_dim=10)
+    num_params = sum(p.numel() for p in net.parameters())
+    assert 100_000 <= num_params <= 900_000, num_params
+
+
+def test_cpu_preset_accepts_narrow_channels_but_paper_presets_do_not(datasets, tmp_path):
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--preset', 'cpu-16', '--channels', '8', '-n']))
+    assert c['network_kwargs']['model_channels'] == 8
+    assert_one_line_error(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--preset', 'edm2-img64-s',
+                                  '--channels', '32', '-n']), '--channels', '64')
+
+# ----------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize('case', ['missing-data', 'garbage-data', 'grey', 'rgba', 'cond-unlabelled', 'batch-gpu', 'duration',
+                                  'status', 'checkpoint-batch', 'snapshot-1024', 'checkpoint', 'preset', 'dropout', 'lr'])
+def test_bad_input_gets_one_line_error(case, datasets, tmp_path):
+    base = ['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--preset', 'cpu-16']
+    args, fragments = {
+        'missing-data':    (['--data', str(tmp_path / 'nowhere.zip')], ['--data', 'nowhere.zip']),
+        'garbage-data':    (['--data', datasets.garbage], ['--data', 'garbage.zip']),
+        'grey':            (['--data', datasets.grey], ['channel count 1']),
+        'rgba':            (['--data', datasets.rgba], ['channel count 4']),
+        'cond-unlabelled': (['--data', datasets.unlabelled], ['--cond=True', 'no labels']),
+        'batch-gpu':       (['--batch', '64', '--batch-gpu', '24'], ['64', '24']),
+        'duration':        (['--batch', '64', '--duration', '1000'], ['duration', '1000', 'batch size 64']),
+        'status':          (['--batch', '64', '--status', '100'], ['status', '100']),
+        'checkpoint-batch':  (['--batch', '64', '--snapshot', '1Ki', '--checkpoint', '1000'], ['checkpoint', '1000']),
+        'snapshot-1024':   (['--batch', '64', '--snapshot', '640'], ['snapshot', '640', '1024']),
+        'checkpoint':      (['--batch', '48', '--status', '48', '--snapshot', '3Ki', '--checkpoint', '1Ki'], ['checkpoint', '1024', '48']),
+        'preset':          (['--preset', 'edm2-img512-huge'], ['edm2-img512-huge']),
+        'dropout':         (['--dropout', '1.5'], ['--dropout']),
+        'lr':              (['--lr', '0'], ['--lr']),
+    }[case]
+    result = invoke(base + args + ['--dry-run'])
+    assert_one_line_error(result, *fragments)
+    assert not os.path.exists(tmp_path / 'run')
+
+
+def test_batch_not_divisible_by_processes(datasets):
+    with pytest.raises(train_edm2.click.ClickException, match='processes'):
+        train_edm2.setup_training_config(preset='cpu-16', world_size=3, data=datasets.rgb, batch=64)
+    with pytest.raises(train_edm2.click.ClickException, match='processes x batch-gpu'):
+        train_edm2.setup_training_config(preset='cpu-16', world_size=2, data=datasets.rgb, batch=64, batch_gpu=12)
+    c = train_edm2.setup_training_config(preset='cpu-16', world_size=2, data=datasets.rgb, batch=64, batch_gpu=16)
+    assert c.batch_gpu == 16
+
+
+def test_rerun_with_different_options_fails_and_names_them(datasets, tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    c = train_edm2.setup_training_config(preset='cpu-16', data=datasets.rgb)
+    (run_dir / 'training_options.json').write_text(json.dumps(c, indent=2))
+    train_edm2.check_run_dir(str(run_dir), c)  # the same options are fine
+    result = invoke(['--outdir', str(run_dir), '--data', datasets.rgb, '--preset', 'cpu-16', '--lr', '0.02', '--batch', '32'])
+    line = assert_one_line_error(result, 'different options', 'batch_size 64 -> 32', 'lr_kwargs.ref_lr 0.01 -> 0.02')
+    assert 'seed' not in line and 'P_mean' not in line  # only what differs
+    assert sorted(os.listdir(run_dir)) == ['training_options.json']  # nothing started
+    # A dry run only notes it.
+    result = invoke(['--outdir', str(run_dir), '--data', datasets.rgb, '--preset', 'cpu-16', '--seed', '5', '-n'])
+    assert result.exit_code == 0 and 'Note:' in result.output and 'seed 0 -> 5' in result.output
+
+# ----------------------------------------------------------------------------
+# A complete short run through the command line (one process, its own interpreter).
+
+
+STATUS_RE = re.compile(r'Status: kimg (?P<kimg>[ \d.]{9}) time (?P<time>.{12}) sec/tick [ \d.]{8} sec/kimg [ \d.]{7} '
+                       r'maintenance [ \d.-]{7} cpumem [ \d.]{6} gpumem [ \d.]{6} reserved [ \d.]{6}')
+STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timing/sec_per_kimg', 'Timing/maintenance_sec',
+              'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
+
+
+def test_cli_run_writes_the_run_directory(datasets, tmp_path):
+    run_dir = tmp_path / 'run'
+    cmd = [sys.executable, str(REPO_ROOT / 'train_edm2.py'), '--outdir', str(run_dir), '--data', datasets.rgb, '--preset', 'cpu-16',
+           '--channels', '8', '--batch', '32', '--duration', '2Ki', '--status', '512', '--snapshot', '1Ki', '--checkpoint', '1Ki']
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    assert sorted(os.listdir(run_dir)) == [
+        'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+        'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
+        'network-snapshot-0000002-0.050.pkl', 'network-snapshot-0000002-0.100.pkl',
+        'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt', 'training_options.json']
+
+    # training_options.json: the resolved configuration, keys in the reference order.
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert list(options) == OPTION_KEYS
+    assert options['batch_size'] == 32 and options['network_kwargs']['model_channels'] == 8
+
+    # log.txt: what training printed (not the configuration dump before it), status lines included.
+    log = (run_dir / 'log.txt').read_text()
+    assert 'Training config:' not in log and 'Training from 0 kimg to 2 kimg' in log
+    status = [STATUS_RE.match(line) for line in log.splitlines() if line.startswith('Status:')]
+    assert all(status) and [float(m['kimg']) for m in status] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert log.index('network-snapshot-0000001-0.100.pkl') < log.index('training-state-0000001.pt')
+
+    # stats.jsonl: one JSON object per status tick, keys in the order first reported.
+    lines = (run_dir / 'stats.jsonl').read_text().splitlines()
+    stats = [json.loads(line) for line in lines]
+    assert [s['Progress/kimg'] for s in stats] == [0.0, 0.512, 1.024, 1.536, 2.048]
+    assert list(stats[0]) == STATS_KEYS + ['timestamp']
+    for s in stats[1:]:
+        assert list(s) == STATS_KEYS + ['Loss/loss', 'Loss/learning_rate', 'timestamp']
+        assert 0 < s['Loss/loss'] < 10 and 0 < s['Loss/learning_rate'] <= 0.01
+    assert re.search(r'"Progress/kimg": 1\.024, ', lines[2]) and re.search(r'"timestamp": \d+\.\d{3}}$', lines[2])
+
+    # Snapshots: spec §2 format, float16 EMA in eval mode on the CPU, loadable both ways.
+    path = run_dir / 'network-snapshot-0000002-0.050.pkl'
+    with open(path, 'rb') as f:
+        data = pickle.load(f)
+    assert type(data) is dnnlib.EasyDict and list(data) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
+    assert data.dataset_kwargs == dict(class_name='training.dataset.ImageFolderDataset', path=datasets.rgb, use_labels=True)
+    assert type(data.encoder).__name__ == 'StandardRGBEncoder'
+    assert type(data.loss_fn).__name__ == 'EDM2Loss' and (data.loss_fn.P_mean, data.loss_fn.P_std) == (-0.8, 1.6)
+    ema = data.ema
+    assert type(ema).__name__ == 'Precond' and not ema.training and all(not m.training for m in ema.modules())
+    tensors = list(ema.parameters()) + list(ema.buffers())
+    assert len(list(ema.buffers())) > 0
+    assert all(t.dtype == torch.float16 and t.device.type == 'cpu' for t in tensors)
+    assert all(not p.requires_grad for p in ema.parameters())
+    safe = persistence.safe_load(str(path))
+    assert list(safe) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
+    for a, b in zip(tensors, list(safe['ema'].parameters()) + list(safe['ema'].buffers())):
+        assert torch.equal(a, b)
+
+    # Checkpoints: tensors, state dicts and plain types only.
+    ckpt = torch.load(run_dir / 'training-state-0000002.pt', map_location='cpu', weights_only=True)
+    assert list(ckpt) == ['state', 'net', 'loss_fn', 'optimizer', 'ema']
+    assert ckpt['state']['cur_nimg'] == 2048 and ckpt['state']['total_elapsed_time'] > 0
+    assert ckpt['ema']['stds'] == [0.050, 0.100]
+    assert (ckpt['loss_fn']['P_mean'], ckpt['loss_fn']['P_std'], ckpt['loss_fn']['sigma_data']) == (-0.8, 1.6, 0.5)
+
+    # Rerunning the finished command changes nothing.
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'training-state-0000002.pt' in result.stdout
+    assert len((run_dir / 'stats.jsonl').read_text().splitlines()) == 5
