@@ -215,19 +215,20 @@ def test_gen_on_network_pickle(data, detectors, run_cli, tmp_path):
 
 
 def test_two_processes_write_the_same_file(data, detectors, run_cli, tmp_path):
-    images = random_images(7, seed=3)
-    zip_path = write_dataset_zip(tmp_path / 'seven.zip', images)
+    # 5 images in batches of 1 over 2 processes: max(4//2+1, 1)*2 = 6 batches, so rank 1's last is empty.
+    images = random_images(5, seed=3)
+    zip_path = write_dataset_zip(tmp_path / 'five.zip', images)
     one, two = tmp_path / 'one.pkl', tmp_path / 'two.pkl'
-    assert_ok(run_cli('ref', '--data', zip_path, '--dest', one, '--metrics', 'fid', '--batch', 2, '--workers', 0))
+    assert_ok(run_cli('ref', '--data', zip_path, '--dest', one, '--metrics', 'fid', '--batch', 1, '--workers', 0))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            str(REPO_ROOT / 'tests' / 'scripts' / 'metrics_detectors.py'),
-           'ref', '--data', zip_path, '--dest', str(two), '--metrics', 'fid', '--batch', '2', '--workers', '0']
+           'ref', '--data', zip_path, '--dest', str(two), '--metrics', 'fid', '--batch', '1', '--workers', '0']
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert two.read_bytes() == one.read_bytes()  # exact features: float64 sums agree bit for bit
     with open(two, 'rb') as f:
         stats = pickle.load(f)
-    assert stats['num_images'] == 7
+    assert stats['num_images'] == 5
     np.testing.assert_allclose(stats['fid']['sigma'], numpy_stats(block_means(images))['sigma'], rtol=1e-9, atol=1e-9)
 
 # ----------------------------------------------------------------------------
@@ -276,3 +277,18 @@ def test_unreadable_images(data, detectors, run_cli, tmp_path, workers):
     write_png_folder(folder, random_images(3))
     (folder / '000001.png').write_bytes(b'this is not a PNG')
     assert_one_line_error(calc(folder), 'Error: Cannot read 000001.png')
+
+
+def test_npz_reference_from_url_skips_missing_metric(data, detectors, run_cli, tmp_path, http_server, cache_dir):
+    # An older-EDM .npz holds fid only: fd_dinov2 is computed but skipped with a message.
+    ref = numpy_stats(block_means(data.zip_images))
+    buf = io.BytesIO()
+    np.savez(buf, mu=ref['mu'], sigma=ref['sigma'])
+    http_server.routes['/refs/old-edm.npz'] = buf.getvalue()
+    result = run_cli('calc', '--images', data.pngs, '--ref', http_server.url('/refs/old-edm.npz'), '--num', 14,
+                     '--workers', 0)
+    assert_ok(result)
+    assert 'No statistics computed for fd_dinov2 -- skipping.' in result.stdout
+    expected = reference_fd(numpy_stats(block_means(data.png_images)), ref)
+    assert printed_metrics(result.stdout) == {'fid': pytest.approx(expected, rel=1e-5)}
+    assert http_server.requests == ['/refs/old-edm.npz']
