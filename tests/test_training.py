@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,14 @@ def reference_run(workdir, tiny_data):
     """The tiny configuration trained to 2048 images in one go."""
     run_dir = workdir / 'reference'
     tl.training_loop(**tiny_kwargs(run_dir, tiny_data))
+    return run_dir
+
+
+@pytest.fixture(scope='module')
+def sliced_run(workdir, tiny_data):
+    """The same configuration stopped by slice_nimg at its 1024-image checkpoint (tests copy it)."""
+    run_dir = workdir / 'sliced'
+    tl.training_loop(**tiny_kwargs(run_dir, tiny_data, slice_nimg=1536))  # rounds down to the checkpoint interval
     return run_dir
 
 # ----------------------------------------------------------------------------
@@ -177,10 +186,11 @@ def test_reference_run_learning_rate_and_files(reference_run):
     assert stats[1]['Loss/learning_rate'] == pytest.approx(expected, rel=1e-5)
 
 
-def test_resume_by_slice_is_bitwise_exact(workdir, tiny_data, reference_run, capsys):
-    run_dir = workdir / 'sliced'
-    tl.training_loop(**tiny_kwargs(run_dir, tiny_data, slice_nimg=1536))  # rounds down to the 1024 checkpoint
-    assert sorted(p.name for p in run_dir.glob('training-state-*.pt')) == ['training-state-0000001.pt']
+def test_resume_by_slice_is_bitwise_exact(tmp_path, tiny_data, reference_run, sliced_run, capsys):
+    assert sorted(p.name for p in sliced_run.glob('training-state-*.pt')) == ['training-state-0000001.pt']
+    assert not (sliced_run / 'network-snapshot-0000002-0.050.pkl').exists()
+    run_dir = tmp_path / 'run'
+    shutil.copytree(sliced_run, run_dir)
     capsys.readouterr()
     tl.training_loop(**tiny_kwargs(run_dir, tiny_data, slice_nimg=1536))
     assert 'training-state-0000001.pt' in capsys.readouterr().out  # it resumed
@@ -282,12 +292,11 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data, reference_ru
     assert_same_training_state(reference_run / 'training-state-0000002.pt', run_dir / 'training-state-0000002.pt')
 
 
-def test_sigkill_during_writes_leaves_no_truncated_files(tmp_path, workdir, tiny_data, reference_run, capsys):
+def test_sigkill_during_writes_leaves_no_truncated_files(tmp_path, tiny_data, reference_run, sliced_run, capsys):
     # Start from a run directory holding the 1024-image checkpoint.
     run_dir = tmp_path / 'run'
+    shutil.copytree(sliced_run, run_dir)
     kwargs = tiny_kwargs(run_dir, tiny_data)
-    tl.training_loop(**dict(kwargs, slice_nimg=1024))
-    assert (run_dir / 'training-state-0000001.pt').is_file()
 
     def check_complete_files():
         for path in run_dir.glob('network-snapshot-*.pkl'):
@@ -403,15 +412,15 @@ def test_small_model_learns_digits(workdir):
         loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
         lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.02, ref_batches=100, rampup_Mimg=0.001),
         ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.100]),
-        run_dir=str(run_dir), seed=0, batch_size=64, total_nimg=6144, status_nimg=1024, snapshot_nimg=6144, checkpoint_nimg=None)
+        run_dir=str(run_dir), seed=0, batch_size=64, total_nimg=4096, status_nimg=1024, snapshot_nimg=4096, checkpoint_nimg=None)
 
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     losses = [s['Loss/loss'] for s in stats if s['Progress/kimg'] > 0]
-    assert len(losses) == 6
-    assert losses[-1] < 0.75 * losses[0], losses
+    assert len(losses) == 4
+    assert losses[-1] < 0.6 * losses[0], losses
 
     # A sample grid from the final snapshot: one row per class.
-    with open(run_dir / 'network-snapshot-0000006-0.100.pkl', 'rb') as f:
+    with open(run_dir / 'network-snapshot-0000004-0.100.pkl', 'rb') as f:
         data = pickle.load(f)
     net = data['ema'].float()
     labels = torch.eye(10).repeat_interleave(6, dim=0)
