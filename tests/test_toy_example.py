@@ -1,5 +1,6 @@
 """Tests of toy_example.py: the closed-form mixture, the sampler, training and the two commands."""
 
+import inspect
 import os
 import pickle
 import re
@@ -204,6 +205,25 @@ def test_power_ema_rule():
 def test_learning_rate_schedule():
     assert toy.toy_learning_rate(0) == 1e-2 and toy.toy_learning_rate(512) == 1e-2
     assert abs(toy.toy_learning_rate(2048) - 1e-2 / 2) < 1e-12
+
+
+def test_reference_defaults():
+    # Spec section 14: 4096 iterations of batch 4096, P_mean -2.3, P_std 1.5, lr 1e-2 / sqrt(max(it / 512, 1)),
+    # EMA sigma_rel 0.010, snapshots every 256 iterations; plot guidance 3.
+    defaults = {p.name: p.default for p in toy.train.params}
+    assert (defaults["total_iter"], defaults["batch_size"], defaults["snapshot_iter"]) == (4096, 4096, 256)
+    sig = inspect.signature(toy.train_toy).parameters
+    assert (sig["P_mean"].default, sig["P_std"].default, sig["ref_lr"].default) == (-2.3, 1.5, 1e-2)
+    assert (sig["ref_iter"].default, sig["ema_std"].default) == (512, 0.010)
+    assert {p.name: p.default for p in toy.plot.params}["guidance"] == 3
+
+
+def test_trusted_loading(tmp_path):
+    path = tmp_path / "seq.pkl"
+    path.write_bytes(pickle.dumps(torch.nn.Sequential(torch.nn.Linear(2, 2))))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load torch.nn.modules.container.Sequential"):
+        toy.load_toy_net(str(path), device="cpu")
+    assert isinstance(toy.load_toy_net(str(path), trust_embedded_code=True, device="cpu"), torch.nn.Sequential)
 
 
 def test_train_writes_snapshots(tmp_path):
