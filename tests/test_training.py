@@ -407,24 +407,24 @@ def test_small_model_learns_digits(workdir):
     tl.training_loop(
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
         data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
-        network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2, 2],
-                            num_blocks=1, attn_resolutions=[4], logvar_channels=16),
+        network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2],
+                            num_blocks=1, attn_resolutions=[], logvar_channels=16),
         loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
-        lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.02, ref_batches=100, rampup_Mimg=0.001),
+        lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=0.02, ref_batches=100, rampup_Mimg=0.0005),
         ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.100]),
-        run_dir=str(run_dir), seed=0, batch_size=64, total_nimg=4096, status_nimg=1024, snapshot_nimg=4096, checkpoint_nimg=None)
+        run_dir=str(run_dir), seed=0, batch_size=32, total_nimg=2048, status_nimg=512, snapshot_nimg=2048, checkpoint_nimg=None)
 
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     losses = [s['Loss/loss'] for s in stats if s['Progress/kimg'] > 0]
     assert len(losses) == 4
     assert losses[-1] < 0.6 * losses[0], losses
 
-    # A sample grid from the final snapshot: one row per class.
-    with open(run_dir / 'network-snapshot-0000004-0.100.pkl', 'rb') as f:
+    # A sample grid from the final snapshot, one row per class, for a person to look at.
+    with open(run_dir / 'network-snapshot-0000002-0.100.pkl', 'rb') as f:
         data = pickle.load(f)
     net = data['ema'].float()
-    labels = torch.eye(10).repeat_interleave(6, dim=0)
-    images = train_helpers.heun_sample(net, labels, num_steps=16, seed=0)
+    labels = torch.eye(10).repeat_interleave(4, dim=0)
+    images = train_helpers.heun_sample(net, labels, num_steps=12, seed=0)
     pixels = data['encoder'].decode(images).numpy()
-    train_helpers.save_grid(pixels, str(ARTIFACT_DIR / 'training-digits-grid.png'), cols=6)
+    train_helpers.save_grid(pixels, str(ARTIFACT_DIR / 'training-digits-grid.png'), cols=4)
     assert pixels.std() > 10  # not a constant image
