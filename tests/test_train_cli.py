@@ -137,6 +137,12 @@ def test_overrides_win_over_presets(datasets, tmp_path):
     assert not os.path.exists(tmp_path / 'run')  # a dry run creates nothing
 
 
+def test_vae_latent_dataset_selects_the_vae_encoder(tmp_path):
+    data = train_helpers.latent_dataset_dir(str(tmp_path / 'latents'))
+    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', data, '--preset', 'edm2-img512-xs', '-n']))
+    assert c['encoder_kwargs'] == dict(class_name='training.encoders.StabilityVAEEncoder')
+
+
 def test_zero_disables_status_snapshot_checkpoint(datasets, tmp_path):
     c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--status', '0', '--snapshot', '0',
                                '--checkpoint', '0', '-n']))

@@ -166,6 +166,19 @@ def test_check_training_config_rejects_bad_layouts():
         with pytest.raises(ValueError):
             tl.check_training_config(**kwargs)
 
+def test_training_on_vae_latents(tmp_path):
+    """8-channel datasets train in the VAE's latent space (encode_latents needs no VAE) and the
+    snapshot carries the StabilityVAEEncoder without its VAE."""
+    data = train_helpers.latent_dataset_dir(str(tmp_path / 'latents'), num_images=8)
+    run_dir = tmp_path / 'run'
+    tl.training_loop(**tiny_kwargs(run_dir, data, encoder_kwargs=dict(class_name='training.encoders.StabilityVAEEncoder'),
+                                   batch_size=8, total_nimg=16, status_nimg=8, checkpoint_nimg=1024))
+    with open(run_dir / 'network-snapshot-0000000-0.050.pkl', 'rb') as f:
+        snapshot = pickle.load(f)
+    assert type(snapshot.encoder).__name__ == 'StabilityVAEEncoder' and snapshot.encoder._vae is None
+    assert snapshot.ema.img_channels == 4 and snapshot.ema.img_resolution == 8
+    assert load_checkpoint(run_dir / 'training-state-0000000.pt')['state']['cur_nimg'] == 16
+
 # ----------------------------------------------------------------------------
 # Exact resume.
 

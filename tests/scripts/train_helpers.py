@@ -41,6 +41,22 @@ def random_dataset_zip(path: str, num_images: int = 64, resolution: int = 8, cha
     return write_dataset_zip(path, images, labels)
 
 
+def latent_dataset_dir(path: str, num_images: int = 8, resolution: int = 8, num_classes: int = 4, seed: int = 0) -> str:
+    """A folder of float32 8-channel NPY "VAE latents" (mean and std), as ``dataset_tool.py encode`` writes."""
+    rng = np.random.RandomState(seed)
+    entries = []
+    for idx in range(num_images):
+        name = f'{idx // 1000:05d}/img-mean-std-{idx:08d}.npy'
+        os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
+        mean = rng.randn(4, resolution, resolution) * 4
+        std = np.abs(rng.randn(4, resolution, resolution)) * 0.1
+        np.save(os.path.join(path, name), np.concatenate([mean, std]).astype(np.float32))
+        entries.append([name, idx % num_classes])
+    with open(os.path.join(path, 'dataset.json'), 'w') as f:
+        json.dump({'labels': entries}, f)
+    return path
+
+
 def digits_dataset_zip(path: str, resolution: int = 16) -> str:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, labels 0-9) as a dataset ZIP at
     ``resolution``, made the way a user would: PNGs in one folder per class, then
