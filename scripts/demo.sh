@@ -34,10 +34,12 @@ esac
 # Sizes. The full demo: 600 images per class at 16x16, 64Ki training images (1024 steps of 64)
 # with snapshots at 32Ki and 64Ki for the post-hoc EMA. The small one only checks the plumbing.
 if [[ "$SMALL" == 1 ]]; then
-    PER_CLASS=20; TRAIN_OPTS=(--batch=32 --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=8)
+    PER_CLASS=20; BATCH=64; CHANNELS=8
+    TRAIN_OPTS=(--batch=$BATCH --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=$CHANNELS)
     GRID_OPTS=(--cols=2 --steps=4); SAMPLE_OPTS=(--seeds=0-1 --steps=4)
 else
-    PER_CLASS=600; TRAIN_OPTS=(--duration=64Ki --status=8Ki --snapshot=32Ki --checkpoint=32Ki)
+    PER_CLASS=600; BATCH=64; CHANNELS=16
+    TRAIN_OPTS=(--batch=$BATCH --channels=$CHANNELS --duration=64Ki --status=8Ki --snapshot=32Ki --checkpoint=32Ki)
     GRID_OPTS=(--cols=8 --steps=32); SAMPLE_OPTS=(--seeds=0-9 --steps=32)
 fi
 RESOLUTION=16
@@ -78,17 +80,17 @@ step "3/7 Dataset: dataset_tool.py convert"
 # Threads: on two idle cores two threads are faster, but when other work shares the cores a
 # second thread makes each step many times slower (the threads wait for each other). Measure.
 if [[ -z "${DEMO_THREADS:-}" ]]; then
-    DEMO_THREADS=$("$PYTHON" - "$PRESET" "$RESOLUTION" <<'EOF'
+    DEMO_THREADS=$("$PYTHON" - "$PRESET" "$RESOLUTION" "$CHANNELS" "$BATCH" <<'EOF'
 import os, sys, time
 import torch
 import train_edm2
 from training.networks_edm2 import Precond
 from training.training_loop import EDM2Loss
-preset, res = train_edm2.config_presets[sys.argv[1]], int(sys.argv[2])
-net = Precond(img_resolution=res, img_channels=3, label_dim=10, model_channels=preset.channels,
+preset, (res, channels, batch) = train_edm2.config_presets[sys.argv[1]], map(int, sys.argv[2:])
+net = Precond(img_resolution=res, img_channels=3, label_dim=10, model_channels=channels,
               channel_mult=preset.channel_mult, num_blocks=preset.num_blocks,
               attn_resolutions=preset.attn_resolutions).train()
-x, labels = torch.randn([preset.batch, 3, res, res]), torch.eye(10)[torch.arange(preset.batch) % 10]
+x, labels = torch.randn([batch, 3, res, res]), torch.eye(10)[torch.arange(batch) % 10]
 def step_time(threads, limit=float('inf')):
     torch.set_num_threads(threads)
     times = []
