@@ -38,11 +38,12 @@ warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides
 #   a second on two CPU cores;
 # - noise: P_mean -0.8 / P_std 1.6 (the pixel-space ImageNet-64 values): with small batches the
 #   narrower -0.4 / 1.0 rarely draws the high noise levels that sampling starts from (spec §13);
-# - duration: 96Ki images of 16x16 (1,536 steps of 64) or 48Ki of 32x32 (1,536 steps of 32), a few
+# - duration: 96Ki images of 16x16 (1,536 steps of 64) or 32Ki of 32x32 (1,024 steps of 32), a few
 #   minutes on two cores; scikit-learn's digits give recognisable samples of every class by ~32Ki;
-# - schedule: lr 0.01 with the inverse-square-root decay starting after 1,000 iterations instead of
-#   70,000 or 35,000, and a linear ramp-up over the first 8Ki (4Ki) images instead of 10M;
-# - I/O: status every 8Ki (4Ki) images, snapshots and checkpoints every 32Ki (16Ki), instead of
+# - schedule: lr 0.01 with the inverse-square-root decay starting after 1,000 (cpu-32: 500)
+#   iterations instead of 70,000 or 35,000, and a linear ramp-up over the first 8Ki (2Ki) images
+#   instead of 10M;
+# - I/O: status every 8Ki (2Ki) images, snapshots and checkpoints every 32Ki (8Ki), instead of
 #   128Ki/8Mi/128Mi.
 
 config_presets = {
@@ -64,9 +65,9 @@ config_presets = {
     'cpu-16':           dnnlib.EasyDict(duration=96 << 10,   batch=64,   channels=16,  lr=0.0100, decay=1000,  dropout=0.00, P_mean=-0.8, P_std=1.6,
                                         channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=8 << 10,
                                         status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10),
-    'cpu-32':           dnnlib.EasyDict(duration=48 << 10,   batch=32,   channels=16,  lr=0.0100, decay=1000,  dropout=0.00, P_mean=-0.8, P_std=1.6,
-                                        channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=4 << 10,
-                                        status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10),
+    'cpu-32':           dnnlib.EasyDict(duration=32 << 10,   batch=32,   channels=16,  lr=0.0100, decay=500,   dropout=0.00, P_mean=-0.8, P_std=1.6,
+                                        channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=2 << 10,
+                                        status=2 << 10, snapshot=8 << 10, checkpoint=8 << 10),
 }
 
 # Defaults of the options that a preset may also set.
