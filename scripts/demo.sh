@@ -21,7 +21,8 @@ PYTHON="${PYTHON:-python3}"
 OUT="${DEMO_OUT:-demo-output}"
 DATA="${DEMO_DATA:-auto}"
 SMALL="${DEMO_SMALL:-0}"
-FASHION_ROOT="${DEMO_FASHION_ROOT:-/usr/share/datasets/fashion-mnist}"
+FASHION_PACKAGE_ROOT=/usr/share/datasets/fashion-mnist  # where Debian's package puts it
+FASHION_ROOT="${DEMO_FASHION_ROOT:-$FASHION_PACKAGE_ROOT}"
 start_time=$SECONDS
 
 step() { echo; echo "=== [$(( SECONDS - start_time ))s] $* ==="; }
@@ -51,7 +52,7 @@ bash scripts/install.sh
 
 step "2/7 Data"
 fashion_installed() { [[ -f "$FASHION_ROOT/train-images-idx3-ubyte.gz" && -f "$FASHION_ROOT/train-labels-idx1-ubyte.gz" ]]; }
-if [[ "$DATA" != digits ]] && ! fashion_installed && [[ "${DEMO_APT:-1}" != 0 ]]; then
+if [[ "$DATA" != digits && "$FASHION_ROOT" == "$FASHION_PACKAGE_ROOT" && "${DEMO_APT:-1}" != 0 ]] && ! fashion_installed; then
     if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
         echo "Installing Debian's dataset-fashion-mnist package..."
         apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
