@@ -5,7 +5,7 @@
 #
 #   bash scripts/demo.sh                     # Fashion-MNIST where installable, else scikit-learn's digits
 #   DEMO_DATA=digits bash scripts/demo.sh    # force the digits (DEMO_DATA=auto|fashion-mnist|digits)
-#   DEMO_SMALL=1 bash scripts/demo.sh        # the same pipeline in seconds (what tests/test_demo.py runs)
+#   DEMO_SMALL=1 bash scripts/demo.sh        # the same pipeline in under a minute (what tests/test_demo.py runs)
 #
 # Steps: dataset_tool.py convert -> train_edm2.py (CPU-scale preset) -> reconstruct_phema.py ->
 # a class-conditional grid sampled with generate_images (library and CLI). It takes a few minutes
