@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import time
+from typing import Optional, Tuple
 
 import numpy as np
 import psutil
@@ -50,7 +51,8 @@ class EDM2Loss:
 # ref_batches iterations, times a linear ramp-up over rampup_Mimg images.
 
 
-def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
+def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
+                           rampup_Mimg: float = 10) -> float:
     lr = ref_lr
     if ref_batches > 0:
         lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
@@ -99,11 +101,13 @@ def _format_stats_line(items):
     return '{' + ', '.join(fields) + '}\n'
 
 
-def check_training_config(batch_size, world_size=1, batch_gpu=None, total_nimg=None, slice_nimg=None,
-                          status_nimg=None, snapshot_nimg=None, checkpoint_nimg=None):
+def check_training_config(batch_size: int, world_size: int = 1, batch_gpu: Optional[int] = None, total_nimg: Optional[int] = None,
+                          slice_nimg: Optional[int] = None, status_nimg: Optional[int] = None, snapshot_nimg: Optional[int] = None,
+                          checkpoint_nimg: Optional[int] = None) -> Tuple[int, int]:
     """Validate the batch layout and the image counts (spec §4.4); raise ValueError naming the problem.
 
-    Returns the per-process batch size and the number of accumulation rounds.
+    Returns the batch of one accumulation round in one process (``batch_gpu`` clamped to the
+    per-process batch) and the number of accumulation rounds.
     """
     if batch_size <= 0:
         raise ValueError(f'batch size must be positive, got {batch_size}')
@@ -171,7 +175,7 @@ def training_loop(
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
-):
+) -> None:
     # Initialize.
     prev_status_time = time.time()
     dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
