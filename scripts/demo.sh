@@ -88,9 +88,8 @@ import train_edm2
 from training.networks_edm2 import Precond
 from training.training_loop import EDM2Loss
 preset, (res, channels, batch) = train_edm2.config_presets[sys.argv[1]], map(int, sys.argv[2:])
-net = Precond(img_resolution=res, img_channels=3, label_dim=10, model_channels=channels,
-              channel_mult=preset.channel_mult, num_blocks=preset.num_blocks,
-              attn_resolutions=preset.attn_resolutions).train()
+shape = {key: preset[key] for key in ['channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head'] if key in preset}
+net = Precond(img_resolution=res, img_channels=3, label_dim=10, model_channels=channels, **shape).train()
 x, labels = torch.randn([batch, 3, res, res]), torch.eye(10)[torch.arange(batch) % 10]
 def step_time(threads, limit=float('inf')):
     torch.set_num_threads(threads)
