@@ -8,9 +8,13 @@ features), and prints a markdown table with the relative differences and the spe
 Rank-deficient cases use fewer samples than dimensions; for them the exact value is also
 computed from the features (sqrtm itself is off there by the square roots of rounding noise).
 
-    python benchmarks/fd_speed.py                       # 2048-d, the default cases
-    python benchmarks/fd_speed.py --check               # exit 1 unless every case agrees and is >= 10x faster
-    OMP_NUM_THREADS=1 python benchmarks/fd_speed.py     # one thread
+    python benchmarks/fd_speed.py --threads 1           # 2048-d, the default cases, one BLAS thread
+    python benchmarks/fd_speed.py --threads 1 --check   # exit 1 unless every case agrees and is >= 10x faster
+    python benchmarks/fd_speed.py --dim 1024            # other sizes; the library's default thread count
+
+``--threads`` sets OMP/MKL/OpenBLAS thread counts before numpy, scipy and torch load. On small
+shared machines several BLAS threads per process can be much slower than one (the symmetric
+eigenvalue solve is memory-bound and its threads wait on each other), so compare like with like.
 """
 
 import argparse
@@ -19,8 +23,25 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import scipy.linalg
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--dim', type=int, default=2048, help='feature dimension (default 2048)')
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs of calculate_fd (best is shown)')
+    parser.add_argument('--ref-repeats', type=int, default=1, help='timed runs of the sqrtm reference')
+    parser.add_argument('--threads', type=int, default=None, help='BLAS/LAPACK threads (default: as configured)')
+    parser.add_argument('--check', action='store_true',
+                        help='exit 1 unless every case agrees (1e-6 vs sqrtm, or exact) and is >= 10x faster')
+    return parser.parse_args()
+
+
+args = parse_args()
+if args.threads is not None:  # must happen before the numerical libraries load
+    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+        os.environ[var] = str(args.threads)
+
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from calculate_metrics import calculate_fd  # noqa: E402
@@ -60,13 +81,6 @@ def best_time(fn, args, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--dim', type=int, default=2048, help='feature dimension (default 2048)')
-    parser.add_argument('--repeats', type=int, default=3, help='timed runs of calculate_fd (best is shown)')
-    parser.add_argument('--ref-repeats', type=int, default=1, help='timed runs of the sqrtm reference')
-    parser.add_argument('--check', action='store_true', help='exit 1 unless every case agrees (1e-6 vs sqrtm, or exact) and is >= 10x faster')
-    args = parser.parse_args()
-
     d = args.dim
     calculate_fd(np.zeros(2), np.eye(2), np.ones(2), np.eye(2))  # warm up: lazy BLAS/LAPACK initialisation
     cases = [  # (name, samples of set 1, samples of set 2, shift of set 2)
@@ -75,7 +89,9 @@ def main():
         ('rank-deficient (N1 < d)', d // 2, 2 * d, 0.05),
         ('rank-deficient (both < d)', d // 4, d // 2, 0.05),
     ]
-    print(f'threads: OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, cpus={os.cpu_count()}')
+    import torch
+    print(f'threads: OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
+          f'torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, load={os.getloadavg()[0]:.1f}')
     print()
     print(f'| case ({d}-d) | FD (sqrtm) | FD (ours) | ours vs sqrtm | sqrtm vs exact | ours vs exact '
           f'| sqrtm [s] | ours [s] | speed-up |')
