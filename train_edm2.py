@@ -39,12 +39,12 @@ warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides
 # - noise: P_mean -0.8 / P_std 1.6 (the pixel-space ImageNet-64 values): with small batches the
 #   narrower -0.4 / 1.0 rarely draws the high noise levels that sampling starts from (spec §13);
 # - duration: 64Ki images of 16x16 (1,024 steps of 64) or 32Ki of 32x32 (1,024 steps of 32), a few
-#   minutes on two cores; scikit-learn's digits give recognisable samples of every class by ~32Ki
-#   at 16x16 and by ~32Ki at 32x32;
+#   minutes on two cores; scikit-learn's digits give recognisable samples of (nearly) every class
+#   after ~32Ki images at either resolution;
 # - schedule: lr 0.01 with the inverse-square-root decay starting after 1,000 (cpu-32: 500)
-#   iterations instead of 70,000 or 35,000, and a linear ramp-up over the first 8Ki (2Ki) images
+#   iterations instead of 70,000 or 35,000, and a linear ramp-up over the first 4Ki (2Ki) images
 #   instead of 10M;
-# - I/O: status every 8Ki (2Ki) images, snapshots and checkpoints every 32Ki (8Ki), instead of
+# - I/O: status every 4Ki (2Ki) images, snapshots and checkpoints every 16Ki (8Ki), instead of
 #   128Ki/8Mi/128Mi.
 
 config_presets = {
@@ -64,8 +64,8 @@ config_presets = {
     # CPU scale (see above). cpu-16 suits 16x16 data such as scikit-learn's digits upscaled;
     # cpu-32 suits 32x32 data such as Fashion-MNIST padded to 32x32.
     'cpu-16':           dnnlib.EasyDict(duration=64 << 10,   batch=64,   channels=16,  lr=0.0100, decay=1000,  dropout=0.00, P_mean=-0.8, P_std=1.6,
-                                        channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=8 << 10,
-                                        status=8 << 10, snapshot=32 << 10, checkpoint=32 << 10),
+                                        channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=4 << 10,
+                                        status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10),
     'cpu-32':           dnnlib.EasyDict(duration=32 << 10,   batch=32,   channels=16,  lr=0.0100, decay=500,   dropout=0.00, P_mean=-0.8, P_std=1.6,
                                         channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=2 << 10,
                                         status=2 << 10, snapshot=8 << 10, checkpoint=8 << 10),
