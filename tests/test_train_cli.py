@@ -193,7 +193,7 @@ def test_bad_input_gets_one_line_error(case, datasets, tmp_path):
         'status':          (['--batch', '64', '--status', '100'], ['status', '100']),
         'checkpoint-batch':  (['--batch', '64', '--snapshot', '1Ki', '--checkpoint', '1000'], ['checkpoint', '1000']),
         'snapshot-1024':   (['--batch', '64', '--snapshot', '640'], ['snapshot', '640', '1024']),
-        'checkpoint':      (['--batch', '48', '--status', '48', '--snapshot', '3Ki', '--checkpoint', '1Ki'], ['checkpoint', '1024', '48']),
+        'checkpoint':      (['--batch', '48', '--duration', '3Ki', '--status', '48', '--snapshot', '3Ki', '--checkpoint', '1Ki'], ['checkpoint', '1024', '48']),
         'preset':          (['--preset', 'edm2-img512-huge'], ['edm2-img512-huge']),
         'dropout':         (['--dropout', '1.5'], ['--dropout']),
         'lr':              (['--lr', '0'], ['--lr']),
