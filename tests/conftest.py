@@ -103,3 +103,22 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DNNLIB_CACHE_DIR", str(path))
     dnnlib.util.set_cache_dir(None)
     return path
+
+
+def assert_ok(result) -> None:
+    """A click CliRunner result that succeeded (shows the output and exception otherwise)."""
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A click CliRunner result that failed the way bad input should: a non-zero exit, no traceback,
+    and exactly one `Error...` line, the last thing on stderr, containing every fragment. Returns it."""
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]

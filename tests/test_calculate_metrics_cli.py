@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 import calculate_metrics as cm
 import dnnlib
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import REPO_ROOT, assert_ok, assert_one_line_error, subprocess_env
 from tests.scripts import metrics_detectors as md
 
 # ----------------------------------------------------------------------------
@@ -108,21 +108,6 @@ def run_cli(monkeypatch):
     yield lambda *args: runner.invoke(cm.cmdline, [str(a) for a in args])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def assert_ok(result):
-    assert result.exit_code == 0, result.output + repr(result.exception)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a click error, not a crash
-    assert 'Traceback' not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith('Error')]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def printed_metrics(output):

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import dataset_tool
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import REPO_ROOT, assert_one_line_error, subprocess_env
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -408,16 +408,6 @@ def test_final_latents_matches_encode_latents_scaling(tiny_vae):
 
 # ----------------------------------------------------------------------------
 # 6. Bad input: one line, non-zero exit, nothing left behind.
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), f'uncaught {result.exception!r}'
-    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture
