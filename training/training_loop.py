@@ -187,6 +187,8 @@ def training_loop(
     ema_kwargs = _or_default(ema_kwargs, 'ema_kwargs')
     device = torch.device(device) if device is not None else _default_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if hasattr(training_stats, 'reset'):  # Fresh statistics per run (the reference's module has no reset).
+        training_stats.reset()
     misc.set_random_seed(seed, rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
