@@ -199,3 +199,25 @@ def test_persistent_class_records_init_args_and_detects_persistence():
     assert conv.init_args == (3, 5) and conv.init_kwargs == {"kernel": [1, 1]}
     copy_ = pickle.loads(pickle.dumps(conv))
     assert torch.equal(copy_.weight, conv.weight) and copy_.init_kwargs == conv.init_kwargs
+
+
+@pytest.mark.parametrize("module", ["training/networks_edm2.py", "training/encoders.py", "training/training_loop.py"])
+def test_embedded_modules_import_only_what_the_reference_tree_has(module):
+    # These sources ride along in every snapshot and are executed by the reference tools against
+    # their own packages (spec §2), so their module-level imports are limited to this list.
+    import ast
+
+    allowed = {"numpy", "torch", "psutil", "dnnlib", "torch_utils.persistence", "torch_utils.misc",
+               "torch_utils.distributed", "torch_utils.training_stats"}
+    stdlib = getattr(sys, "stdlib_module_names", {"copy", "os", "pickle", "re", "sys", "time", "typing", "warnings", "weakref"})
+    tree = ast.parse((REPO_ROOT / module).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [f"{node.module}.{alias.name}" if node.module == "torch_utils" else node.module for alias in node.names]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            assert name in allowed or top in stdlib, f"{module} imports {name}"
