@@ -122,3 +122,20 @@ def assert_one_line_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+@pytest.fixture
+def single_process_cli(monkeypatch):
+    """``invoke(command, *args)``: run a click command in this process as a single, non-torchrun
+    process (no retry waits), tearing down any process group it creates."""
+    from click.testing import CliRunner
+
+    import dnnlib.util
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dnnlib.util, "retry_delay", 0)
+    runner = CliRunner()
+    yield lambda command, *args: runner.invoke(command, [str(a) for a in args])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

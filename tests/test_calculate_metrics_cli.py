@@ -21,7 +21,6 @@ import PIL.Image
 import pytest
 import scipy.linalg
 import torch
-from click.testing import CliRunner
 
 import calculate_metrics as cm
 import dnnlib
@@ -99,15 +98,9 @@ def detectors(monkeypatch):
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    """Run the command line in this process; the process group it creates is torn down."""
-    for var in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dnnlib.util, 'retry_delay', 0)
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(cm.cmdline, [str(a) for a in args])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def run_cli(single_process_cli):
+    """Run the command line in this process (see conftest.single_process_cli)."""
+    return lambda *args: single_process_cli(cm.cmdline, *args)
 
 
 def printed_metrics(output):

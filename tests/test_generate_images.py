@@ -16,7 +16,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
 
 import dnnlib
 import generate_images as gi
@@ -120,15 +119,9 @@ def vae_net(tmp_path):
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    """Run the command line in this process (CliRunner); the process group it creates is torn down."""
-    for var in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dnnlib.util, 'retry_delay', 0)
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(gi.cmdline, [str(a) for a in args])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def run_cli(single_process_cli):
+    """Run the command line in this process (see conftest.single_process_cli)."""
+    return lambda *args: single_process_cli(gi.cmdline, *args)
 
 
 def read_images(folder):
