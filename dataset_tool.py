@@ -399,37 +399,55 @@ def _batches(files: list, batch: int) -> Iterator[list]:
         yield list(enumerate(files[i : i + batch], start=i))
 
 
-def encode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
-                   batch: int = 8, device: Optional[str] = None) -> int:
-    """Encode a dataset of images into VAE latents: float32 [8, H/f, W/f] arrays (mean, then std)."""
+def _vae_pass(source: str, extensions: Any, dest: str, model_url: str, max_images: Optional[int], batch: int,
+              device: Optional[str], desc: str, load_chunk: Any, run_vae: Any, out_name: Any, to_bytes: Any) -> int:
+    """The loop shared by encode and decode: read `batch` inputs at a time, run them through the VAE,
+    and write one output per input (same index, same label) plus dataset.json, atomically."""
     import torch
 
-    src = Source(source, image_extensions(), max_images)
+    src = Source(source, extensions, max_images)
     try:
         out = DatasetWriter(dest)
         with out:
             device = device or default_device()
             vae = _make_vae(model_url, batch, device)
             labels = []
-            first = None
-            with tqdm(total=len(src.files), desc='encode', unit='img') as bar:
+            with tqdm(total=len(src.files), desc=desc, unit='img') as bar:
                 for chunk in _batches(src.files, batch):
-                    images = []
-                    for _idx, file in chunk:
-                        img = src.read_image(file)
-                        first = _check_same_size(file.name, img.shape, first)
-                        images.append(img)
-                    x = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).to(device)  # NHWC -> NCHW uint8
+                    x = load_chunk(src, chunk).to(device)
                     with torch.no_grad():
-                        mean_std = vae.encode_pixels(x).to(torch.float32).cpu().numpy()
-                    for (idx, file), array in zip(chunk, mean_std):
-                        out.write(latent_name(idx), npy_bytes(array))
-                        labels.append([latent_name(idx), file.label] if file.label is not None else None)
+                        results = run_vae(vae, x, chunk)
+                    for (idx, file), result in zip(chunk, results):
+                        out.write(out_name(idx), to_bytes(result))
+                        labels.append([out_name(idx), file.label] if file.label is not None else None)
                     bar.update(len(chunk))
             out.write('dataset.json', labels_json(labels))
     finally:
         src.close()
     return len(labels)
+
+
+def encode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
+                   batch: int = 8, device: Optional[str] = None) -> int:
+    """Encode a dataset of images into VAE latents: float32 [8, H/f, W/f] arrays (mean, then std)."""
+    import torch
+
+    first = None
+
+    def load_chunk(src, chunk):
+        nonlocal first
+        images = []
+        for _idx, file in chunk:
+            img = src.read_image(file)
+            first = _check_same_size(file.name, img.shape, first)
+            images.append(img)
+        return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
+
+    def run_vae(vae, x, chunk):
+        return vae.encode_pixels(x).to(torch.float32).cpu().numpy()
+
+    return _vae_pass(source, image_extensions(), dest, model_url, max_images, batch, device, 'encode',
+                     load_chunk, run_vae, latent_name, npy_bytes)
 
 
 def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = None) -> Any:
@@ -450,37 +468,28 @@ def decode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
     """Decode a dataset written by `encode` back into PNG images."""
     import torch
 
-    src = Source(source, {'.npy'}, max_images)
-    try:
-        out = DatasetWriter(dest)
-        with out:
-            device = device or default_device()
-            vae = _make_vae(model_url, batch, device)
-            labels = []
-            first = None
-            with tqdm(total=len(src.files), desc='decode', unit='img') as bar:
-                for chunk in _batches(src.files, batch):
-                    arrays, noise = [], []
-                    for idx, file in chunk:
-                        array = src.read_npy(file)
-                        if array.ndim != 3 or array.shape[0] != 8:
-                            raise click.ClickException(f'{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode')
-                        first = _check_same_size(file.name, array.shape[1:], first, what='Latent')
-                        arrays.append(array.astype(np.float32))
-                        if sample:  # one generator per image: a draw does not depend on the batch it lands in
-                            noise.append(np.random.default_rng([seed, idx]).standard_normal([4, *array.shape[1:]], dtype=np.float32))
-                    x = torch.as_tensor(np.stack(arrays)).to(device)
-                    n = torch.as_tensor(np.stack(noise)).to(device) if sample else None
-                    with torch.no_grad():
-                        pixels = vae.decode(final_latents(vae, x, sample=sample, noise=n)).permute(0, 2, 3, 1).cpu().numpy()
-                    for (idx, file), img in zip(chunk, pixels):
-                        out.write(image_name(idx), png_bytes(img))
-                        labels.append([image_name(idx), file.label] if file.label is not None else None)
-                    bar.update(len(chunk))
-            out.write('dataset.json', labels_json(labels))
-    finally:
-        src.close()
-    return len(labels)
+    first = None
+
+    def load_chunk(src, chunk):
+        nonlocal first
+        arrays = []
+        for _idx, file in chunk:
+            array = src.read_npy(file)
+            if array.ndim != 3 or array.shape[0] != 8:
+                raise click.ClickException(f'{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode')
+            first = _check_same_size(file.name, array.shape[1:], first, what='Latent')
+            arrays.append(array.astype(np.float32))
+        return torch.as_tensor(np.stack(arrays))
+
+    def run_vae(vae, x, chunk):
+        noise = None
+        if sample:  # one generator per image: a draw does not depend on the batch it lands in
+            noise = torch.as_tensor(np.stack([np.random.default_rng([seed, idx]).standard_normal([4, *x.shape[2:]], dtype=np.float32)
+                                              for idx, _file in chunk])).to(x.device)
+        return vae.decode(final_latents(vae, x, sample=sample, noise=noise)).permute(0, 2, 3, 1).cpu().numpy()
+
+    return _vae_pass(source, {'.npy'}, dest, model_url, max_images, batch, device, 'decode',
+                     load_chunk, run_vae, image_name, png_bytes)
 
 
 # ----------------------------------------------------------------------------
