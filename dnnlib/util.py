@@ -5,6 +5,7 @@ Reference network pickles run their embedded source against this module (they us
 names here are part of the file format.
 """
 
+import contextlib
 import glob
 import hashlib
 import importlib
@@ -16,7 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import Any, BinaryIO, Optional, TextIO, Union
+from typing import IO, Any, BinaryIO, Iterator, Optional, TextIO, Union
 
 
 class EasyDict(dict):
@@ -201,6 +202,101 @@ def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------
+# Atomic writes: every output file (and folder) is written under a temporary name in its own folder
+# and renamed into place only when complete, so an interrupted run never leaves a truncated file
+# under the final name. One temporary-name scheme for the whole project: ".{name}.{random}.tmp".
+
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.tmp")
+
+
+def temp_path_for(path: str) -> str:
+    """A fresh temporary name next to ``path``: ``.{basename}.{12 hex digits}.tmp`` in the same folder."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _fsync_path(path: str) -> None:
+    if os.path.isfile(path):
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, make_dirs: bool = True) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it.
+
+    For writers that need a path rather than a file object (PIL, zipfile, torch.save, a whole
+    folder). A file is fsynced before the rename. An existing folder at ``path`` is replaced only if
+    it is empty (``os.replace`` cannot replace a non-empty folder).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if make_dirs:
+        os.makedirs(folder, exist_ok=True)
+    temp = temp_path_for(path)
+    try:
+        yield temp
+        _fsync_path(temp)
+        if os.path.isdir(temp) and os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(temp, path)
+    finally:
+        _remove_path(temp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing; rename it to ``path`` when the block ends
+    without an exception (after flush and fsync), remove it otherwise."""
+    assert "w" in mode or "x" in mode, "atomic_write is for writing"
+    with atomic_path(path) as temp:
+        with open(temp, mode.replace("x", "w"), **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def remove_stale_temp_files(folder: str) -> list:
+    """Remove the temporary files of ``atomic_path`` that an interrupted (e.g. killed) process left
+    in ``folder``; returns the removed names. Only names of the atomic-write scheme are touched."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if _TEMP_NAME.fullmatch(name):
+            _remove_path(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+# ----------------------------------------------------------------------------
+# Error messages.
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line of text: its message with white space folded, else its type name.
+
+    The command-line tools show library errors this way (as click's one-line ``Error: ...``)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    return text or type(err).__name__
+
+
+# ----------------------------------------------------------------------------
 # URLs and the download cache.
 
 retry_delay: float = 1.0  # seconds between download attempts (tests make this short)
@@ -281,16 +377,11 @@ def _download_once(url: str, cache_dir: str, cache: bool, verbose: bool, timeout
                 return b"".join(chunks())
             os.makedirs(cache_dir, exist_ok=True)
             final_path = os.path.join(cache_dir, fname)
-            # The temporary name does not match the "{md5}_*" lookup, so a partial file is never used.
-            temp_path = os.path.join(cache_dir, f"tmp_{uuid.uuid4().hex}_{fname}")
-            try:
-                with open(temp_path, "wb") as f:
-                    for chunk in chunks():
-                        f.write(chunk)
-                os.replace(temp_path, final_path)
-            finally:
-                if os.path.exists(temp_path):
-                    os.remove(temp_path)
+            # The temporary name (".{md5}_*.tmp") does not match the "{md5}_*" lookup, so a partial
+            # file is never used.
+            with atomic_write(final_path) as f:
+                for chunk in chunks():
+                    f.write(chunk)
             return final_path
         finally:
             bar.close()

@@ -10,8 +10,9 @@ import os
 import re
 import socket
 import tempfile
-from typing import Any, Optional
+from typing import Any, List, Optional
 
+import numpy as np
 import torch
 
 import dnnlib
@@ -68,6 +69,44 @@ def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Wait for every process of the group (a no-op without a group or with one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def rank_batches(num_items: int, max_batch_size: int, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> List[np.ndarray]:
+    """Split ``range(num_items)`` into batches of at most ``max_batch_size`` and return this rank's.
+
+    Every rank gets the same number of batches (a multiple of the world size, at least one each;
+    some may be empty), so that collectives in a per-batch loop line up across ranks. Batch ``i``
+    of the whole split goes to rank ``i % world_size``.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {max_batch_size}")
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    num_batches = max((num_items - 1) // (max_batch_size * world_size) + 1, 1) * world_size
+    return np.array_split(np.arange(num_items), num_batches)[rank::world_size]
+
+
+class SingleProcessOnly(RuntimeError):
+    """Raised by ``refuse_torchrun`` for a tool that runs as one process only."""
+
+
+def refuse_torchrun(tool: str) -> None:
+    """Fail when launched as one of several processes (torchrun) for a tool that runs as one.
+
+    Rank 0 raises ``SingleProcessOnly`` with the explanation; the other ranks exit quietly with
+    status 1, so the message is printed once.
+    """
+    if is_distributed():
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1)
+        raise SingleProcessOnly(f"{tool} runs as a single process; run it with python, not torchrun")
 
 
 # ----------------------------------------------------------------------------

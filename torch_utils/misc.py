@@ -16,6 +16,15 @@ import torch
 import dnnlib
 
 # ----------------------------------------------------------------------------
+# The device a tool runs on when none is named.
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------
 # Cached constant tensors.
 
 _constant_cache: dict = {}
