@@ -23,7 +23,7 @@ import pickle
 import sys
 import types
 import uuid
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -217,37 +217,38 @@ def _safe_load_storage_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
-def _safe_reconstruct_persistent_obj(meta: dict) -> Any:
-    if not isinstance(meta, dict):
-        raise UnsafePickleError("Refusing to load pickle: malformed persistent object")
-    meta = _apply_import_hooks(meta)
-    class_name = meta.get("class_name")
-    module_name = SAFE_PERSISTENT_CLASSES.get(class_name) if isinstance(class_name, str) else None
-    if module_name is None:
-        raise UnsafePickleError(
-            f"Refusing to load class {class_name!r} from the pickle's embedded source: the safe loader knows only "
-            f"{', '.join(sorted(SAFE_PERSISTENT_CLASSES))}; {_TRUST_HINT}")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    for key, value in meta.state.items():
-        # State holds data only: a function or class stored as an attribute could shadow a method.
-        if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
-            raise UnsafePickleError(f"Refusing to load pickle: attribute {key!r} of {class_name} is a callable")
-    return _restore_instance(cls, meta.state)
+def _make_safe_reconstructor(extra_classes: Optional[Dict[str, type]]) -> Callable[[dict], Any]:
+    """The stand-in for ``_reconstruct_persistent_obj`` that the safe unpickler hands out."""
+
+    def reconstruct(meta: dict) -> Any:
+        if not isinstance(meta, dict):
+            raise UnsafePickleError("Refusing to load pickle: malformed persistent object")
+        meta = _apply_import_hooks(meta)
+        class_name = meta.get("class_name")
+        cls = (extra_classes or {}).get(class_name) if isinstance(class_name, str) else None
+        if cls is None:
+            module_name = SAFE_PERSISTENT_CLASSES.get(class_name) if isinstance(class_name, str) else None
+            if module_name is None:
+                known = sorted(set(SAFE_PERSISTENT_CLASSES) | set(extra_classes or {}))
+                raise UnsafePickleError(
+                    f"Refusing to load class {class_name!r} from the pickle's embedded source: the safe loader knows "
+                    f"only {', '.join(known)}; {_TRUST_HINT}")
+            cls = getattr(importlib.import_module(module_name), class_name)
+        for key, value in meta.state.items():
+            # State holds data only: a function or class stored as an attribute could shadow a method.
+            if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+                raise UnsafePickleError(f"Refusing to load pickle: attribute {key!r} of {class_name} is a callable")
+        return _restore_instance(cls, meta.state)
+
+    return reconstruct
 
 
 @functools.cache
-def _allowed_globals() -> dict:
-    """(module, name) -> object that the safe unpickler may hand out."""
+def _data_globals() -> dict:
+    """(module, name) -> object for plain data: containers, numpy arrays, scalars and dtypes."""
     allowed = {
         ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _safe_reconstruct_persistent_obj,
         ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-        ("torch.nn.modules.container", "ModuleDict"): torch.nn.ModuleDict,
-        ("torch.nn.modules.container", "ModuleList"): torch.nn.ModuleList,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch.storage", "_load_from_bytes"): _safe_load_storage_from_bytes,
-        ("torch", "Size"): torch.Size,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("numpy", "ndarray"): np.ndarray,
@@ -257,40 +258,71 @@ def _allowed_globals() -> dict:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = reconstruct
         allowed[(mod, "scalar")] = type(np.float32(0)).__reduce__(np.float32(0))[0]
+    return allowed
+
+
+@functools.cache
+def _tensor_globals() -> dict:
+    """(module, name) -> object for torch tensors, parameters and module containers."""
+    allowed = {
+        ("torch.nn.modules.container", "ModuleDict"): torch.nn.ModuleDict,
+        ("torch.nn.modules.container", "ModuleList"): torch.nn.ModuleList,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): _safe_load_storage_from_bytes,
+        ("torch", "Size"): torch.Size,
+    }
     for name in dir(torch):
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
     return allowed
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that hands out only the globals in ``allowed`` ((module, name) -> object) and
+    numpy's dtype classes; any other global raises UnsafePickleError naming it, before it is used."""
+
+    def __init__(self, file: BinaryIO, allowed: Dict[Tuple[str, str], Any], what: str = "the pickle"):
+        super().__init__(file)
+        self._allowed = allowed
+        self._what = what
+
     def find_class(self, module: str, name: str) -> Any:
-        obj = _allowed_globals().get((module, name))
+        obj = self._allowed.get((module, name))
         if obj is None and module.startswith("numpy") and name.endswith("DType"):
             obj = getattr(importlib.import_module("numpy.dtypes"), name, None)  # NumPy 2 dtype classes.
         if obj is None:
-            raise UnsafePickleError(f"Refusing to load global '{module}.{name}' from the pickle: "
+            raise UnsafePickleError(f"Refusing to load global '{module}.{name}' from {self._what}: "
                                     f"it is not a known EDM2 class or tensor type; {_TRUST_HINT}")
         return obj
 
 
-def safe_load(file: Union[str, os.PathLike, BinaryIO]) -> Any:
+def load_data_pickle(file: BinaryIO, what: str = "the pickle") -> Any:
+    """Unpickle plain data only (dicts, lists, numbers, strings, numpy arrays), e.g. statistics files."""
+    return RestrictedUnpickler(file, _data_globals(), what=what).load()
+
+
+def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[Dict[str, type]] = None) -> Any:
     """Unpickle a network pickle without executing any code it carries.
 
     ``file`` is a path or a binary file object. Returns the unpickled object (e.g. the snapshot
-    EasyDict). Known persistent classes are rebuilt with this project's modules; anything else
-    raises UnsafePickleError with a one-line message naming it.
+    EasyDict). Known persistent classes (``SAFE_PERSISTENT_CLASSES``, plus ``extra_classes``:
+    class name -> class) are rebuilt from their pickled state with this project's code; anything
+    else raises UnsafePickleError with a one-line message naming it.
     """
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
-            return safe_load(f)
-    return _SafeUnpickler(file).load()
+            return safe_load(f, extra_classes=extra_classes)
+    allowed = {**_data_globals(), **_tensor_globals(),
+               ("torch_utils.persistence", "_reconstruct_persistent_obj"): _make_safe_reconstructor(extra_classes)}
+    return RestrictedUnpickler(file, allowed).load()
 
 
-def load_pickle(file: Union[str, os.PathLike, BinaryIO], trust_embedded_code: bool = False) -> Any:
+def load_pickle(file: Union[str, os.PathLike, BinaryIO], trust_embedded_code: bool = False,
+                extra_classes: Optional[Dict[str, type]] = None) -> Any:
     """Load a network pickle: safely by default, or by executing its embedded source when asked to."""
     if not trust_embedded_code:
-        return safe_load(file)
+        return safe_load(file, extra_classes=extra_classes)
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
             return pickle.load(f)
