@@ -7,12 +7,9 @@ CPU-scale presets (``cpu-16``, ``cpu-32``) for training small class-conditional 
 datasets in minutes.
 
 Resuming: rerunning the command continues from the latest checkpoint. Options that change the math
-of the run (network, loss, learning-rate schedule, total batch, seed, dataset content and labels,
-encoder, precision) must equal those in ``training_options.json``. Options that only change how
-it runs (``--duration``, ``--batch-gpu``, the number of processes, ``--status``, ``--snapshot``,
-``--checkpoint``, ``--bench``, a moved ``--data``) may differ: the changes are printed and appended
-to ``training_options-resume.jsonl``, while ``training_options.json`` stays as written when the run
-was created (together with ``dataset_identity.json``, which identifies the dataset by content).
+of the run must equal those in ``training_options.json`` (kept as written at creation); options that
+only change how it runs may differ, and are printed and appended to ``training_options-resume.jsonl``
+(see ``RUNTIME_OPTIONS`` and the README).
 """
 
 import copy

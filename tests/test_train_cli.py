@@ -385,7 +385,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert sorted(os.listdir(run_dir)) == [
-        'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+        'dataset_identity.json', 'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
         'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
         'stats.jsonl', 'training-state-0000001.pt', 'training_options.json']
 

@@ -9,6 +9,7 @@ encoders, the EMA, our newer helpers) is reached by name inside function bodies 
 """
 
 import copy
+import inspect
 import os
 import pickle
 import sys
@@ -126,16 +127,20 @@ def training_loop(
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
 ) -> None:
-    defaults = training_loop.__defaults__
-    dataset_kwargs, encoder_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, lr_kwargs, ema_kwargs = [
-        copy.deepcopy(default if value is None else value) for value, default in zip(
-            [dataset_kwargs, encoder_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, lr_kwargs, ema_kwargs],
-            defaults)]
+    # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
+    dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
+    encoder_kwargs = _or_default(encoder_kwargs, 'encoder_kwargs')
+    data_loader_kwargs = _or_default(data_loader_kwargs, 'data_loader_kwargs')
+    network_kwargs = _or_default(network_kwargs, 'network_kwargs')
+    loss_kwargs = _or_default(loss_kwargs, 'loss_kwargs')
+    optimizer_kwargs = _or_default(optimizer_kwargs, 'optimizer_kwargs')
+    lr_kwargs = _or_default(lr_kwargs, 'lr_kwargs')
+    ema_kwargs = _or_default(ema_kwargs, 'ema_kwargs')
     if device is None:
         device = misc.default_device()
     device = torch.device(device)
-    if device.type != 'cuda':
-        data_loader_kwargs['pin_memory'] = False
+    if device.type != 'cuda' and data_loader_kwargs.get('pin_memory'):
+        data_loader_kwargs['pin_memory'] = False  # pinning needs CUDA
 
     # Initialize.
     start_time = time.time()
@@ -210,6 +215,10 @@ def training_loop(
 
 # ----------------------------------------------------------------------------
 # The steps of the training loop, in the order they run.
+
+
+def _or_default(value, name):
+    return copy.deepcopy(inspect.signature(training_loop).parameters[name].default if value is None else value)
 
 
 def _initialize(run_dir, seed, rank, cudnn_benchmark):
