@@ -35,26 +35,17 @@ warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides
 # Configuration presets: the one table of training presets (also read by count_flops.py and the
 # help text).
 #
-# The paper's presets (Table 2 and Appendix B.3 of the paper) set the duration, batch, model width,
+# The paper's presets (its training configurations) set the duration, batch, model width,
 # learning rate and decay, dropout and the noise distribution; the network keeps the paper's
 # architecture (channel_mult [1,2,3,4], num_blocks 3, attention at 16x16 and 8x8).
 #
-# The CPU presets go further, because the paper's recipe does not scale down by width alone
-# (a 64-channel XXS model still has 31M parameters and takes ~11 Gflops per 64x64 sample):
-# - network: model_channels 16 and three or four levels with one block each, attention only at the
-#   lowest resolution (4x4) with 16 channels per head (the default 64 would leave 32-channel blocks
-#   without any head): about 0.3M parameters, so a step of 64 images at 16x16 takes a fraction of
-#   a second on two CPU cores;
-# - noise: P_mean -0.8 / P_std 1.6 (the pixel-space ImageNet-64 values): with small batches the
-#   narrower -0.4 / 1.0 rarely draws the high noise levels that sampling starts from;
-# - duration: 64Ki images of 16x16 (1,024 steps of 64) or 32Ki of 32x32 (1,024 steps of 32), a few
-#   minutes on two cores; scikit-learn's digits give recognisable samples of (nearly) every class
-#   after ~32Ki images at either resolution;
-# - schedule: lr 0.01 with the inverse-square-root decay starting after 1,000 (cpu-32: 500)
-#   iterations instead of 70,000 or 35,000, and a linear ramp-up over the first 4Ki (2Ki) images
-#   instead of 10M;
-# - I/O: status every 4Ki (2Ki) images, snapshots and checkpoints every 16Ki (8Ki), instead of
-#   128Ki/8Mi/128Mi.
+# The CPU presets go further, because the paper's recipe does not scale down by width alone (a
+# 64-channel XXS model still has 31M parameters): a narrow, shallow network (~0.3M parameters) with
+# attention only at 4x4 (16 channels per head, so that these blocks have heads); the pixel-space
+# noise distribution P_mean -0.8 / P_std 1.6, because small batches rarely draw the high noise
+# levels that sampling starts from with -0.4 / 1.0; the learning-rate ramp-up and decay scaled down
+# to a run of a few minutes on two cores; frequent status lines, snapshots and checkpoints. The
+# README ("CPU-scale presets") tabulates them.
 
 config_presets = {
     'edm2-img512-xxs':  dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=64,  lr=0.0170, decay=70000, dropout=0.00, P_mean=-0.4, P_std=1.0),

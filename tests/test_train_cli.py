@@ -3,6 +3,7 @@ presets), overrides, one-line errors for bad input, resuming (with changed run-t
 reference checkpoints, refusing changed math and unreadable checkpoints), and a complete short run
 through the command line."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -232,13 +233,30 @@ RUN_ARGS = ['--preset', 'cpu-16', '--channels', '8', '--batch', '32', '--duratio
             '--checkpoint', '1Ki']
 
 
+_DIST_ENV = ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']
+
+
+@contextlib.contextmanager
+def in_process_group_of_one():
+    """In-process runs make a process group of one (and set its environment): leave neither behind."""
+    was_initialized = torch.distributed.is_initialized()
+    saved_env = {key: os.environ.get(key) for key in _DIST_ENV}
+    try:
+        yield
+    finally:
+        if not was_initialized and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture
 def no_leftover_process_group():
-    """In-process runs make a process group of one; leave none behind for other tests."""
-    was_initialized = torch.distributed.is_initialized()
-    yield
-    if not was_initialized and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    with in_process_group_of_one():
+        yield
 
 
 def train(run_dir, data, *extra):
@@ -249,10 +267,8 @@ def train(run_dir, data, *extra):
 def finished_run(datasets, tmp_path_factory):
     """A run directory trained to its 1Ki-image checkpoint; tests copy it."""
     run_dir = tmp_path_factory.mktemp('resume') / 'run'
-    was_initialized = torch.distributed.is_initialized()
-    result = train(run_dir, datasets.rgb)
-    if not was_initialized and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    with in_process_group_of_one():
+        result = train(run_dir, datasets.rgb)
     assert result.exit_code == 0, result.output
     assert (run_dir / 'training-state-0000001.pt').is_file() and (run_dir / 'dataset_identity.json').is_file()
     return run_dir

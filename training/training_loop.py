@@ -1,5 +1,5 @@
 """The EDM2 training loop, its loss and its learning-rate schedule (Karras et al., "Analyzing and
-Improving the Training Dynamics of Diffusion Models", CVPR 2024, Section 2 and Appendix B).
+Improving the Training Dynamics of Diffusion Models", CVPR 2024).
 
 This module is embedded in every network snapshot (it defines the persistent ``EDM2Loss``) and the
 reference tools execute it when they load one, against *their* ``dnnlib`` and ``torch_utils``. Its
@@ -25,8 +25,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 
 # ----------------------------------------------------------------------------
-# Loss function (paper, Eq. 2 and Appendix B.2): the EDM loss weighted by lambda(sigma) and by the
-# learned uncertainty u(sigma) of the network's log-variance head.
+# Loss function: the EDM loss weighted by lambda(sigma) and by the learned uncertainty u(sigma)
+# of the network's log-variance head (the paper's loss weighting with uncertainty).
 
 
 @persistence.persistent_class
@@ -48,8 +48,8 @@ class EDM2Loss:
         return loss
 
 # ----------------------------------------------------------------------------
-# Learning-rate schedule (paper, Eq. 121 of Appendix B.2): inverse square-root decay after
-# ref_batches iterations, times a linear ramp-up over rampup_Mimg images.
+# Learning-rate schedule: the paper's inverse square-root decay after ref_batches iterations, times
+# a linear ramp-up over rampup_Mimg images.
 
 
 def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
