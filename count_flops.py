@@ -40,23 +40,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dnnlib
+import train_edm2  # its table of training presets
 from torch_utils import persistence
 
 # ----------------------------------------------------------------------------
-# Training presets (spec §3.5): the network each `train_edm2.py --preset` builds, sized for the
-# 64×64 latents of img512 (4 channels) or the 64×64 pixels of img64 (3 channels), 1000 classes.
-# All use channel_mult [1,2,3,4], num_blocks 3, attn_resolutions [16,8] (the UNet defaults).
+# Training presets: the network each `train_edm2.py --preset` of the paper builds (from its table,
+# train_edm2.config_presets), sized for the 64×64 latents of img512 (4 channels) or the 64×64
+# pixels of img64 (3 channels), 1000 classes.
 
-_PRESET_CHANNELS = dict(xxs=64, xs=128, s=192, m=256, l=320, xl=384, xxl=448)
-
-PRESETS: Dict[str, dict] = {}
-for _size, _channels in _PRESET_CHANNELS.items():
-    for _dataset, _img_channels in [("img512", 4), ("img64", 3)]:
-        if _dataset == "img64" and _size in ("xxs", "xxl"):
-            continue  # The paper trains no such models.
-        PRESETS[f"edm2-{_dataset}-{_size}"] = dict(
-            class_name="training.networks_edm2.Precond", img_resolution=64, img_channels=_img_channels,
-            label_dim=1000, model_channels=_channels, dropout=(0.1 if _channels >= 256 else 0.0))
+PRESETS: Dict[str, dict] = {
+    name: dict(train_edm2.preset_network_kwargs(name), img_resolution=64, img_channels=(4 if "-img512-" in name else 3), label_dim=1000)
+    for name in train_edm2.config_presets if not train_edm2.is_cpu_preset(name)}
 
 
 def build_preset_network(preset: str, device: Union[str, torch.device] = "meta") -> torch.nn.Module:

@@ -1,20 +1,28 @@
-"""Train EDM2 diffusion models (spec §4.5): resolve a preset plus command-line overrides into a
-training configuration, create or resume the run directory, and call the training loop.
+"""Train EDM2 diffusion models: resolve a preset plus command-line overrides into a training
+configuration, create or resume the run directory, and call the training loop.
 
 Runs as one process (``python train_edm2.py ...``) or as several under ``torchrun``; uses CUDA when
 available, else the CPU (where float16 is never used). Besides the paper's twelve presets there are
 CPU-scale presets (``cpu-16``, ``cpu-32``) for training small class-conditional models on small
 datasets in minutes.
+
+Resuming: rerunning the command continues from the latest checkpoint. Options that change the math
+of the run must equal those in ``training_options.json`` (kept as written at creation); options that
+only change how it runs may differ, and are printed and appended to ``training_options-resume.jsonl``
+(see ``RUNTIME_OPTIONS`` and the README).
 """
 
 import copy
+import hashlib
 import json
 import os
 import re
+import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import click
+import numpy as np
 import torch
 
 import dnnlib
@@ -24,28 +32,20 @@ from training import training_loop
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')  # DDP on channels-last grads
 
 # ----------------------------------------------------------------------------
-# Configuration presets.
+# Configuration presets: the one table of training presets (also read by count_flops.py and the
+# help text).
 #
-# The paper's presets (spec §4.5) set the duration, batch, model width, learning rate and decay,
-# dropout and the noise distribution; the network keeps the spec §3.5 architecture
-# (channel_mult [1,2,3,4], num_blocks 3, attention at 16x16 and 8x8).
+# The paper's presets (its training configurations) set the duration, batch, model width,
+# learning rate and decay, dropout and the noise distribution; the network keeps the paper's
+# architecture (channel_mult [1,2,3,4], num_blocks 3, attention at 16x16 and 8x8).
 #
-# The CPU presets go further, because the paper's recipe does not scale down by width alone
-# (a 64-channel XXS model still has 31M parameters and takes ~11 Gflops per 64x64 sample):
-# - network: model_channels 16 and three or four levels with one block each, attention only at the
-#   lowest resolution (4x4) with 16 channels per head (the default 64 would leave 32-channel blocks
-#   without any head): about 0.3M parameters, so a step of 64 images at 16x16 takes a fraction of
-#   a second on two CPU cores;
-# - noise: P_mean -0.8 / P_std 1.6 (the pixel-space ImageNet-64 values): with small batches the
-#   narrower -0.4 / 1.0 rarely draws the high noise levels that sampling starts from (spec §13);
-# - duration: 64Ki images of 16x16 (1,024 steps of 64) or 32Ki of 32x32 (1,024 steps of 32), a few
-#   minutes on two cores; scikit-learn's digits give recognisable samples of (nearly) every class
-#   after ~32Ki images at either resolution;
-# - schedule: lr 0.01 with the inverse-square-root decay starting after 1,000 (cpu-32: 500)
-#   iterations instead of 70,000 or 35,000, and a linear ramp-up over the first 4Ki (2Ki) images
-#   instead of 10M;
-# - I/O: status every 4Ki (2Ki) images, snapshots and checkpoints every 16Ki (8Ki), instead of
-#   128Ki/8Mi/128Mi.
+# The CPU presets go further, because the paper's recipe does not scale down by width alone (a
+# 64-channel XXS model still has 31M parameters): a narrow, shallow network (~0.3M parameters) with
+# attention only at 4x4 (16 channels per head, so that these blocks have heads); the pixel-space
+# noise distribution P_mean -0.8 / P_std 1.6, because small batches rarely draw the high noise
+# levels that sampling starts from with -0.4 / 1.0; the learning-rate ramp-up and decay scaled down
+# to a run of a few minutes on two cores; frequent status lines, snapshots and checkpoints. The
+# README ("CPU-scale presets") tabulates them.
 
 config_presets = {
     'edm2-img512-xxs':  dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=64,  lr=0.0170, decay=70000, dropout=0.00, P_mean=-0.4, P_std=1.0),
@@ -74,9 +74,24 @@ config_presets = {
 # Defaults of the options that a preset may also set.
 _io_defaults = dict(status=128 << 10, snapshot=8 << 20, checkpoint=128 << 20)
 
+# Network options that only the CPU presets set (the paper's presets keep the UNet defaults).
+_ARCH_KEYS = ['channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head']
+
 
 def is_cpu_preset(name: str) -> bool:
     return name.startswith('cpu-')
+
+
+def preset_network_kwargs(preset: str, channels: Optional[int] = None, dropout: Optional[float] = None,
+                          use_fp16: Optional[bool] = None) -> dnnlib.EasyDict:
+    """The ``network_kwargs`` that a preset trains (None = the preset's value; use_fp16 None = unset)."""
+    p = config_presets[preset]
+    kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=(p.channels if channels is None else channels),
+                             dropout=(p.dropout if dropout is None else dropout))
+    if use_fp16 is not None:
+        kwargs.use_fp16 = use_fp16
+    kwargs.update({key: copy.deepcopy(p[key]) for key in _ARCH_KEYS if key in p})
+    return kwargs
 
 # ----------------------------------------------------------------------------
 # Resolving the configuration.
@@ -103,120 +118,127 @@ class NimgParamType(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+def _open_dataset(dataset_kwargs: dict) -> Any:
+    try:
+        return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f'--data: {dnnlib.util.one_line(err)}') from None
+
+
 def setup_training_config(preset: str = 'edm2-img512-s', world_size: int = 1, **opts: Any) -> dnnlib.EasyDict:
     """Resolve a preset and option overrides (None = take the preset's value) into the keyword
-    arguments of ``training_loop``. Raises click.ClickException for bad input."""
-    opts = dnnlib.EasyDict(opts)
-    c = dnnlib.EasyDict()
-
-    # Preset; explicit options win.
+    arguments of ``training_loop``. Raises ValueError, naming the option, for bad input."""
     if preset not in config_presets:
-        raise click.ClickException(f'--preset: unknown preset "{preset}"; choose from {", ".join(config_presets)}')
-    for key, value in config_presets[preset].items():
-        if opts.get(key) is None:
-            opts[key] = copy.deepcopy(value)
-    for key, value in _io_defaults.items():
-        if opts.get(key) is None:
-            opts[key] = value
+        raise ValueError(f'--preset: unknown preset "{preset}"; choose from {", ".join(config_presets)}')
+    opts = dnnlib.EasyDict({key: value for key, value in opts.items() if value is not None})
+    opts = dnnlib.EasyDict({**_io_defaults, **copy.deepcopy(config_presets[preset]), **opts})  # explicit options win
     if opts.channels < 64 and not is_cpu_preset(preset):
-        raise click.ClickException(f'--channels: {opts.channels} is below 64, which only the CPU presets (cpu-*) allow')
+        raise ValueError(f'--channels: {opts.channels} is below 64, which only the CPU presets (cpu-*) allow')
 
-    # Dataset.
+    # Dataset and encoder: 3 channels are RGB pixels, 8 are the mean and std of Stable Diffusion VAE latents.
     if opts.get('data') is None:
-        raise click.ClickException('--data: missing dataset path')
+        raise ValueError('--data: missing dataset path')
+    c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.get('cond', True))
-    try:
-        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
-        dataset_channels = dataset_obj.num_channels
-        has_labels = dataset_obj.has_labels
-        del dataset_obj  # conserve memory
-    except (OSError, ValueError) as err:
-        raise click.ClickException(f'--data: {_one_line(err)}') from None
-    if c.dataset_kwargs.use_labels and not has_labels:
-        raise click.ClickException(f'--cond=True, but the dataset {opts.data} has no labels (use --cond=False)')
+    dataset_obj = _open_dataset(c.dataset_kwargs)
+    if c.dataset_kwargs.use_labels and not dataset_obj.has_labels:
+        raise ValueError(f'--cond=True, but the dataset {opts.data} has no labels (use --cond=False)')
+    encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
+    if dataset_obj.num_channels not in encoders:
+        raise ValueError(f'--data: unsupported channel count {dataset_obj.num_channels} (expected 3 for RGB or 8 for VAE latents)')
+    c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[dataset_obj.num_channels])
+    del dataset_obj  # conserve memory
 
-    # Encoder: 3 channels are RGB pixels, 8 are the mean and std of Stable Diffusion VAE latents.
-    if dataset_channels == 3:
-        c.encoder_kwargs = dnnlib.EasyDict(class_name='training.encoders.StandardRGBEncoder')
-    elif dataset_channels == 8:
-        c.encoder_kwargs = dnnlib.EasyDict(class_name='training.encoders.StabilityVAEEncoder')
-    else:
-        raise click.ClickException(f'--data: unsupported channel count {dataset_channels} (expected 3 for RGB or 8 for VAE latents)')
-
-    # Hyperparameters.
+    # Hyperparameters; performance- and I/O-related options (the reference's key order).
     c.update(total_nimg=opts.duration, batch_size=opts.batch)
-    c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=opts.channels, dropout=opts.dropout)
+    c.network_kwargs = preset_network_kwargs(preset, channels=opts.channels, dropout=opts.dropout, use_fp16=opts.get('fp16', True))
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr, ref_batches=opts.decay)
-
-    # Performance-related options.
-    c.batch_gpu = opts.get('batch_gpu', 0) or None
-    c.network_kwargs.use_fp16 = opts.get('fp16', True)
-    c.loss_scaling = opts.get('ls', 1)
-    c.cudnn_benchmark = opts.get('bench', True)
-
-    # I/O-related options.
-    c.status_nimg = opts.status or None
-    c.snapshot_nimg = opts.snapshot or None
-    c.checkpoint_nimg = opts.checkpoint or None
-    c.seed = opts.get('seed', 0)
-
-    # What only the CPU presets set: the network's shape and the learning-rate ramp-up.
-    for key in ['channel_mult', 'num_blocks', 'attn_resolutions', 'channels_per_head']:
-        if key in config_presets[preset]:
-            c.network_kwargs[key] = opts[key]
-    if 'rampup' in config_presets[preset]:
+    if 'rampup' in opts:  # only the CPU presets set the ramp-up
         c.lr_kwargs.rampup_Mimg = opts.rampup / 1e6
-
-    # Batch layout and image counts.
-    try:
-        training_loop.check_training_config(batch_size=c.batch_size, world_size=world_size, batch_gpu=c.batch_gpu,
-                                            total_nimg=c.total_nimg, status_nimg=c.status_nimg,
-                                            snapshot_nimg=c.snapshot_nimg, checkpoint_nimg=c.checkpoint_nimg)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    c.update(batch_gpu=(opts.get('batch_gpu', 0) or None), loss_scaling=opts.get('ls', 1), cudnn_benchmark=opts.get('bench', True))
+    c.update(status_nimg=(opts.status or None), snapshot_nimg=(opts.snapshot or None), checkpoint_nimg=(opts.checkpoint or None))
+    c.seed = opts.get('seed', 0)
+    training_loop.check_training_config(batch_size=c.batch_size, world_size=world_size, batch_gpu=c.batch_gpu, total_nimg=c.total_nimg,
+                                        status_nimg=c.status_nimg, snapshot_nimg=c.snapshot_nimg, checkpoint_nimg=c.checkpoint_nimg)
     return c
 
-
-def _one_line(err: BaseException) -> str:
-    return ' '.join(str(err).split()) or type(err).__name__
-
 # ----------------------------------------------------------------------------
-# The run directory.
+# The run directory: created with training_options.json and dataset_identity.json; resumed when the
+# options that change the math of the run are the same.
+
+# Options that only change how a run goes (not its math), with the command-line option that sets them.
+RUNTIME_OPTIONS = {'total_nimg': '--duration', 'batch_gpu': '--batch-gpu', 'status_nimg': '--status', 'snapshot_nimg': '--snapshot',
+                   'checkpoint_nimg': '--checkpoint', 'cudnn_benchmark': '--bench', 'dataset_kwargs.path': '--data'}
+
+# The command-line option behind each option that must match (others come from --preset).
+_MATH_OPTIONS = {'batch_size': '--batch', 'network_kwargs.model_channels': '--channels', 'network_kwargs.dropout': '--dropout',
+                 'network_kwargs.use_fp16': '--fp16', 'loss_kwargs.P_mean': '--P_mean', 'loss_kwargs.P_std': '--P_std',
+                 'lr_kwargs.ref_lr': '--lr', 'lr_kwargs.ref_batches': '--decay', 'loss_scaling': '--ls', 'seed': '--seed',
+                 'dataset_kwargs.use_labels': '--cond', 'encoder_kwargs.class_name': '--data', 'dataset': '--data'}
+
+
+def dataset_identity(dataset_kwargs: dict) -> dict:
+    """What identifies a dataset's content for training, wherever it lies: the image count, the
+    image shape, and a hash of the labels (when they are used)."""
+    dataset_obj = _open_dataset(dataset_kwargs)
+    labels = np.ascontiguousarray(dataset_obj._get_raw_labels()[dataset_obj._raw_idx]) if dataset_obj.has_labels else None
+    return dict(num_images=len(dataset_obj), image_shape=list(dataset_obj.image_shape),
+                labels_sha256=(hashlib.sha256(labels.tobytes()).hexdigest() if labels is not None else None))
 
 
 def _flatten(obj: Any, prefix: str = '') -> Dict[str, Any]:
-    if isinstance(obj, dict):
-        items = {}
-        for key, value in obj.items():
-            items.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
-        return items
-    return {prefix: obj}
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    items = {}
+    for key, value in obj.items():
+        items.update(_flatten(value, f'{prefix}.{key}' if prefix else str(key)))
+    return items
 
 
-def diff_training_options(stored: dict, current: dict) -> List[str]:
-    """Describe every option whose value differs between two configurations (compared as JSON)."""
-    a = _flatten(json.loads(json.dumps(stored)))
-    b = _flatten(json.loads(json.dumps(current)))
-    show = lambda d, key: json.dumps(d[key]) if key in d else '(unset)'
-    keys = list(a) + [key for key in b if key not in a]
-    return [f'{key} {show(a, key)} -> {show(b, key)}' for key in keys if key not in a or key not in b or a[key] != b[key]]
+def diff_training_options(stored: dict, current: dict) -> Dict[str, tuple]:
+    """``{option: (stored, current)}`` for every option whose value differs (compared as JSON)."""
+    a, b = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(current)))
+    return {key: (a.get(key, '(unset)'), b.get(key, '(unset)')) for key in list(a) + [k for k in b if k not in a]
+            if key not in a or key not in b or a[key] != b[key]}
 
 
-def check_run_dir(run_dir: str, c: dict) -> None:
-    """Refuse to resume a run directory that was created with different options."""
-    path = os.path.join(run_dir, 'training_options.json')
+def _describe(key: str, values: tuple) -> str:
+    return f'{key} {json.dumps(values[0])} -> {json.dumps(values[1])}'
+
+
+def _read_json(path: str) -> Optional[dict]:
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path) as f:
-            stored = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as err:
-        raise click.ClickException(f'--outdir: cannot read {path}: {_one_line(err)}') from None
-    differences = diff_training_options(stored, c)
-    if differences:
-        raise click.ClickException(f'--outdir: {run_dir} holds a run with different options ({"; ".join(differences)}); '
-                                   f'rerun with the same options to resume, or choose another --outdir')
+        raise ValueError(f'--outdir: cannot read {path}: {dnnlib.util.one_line(err)}') from None
+
+
+def check_run_dir(run_dir: str, c: dict) -> Dict[str, tuple]:
+    """Compare ``c`` with the options an existing run directory was created with.
+
+    Raises ValueError naming every option that changes the math of the run; returns the changed
+    run-time options ``{option: (stored, current)}`` (empty for a new run directory).
+    """
+    stored = _read_json(os.path.join(run_dir, 'training_options.json'))
+    if stored is None:
+        return {}
+    changes = diff_training_options(stored, c)
+    if 'dataset_kwargs.path' in changes:  # a moved or another dataset: compare the content
+        stored_identity = _read_json(os.path.join(run_dir, 'dataset_identity.json'))
+        if stored_identity is None and os.path.exists(stored['dataset_kwargs']['path']):  # a run of the reference
+            stored_identity = dataset_identity(stored['dataset_kwargs'])
+        current_identity = dataset_identity(c['dataset_kwargs'])
+        if stored_identity is not None and stored_identity != current_identity:
+            changes['dataset'] = (stored_identity, current_identity)
+    math = [f'{_MATH_OPTIONS.get(key, "--preset")}: {_describe(key, values)}' for key, values in changes.items() if key not in RUNTIME_OPTIONS]
+    if math:
+        raise ValueError(f'--outdir: {run_dir} holds a run with different options ({"; ".join(math)}); '
+                         f'rerun with the same options to resume, or choose another --outdir')
+    return changes
 
 
 def print_training_config(run_dir: str, c: dict, preset: str) -> None:
@@ -235,23 +257,35 @@ def print_training_config(run_dir: str, c: dict, preset: str) -> None:
     dist.print0()
 
 
+def _create_run_dir(run_dir: str, c: dict) -> None:
+    dist.print0('Creating output directory...')
+    with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+        json.dump(c, f, indent=2)
+    with dnnlib.util.atomic_write(os.path.join(run_dir, 'dataset_identity.json'), 'w') as f:
+        json.dump(dataset_identity(c['dataset_kwargs']), f, indent=2)
+
+
+def _record_runtime_changes(run_dir: str, changes: Dict[str, tuple]) -> None:
+    """Print the changed run-time options and append them to training_options-resume.jsonl."""
+    dist.print0('Resuming with changed run-time options: ' + '; '.join(_describe(key, values) for key, values in changes.items()))
+    record = dict(timestamp=time.time(), num_processes=dist.get_world_size(), changed={key: list(v) for key, v in changes.items()})
+    with open(os.path.join(run_dir, 'training_options-resume.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def launch_training(run_dir: str, c: dict, preset: Optional[str] = None) -> None:
-    """Create the run directory (writing training_options.json) or check that an existing one was
-    made with the same options, then train with everything printed also appended to log.txt."""
-    check_run_dir(run_dir, c)  # every rank, before any collective, so that all of them fail alike
-    options_path = os.path.join(run_dir, 'training_options.json')
-    if dist.get_rank() == 0 and not os.path.isfile(options_path):
-        dist.print0('Creating output directory...')
-        os.makedirs(run_dir, exist_ok=True)
-        tmp_path = options_path + '.tmp'
-        with open(tmp_path, 'w') as f:
-            json.dump(c, f, indent=2)
-        os.replace(tmp_path, options_path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Create the run directory or check that the existing one is a run of the same math, then
+    train with everything printed also appended to log.txt."""
+    changes = check_run_dir(run_dir, c)  # every rank, before any collective, so that all of them fail alike
+    is_new = not os.path.isfile(os.path.join(run_dir, 'training_options.json'))
+    if dist.get_rank() == 0 and is_new:
+        _create_run_dir(run_dir, c)
+    dist.barrier()
 
     logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True) if dist.get_rank() == 0 else None
     try:
+        if dist.get_rank() == 0 and changes:
+            _record_runtime_changes(run_dir, changes)
         training_loop.training_loop(run_dir=run_dir, preset_name=preset, **c)
     finally:
         if logger is not None:
@@ -315,19 +349,24 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
         torch.multiprocessing.set_start_method('spawn', force=True)
     if dist.is_distributed():
         dist.init()  # under torchrun: know the ranks before printing or validating anything
-    dist.print0('Setting up training config...')
-    c = setup_training_config(world_size=dist.get_world_size(), **opts)
-    print_training_config(run_dir=outdir, c=c, preset=opts['preset'])
-    if dry_run:
-        try:
-            check_run_dir(outdir, c)
-        except click.ClickException as err:
-            dist.print0(f'Note: {err.message}')
-        dist.print0('Dry run; exiting.')
-        return
-    check_run_dir(outdir, c)
-    dist.init()  # a single process gets a process group of one
-    launch_training(run_dir=outdir, c=c, preset=opts['preset'])
+    try:
+        dist.print0('Setting up training config...')
+        c = setup_training_config(world_size=dist.get_world_size(), **opts)
+        print_training_config(run_dir=outdir, c=c, preset=opts['preset'])
+        if dry_run:
+            try:
+                changes = check_run_dir(outdir, c)
+                if changes:
+                    dist.print0('Note: changed run-time options: ' + '; '.join(_describe(key, values) for key, values in changes.items()))
+            except ValueError as err:
+                dist.print0(f'Note: {err}')
+            dist.print0('Dry run; exiting.')
+            return
+        check_run_dir(outdir, c)  # before the process group of a single process
+        dist.init()  # a single process gets a process group of one
+        launch_training(run_dir=outdir, c=c, preset=opts['preset'])
+    except (ValueError, OSError) as err:
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 # ----------------------------------------------------------------------------
 

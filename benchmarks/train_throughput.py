@@ -54,6 +54,7 @@ def run_config(name: str, kimg: int, threads: int) -> dict:
         start = time.time()
         training_loop.training_loop(
             dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
+            encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),  # the default is the VAE's
             network_kwargs=net_kwargs,
             loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=p.P_mean, P_std=p.P_std),
             lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=p.lr, ref_batches=p.decay, rampup_Mimg=p.rampup / 1e6),

@@ -1,5 +1,5 @@
 """Tests for torch_utils.distributed and torch_utils.training_stats: single-process use, checkpoints,
-and a two-process run under torchrun with Gloo on the CPU (issue 2, point 7)."""
+and a two-process run under torchrun with Gloo on the CPU."""
 
 import json
 import os
@@ -155,6 +155,24 @@ def test_training_stats_single_process():
     assert other.num("ts1/a") == 0 and np.isnan(other.mean("ts1/a"))
 
 
+def test_training_stats_all_non_finite_interval_reads_nan():
+    """An interval whose samples are all non-finite (a diverged loss) reads as NaN, as in the
+    reference, not as the previous interval's value; an interval without samples keeps it."""
+    collector = training_stats.Collector(regex="ts5/.*")
+    training_stats.report("ts5/loss", [1.0, 3.0])
+    collector.update()
+    assert collector.mean("ts5/loss") == 2.0
+    training_stats.report("ts5/loss", torch.full([4], float("nan")))
+    training_stats.report("ts5/loss", float("inf"))
+    collector.update()
+    assert collector.num("ts5/loss") == 0 and np.isnan(collector.mean("ts5/loss")) and np.isnan(collector.std("ts5/loss"))
+    collector.update()  # nothing reported: keep_previous keeps the (NaN) value
+    assert np.isnan(collector.mean("ts5/loss"))
+    training_stats.report("ts5/loss", [float("nan"), 5.0])  # some finite samples: their mean
+    collector.update()
+    assert (collector.num("ts5/loss"), collector.mean("ts5/loss")) == (1, 5.0)
+
+
 def test_training_stats_reset():
     training_stats.report("ts4/x", 1.0)
     training_stats.default_collector.update()
@@ -244,6 +262,48 @@ def test_checkpoint_loads_reference_style_easydict(tmp_path):
     assert state == dict(cur_nimg=1000448, total_elapsed_time=3.0)
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-0.4, 1.0, 0.5)
     assert ema["stds"] == [0.05] and torch.equal(net2[0].weight, net[0].weight)
+
+
+def test_checkpoint_loads_reference_numpy_learning_rate(tmp_path):
+    """The reference's learning-rate schedule returns numpy float64, so its checkpoints hold numpy
+    scalars (and their dtype) in Adam's param groups: those load, with nothing else allowed."""
+    _, net, opt, _ = _make_objects(0)
+    for group in opt.param_groups:
+        group["lr"] = np.float64(0.0123)
+    path = tmp_path / "training-state-0000001.pt"
+    torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=1.0), optimizer=opt.state_dict()), str(path))
+    _, _, opt2, _ = _make_objects(3)
+    state = dnnlib.EasyDict()
+    dist.CheckpointIO(state=state, optimizer=opt2).load(str(path), verbose=False)
+    assert state.cur_nimg == 1024 and opt2.param_groups[0]["lr"] == 0.0123
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case", ["code", "truncated", "not-a-dict"])
+def test_checkpoint_that_cannot_be_read_gets_one_line_error(tmp_path, case):
+    path = tmp_path / "training-state-0000001.pt"
+    marker = tmp_path / "marker"
+    if case == "code":
+        torch.save(dict(state=_RunsCode(marker)), str(path))
+    elif case == "truncated":
+        torch.save(dict(state=dict(cur_nimg=1)), str(path))
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        torch.save([1, 2], str(path))
+    with pytest.raises(ValueError) as info:
+        dist.CheckpointIO(state={}).load(str(path), verbose=False)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    if case == "code":
+        assert "posix.system" in message or "nt.system" in message, message
+    assert not marker.exists()  # the payload never ran
 
 
 def test_load_latest_picks_highest_full_match(tmp_path, capsys):

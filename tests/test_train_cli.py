@@ -1,40 +1,31 @@
-"""Tests of train_edm2.py: image-count parsing, the presets of spec §4.5 and the CPU presets,
-overrides, one-line errors for bad input, and a complete short run through the command line."""
+"""Tests of train_edm2.py: image-count parsing, the presets (the README's example and the CPU
+presets), overrides, one-line errors for bad input, resuming (with changed run-time options, with
+reference checkpoints, refusing changed math and unreadable checkpoints), and a complete short run
+through the command line."""
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import count_flops
 import dnnlib
 import train_edm2
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.scripts import train_helpers
 from torch_utils import persistence
+from training import training_loop
 
 Ki, Mi = 1 << 10, 1 << 20
-
-# Spec §4.5, typed in independently: duration, batch, channels, lr, decay, dropout, P_mean, P_std.
-SPEC_PRESETS = {
-    'edm2-img512-xxs': (2048 * Mi, 2048, 64, 0.0170, 70000, 0.00, -0.4, 1.0),
-    'edm2-img512-xs':  (2048 * Mi, 2048, 128, 0.0120, 70000, 0.00, -0.4, 1.0),
-    'edm2-img512-s':   (2048 * Mi, 2048, 192, 0.0100, 70000, 0.00, -0.4, 1.0),
-    'edm2-img512-m':   (2048 * Mi, 2048, 256, 0.0090, 70000, 0.10, -0.4, 1.0),
-    'edm2-img512-l':   (1792 * Mi, 2048, 320, 0.0080, 70000, 0.10, -0.4, 1.0),
-    'edm2-img512-xl':  (1280 * Mi, 2048, 384, 0.0070, 70000, 0.10, -0.4, 1.0),
-    'edm2-img512-xxl': (896 * Mi, 2048, 448, 0.0065, 70000, 0.10, -0.4, 1.0),
-    'edm2-img64-xs':   (1024 * Mi, 2048, 128, 0.0120, 35000, 0.00, -0.8, 1.6),
-    'edm2-img64-s':    (1024 * Mi, 2048, 192, 0.0100, 35000, 0.00, -0.8, 1.6),
-    'edm2-img64-m':    (2048 * Mi, 2048, 256, 0.0090, 35000, 0.10, -0.8, 1.6),
-    'edm2-img64-l':    (1024 * Mi, 2048, 320, 0.0080, 35000, 0.10, -0.8, 1.6),
-    'edm2-img64-xl':   (640 * Mi, 2048, 384, 0.0070, 35000, 0.10, -0.8, 1.6),
-}
 
 OPTION_KEYS = ['dataset_kwargs', 'encoder_kwargs', 'total_nimg', 'batch_size', 'network_kwargs', 'loss_kwargs', 'lr_kwargs',
                'batch_gpu', 'loss_scaling', 'cudnn_benchmark', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg', 'seed']
@@ -97,22 +88,30 @@ def test_parse_nimg_rejects(text, datasets, tmp_path):
     assert result.exit_code == 2 and 'Error' in result.output and 'Traceback' not in result.output
 
 
-@pytest.mark.parametrize('preset', list(SPEC_PRESETS))
-def test_presets_resolve_to_spec_table(preset, datasets, tmp_path):
-    c = dry_run_config(invoke(['--outdir', str(tmp_path / 'run'), '--data', datasets.rgb, '--preset', preset, '--dry-run']))
-    duration, batch, channels, lr, decay, dropout, P_mean, P_std = SPEC_PRESETS[preset]
+def test_readme_example_resolves_to_the_paper_recipe(tmp_path):
+    """The README's example: XS for ImageNet-512 latents on 8 GPUs with --batch-gpu=32, i.e. a
+    total batch of 2048, 256 per GPU in 8 accumulation rounds of 32; 2048Mi images in all."""
+    data = train_helpers.latent_dataset_dir(str(tmp_path / 'latents'))
+    c = train_edm2.setup_training_config(preset='edm2-img512-xs', world_size=8, data=data, batch_gpu=32)
     assert list(c) == OPTION_KEYS
-    assert c['total_nimg'] == duration and c['batch_size'] == batch
-    assert c['network_kwargs'] == dict(class_name='training.networks_edm2.Precond', model_channels=channels, dropout=dropout, use_fp16=True)
-    assert list(c['network_kwargs']) == ['class_name', 'model_channels', 'dropout', 'use_fp16']
-    assert c['loss_kwargs'] == dict(class_name='training.training_loop.EDM2Loss', P_mean=P_mean, P_std=P_std)
-    assert c['lr_kwargs'] == dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=lr, ref_batches=decay)
-    assert list(c['lr_kwargs']) == ['func_name', 'ref_lr', 'ref_batches']
-    # Defaults of the other options.
-    assert c['dataset_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path=datasets.rgb, use_labels=True)
-    assert c['encoder_kwargs'] == dict(class_name='training.encoders.StandardRGBEncoder')
-    assert (c['batch_gpu'], c['loss_scaling'], c['cudnn_benchmark'], c['seed']) == (None, 1, True, 0)
-    assert (c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg']) == (128 * Ki, 8 * Mi, 128 * Mi)
+    assert (c.batch_size, c.batch_gpu, c.total_nimg) == (2048, 32, 2048 * Mi)
+    assert training_loop.check_training_config(batch_size=c.batch_size, world_size=8, batch_gpu=c.batch_gpu) == (32, 8)
+    assert c.encoder_kwargs == dict(class_name='training.encoders.StabilityVAEEncoder')
+    assert list(c.network_kwargs) == ['class_name', 'model_channels', 'dropout', 'use_fp16']
+    assert list(c.lr_kwargs) == ['func_name', 'ref_lr', 'ref_batches']  # the reference's 10M-image ramp-up
+    assert (c.batch_gpu, c.loss_scaling, c.cudnn_benchmark, c.seed) == (32, 1, True, 0)
+    assert (c.status_nimg, c.snapshot_nimg, c.checkpoint_nimg) == (128 * Ki, 8 * Mi, 128 * Mi)
+
+
+@pytest.mark.parametrize('preset', ['edm2-img512-xxs', 'edm2-img512-m', 'edm2-img64-xl'])
+def test_count_flops_sizes_the_network_that_trains(preset, tmp_path):
+    """count_flops.py's presets (whose parameters and flops tests/test_count_flops.py checks against
+    the paper) are the networks that train_edm2.py builds."""
+    c = train_edm2.setup_training_config(preset=preset, data=train_helpers.latent_dataset_dir(str(tmp_path / 'latents')))
+    flops_kwargs = dict(count_flops.PRESETS[preset])
+    for key in ['img_resolution', 'img_channels', 'label_dim']:
+        del flops_kwargs[key]
+    assert flops_kwargs == {key: value for key, value in c.network_kwargs.items() if key != 'use_fp16'}
 
 
 def test_default_preset_is_img512_s(datasets, tmp_path):
@@ -204,9 +203,9 @@ def test_bad_input_gets_one_line_error(case, datasets, tmp_path):
 
 
 def test_batch_not_divisible_by_processes(datasets):
-    with pytest.raises(train_edm2.click.ClickException, match='processes'):
+    with pytest.raises(ValueError, match='processes'):
         train_edm2.setup_training_config(preset='cpu-16', world_size=3, data=datasets.rgb, batch=64)
-    with pytest.raises(train_edm2.click.ClickException, match='processes x batch-gpu'):
+    with pytest.raises(ValueError, match='processes x batch-gpu'):
         train_edm2.setup_training_config(preset='cpu-16', world_size=2, data=datasets.rgb, batch=64, batch_gpu=12)
     c = train_edm2.setup_training_config(preset='cpu-16', world_size=2, data=datasets.rgb, batch=64, batch_gpu=16)
     assert c.batch_gpu == 16
@@ -219,12 +218,170 @@ def test_rerun_with_different_options_fails_and_names_them(datasets, tmp_path):
     (run_dir / 'training_options.json').write_text(json.dumps(c, indent=2))
     train_edm2.check_run_dir(str(run_dir), c)  # the same options are fine
     result = invoke(['--outdir', str(run_dir), '--data', datasets.rgb, '--preset', 'cpu-16', '--lr', '0.02', '--batch', '32'])
-    line = assert_one_line_error(result, 'different options', 'batch_size 64 -> 32', 'lr_kwargs.ref_lr 0.01 -> 0.02')
+    line = assert_one_line_error(result, 'different options', '--batch: batch_size 64 -> 32', '--lr: lr_kwargs.ref_lr 0.01 -> 0.02')
     assert 'seed' not in line and 'P_mean' not in line  # only what differs
     assert sorted(os.listdir(run_dir)) == ['training_options.json']  # nothing started
     # A dry run only notes it.
     result = invoke(['--outdir', str(run_dir), '--data', datasets.rgb, '--preset', 'cpu-16', '--seed', '5', '-n'])
     assert result.exit_code == 0 and 'Note:' in result.output and 'seed 0 -> 5' in result.output
+
+# ----------------------------------------------------------------------------
+# Resuming (in-process runs of a tiny cpu-16 model: 32 steps of 32 images).
+
+
+RUN_ARGS = ['--preset', 'cpu-16', '--channels', '8', '--batch', '32', '--duration', '1Ki', '--status', '512', '--snapshot', '1Ki',
+            '--checkpoint', '1Ki']
+
+
+_DIST_ENV = ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']
+
+
+@contextlib.contextmanager
+def in_process_group_of_one():
+    """In-process runs make a process group of one (and set its environment): leave neither behind."""
+    was_initialized = torch.distributed.is_initialized()
+    saved_env = {key: os.environ.get(key) for key in _DIST_ENV}
+    try:
+        yield
+    finally:
+        if not was_initialized and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def no_leftover_process_group():
+    with in_process_group_of_one():
+        yield
+
+
+def train(run_dir, data, *extra):
+    return invoke(['--outdir', str(run_dir), '--data', str(data)] + RUN_ARGS + list(extra))  # later options win
+
+
+@pytest.fixture(scope='module')
+def finished_run(datasets, tmp_path_factory):
+    """A run directory trained to its 1Ki-image checkpoint; tests copy it."""
+    run_dir = tmp_path_factory.mktemp('resume') / 'run'
+    with in_process_group_of_one():
+        result = train(run_dir, datasets.rgb)
+    assert result.exit_code == 0, result.output
+    assert (run_dir / 'training-state-0000001.pt').is_file() and (run_dir / 'dataset_identity.json').is_file()
+    return run_dir
+
+
+def copy_run(finished_run, tmp_path):
+    run_dir = tmp_path / 'run'
+    shutil.copytree(finished_run, run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,option', [
+    (['--lr', '0.02'], '--lr: lr_kwargs.ref_lr'), (['--decay', '10'], '--decay'), (['--batch', '64'], '--batch'),
+    (['--seed', '1'], '--seed'), (['--dropout', '0.1'], '--dropout'), (['--channels', '16'], '--channels'),
+    (['--P_mean', '-1'], '--P_mean'), (['--P_std', '1'], '--P_std'), (['--fp16', 'False'], '--fp16'), (['--ls', '2'], '--ls'),
+    (['--cond', 'False'], '--cond'), (['--preset', 'cpu-32'], '--preset: network_kwargs.channel_mult'),
+    (['--data', 'other-labels'], '--data: dataset'), (['--data', 'fewer-images'], '--data: dataset'),
+])
+def test_resume_refuses_changed_math(args, option, finished_run, tmp_path, no_leftover_process_group):
+    if args[0] == '--data':
+        num_images, num_classes = (16, 3) if args[1] == 'other-labels' else (12, 4)
+        args = ['--data', train_helpers.random_dataset_zip(str(tmp_path / 'other.zip'), num_images=num_images, resolution=8,
+                                                           num_classes=num_classes)]
+    before = {name: (finished_run / name).read_bytes() for name in os.listdir(finished_run)}
+    result = invoke(['--outdir', str(finished_run), '--data', _data_of(finished_run)] + RUN_ARGS + args)
+    assert_one_line_error(result, 'different options', option)
+    assert {name: (finished_run / name).read_bytes() for name in os.listdir(finished_run)} == before  # nothing changed
+
+
+def _data_of(run_dir):
+    return json.loads((run_dir / 'training_options.json').read_text())['dataset_kwargs']['path']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,key', [
+    (['--duration', '2Ki'], 'total_nimg'), (['--batch-gpu', '16'], 'batch_gpu'), (['--status', '256'], 'status_nimg'),
+    (['--snapshot', '2Ki'], 'snapshot_nimg'), (['--checkpoint', '2Ki'], 'checkpoint_nimg'), (['--bench', 'False'], 'cudnn_benchmark'),
+    (['--data', 'moved'], 'dataset_kwargs.path'),
+])
+def test_resume_accepts_changed_runtime_options(args, key, finished_run, tmp_path):
+    if args == ['--data', 'moved']:
+        args = ['--data', str(shutil.copy(_data_of(finished_run), tmp_path / 'moved.zip'))]
+    result = invoke(['--outdir', str(finished_run), '--data', _data_of(finished_run)] + RUN_ARGS + args + ['-n'])
+    assert result.exit_code == 0 and 'different options' not in result.output, result.output
+    assert f'Note: changed run-time options: {key} ' in result.output and result.output.count(' -> ') == 1
+
+
+@pytest.mark.slow
+def test_resume_with_changed_runtime_options_trains_on_and_records_them(finished_run, tmp_path, no_leftover_process_group):
+    run_dir = copy_run(finished_run, tmp_path)
+    original = (run_dir / 'training_options.json').read_bytes()
+    moved = shutil.copy(_data_of(run_dir), tmp_path / 'moved.zip')
+    result = train(run_dir, moved, '--duration', '2Ki', '--batch-gpu', '16', '--status', '256', '--snapshot', '2Ki', '--checkpoint', '2Ki')
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith('Resuming with changed run-time options: '))
+    assert 'total_nimg 1024 -> 2048' in line and 'batch_gpu null -> 16' in line and 'moved.zip' in line
+    assert 'Resuming with changed run-time options' in (run_dir / 'log.txt').read_text()
+    assert (run_dir / 'training-state-0000002.pt').is_file() and (run_dir / 'network-snapshot-0000002-0.050.pkl').is_file()
+    assert (run_dir / 'training_options.json').read_bytes() == original  # the record of the run's creation
+    records = [json.loads(line) for line in (run_dir / 'training_options-resume.jsonl').read_text().splitlines()]
+    assert len(records) == 1 and records[0]['num_processes'] == 1
+    assert records[0]['changed'] == {'total_nimg': [1024, 2048], 'batch_gpu': [None, 16], 'status_nimg': [512, 256],
+                                     'snapshot_nimg': [1024, 2048], 'checkpoint_nimg': [1024, 2048],
+                                     'dataset_kwargs.path': [_data_of(finished_run), str(moved)]}
+
+
+def write_reference_style_checkpoint(path):
+    """Rewrite a checkpoint as the reference writes one: ``state`` an EasyDict and Adam's lr a
+    numpy float64 (the reference's learning-rate schedule divides by np.sqrt)."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt['state'] = dnnlib.EasyDict(ckpt['state'])
+    for group in ckpt['optimizer']['param_groups']:
+        group['lr'] = np.float64(group['lr'])
+    torch.save(ckpt, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what torch refuses without the allow-list
+
+
+@pytest.mark.slow
+def test_resume_from_reference_checkpoint_trains_to_the_end(finished_run, tmp_path, no_leftover_process_group):
+    ours = copy_run(finished_run, tmp_path / 'ours')
+    assert train(ours, _data_of(ours), '--duration', '2Ki').exit_code == 0
+    reference = copy_run(finished_run, tmp_path / 'reference')
+    write_reference_style_checkpoint(reference / 'training-state-0000001.pt')
+    result = train(reference, _data_of(reference), '--duration', '2Ki')
+    assert result.exit_code == 0, result.output
+    assert 'Loading' in result.output and 'training-state-0000001.pt' in result.output
+    a, b = [torch.load(run / 'training-state-0000002.pt', weights_only=True) for run in (ours, reference)]
+    assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 2048
+    for name in a['net']:  # the learning rate is set anew before every step, so the runs agree bitwise
+        assert torch.equal(a['net'][name], b['net'][name]), name
+
+
+class RunsCode:
+    """A pickle payload that runs a shell command when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.slow
+def test_resume_refuses_checkpoint_that_runs_code(finished_run, tmp_path, no_leftover_process_group):
+    run_dir = copy_run(finished_run, tmp_path)
+    marker = tmp_path / 'marker'
+    ckpt = torch.load(run_dir / 'training-state-0000001.pt', weights_only=True)
+    torch.save(dict(ckpt, state=RunsCode(marker)), run_dir / 'training-state-0000002.pt')
+    result = train(run_dir, _data_of(run_dir), '--duration', '3Ki')
+    assert_one_line_error(result, 'training-state-0000002.pt', 'system')
+    assert not marker.exists()
 
 # ----------------------------------------------------------------------------
 # A complete short run through the command line (one process, its own interpreter).
@@ -244,7 +401,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert sorted(os.listdir(run_dir)) == [
-        'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+        'dataset_identity.json', 'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
         'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
         'stats.jsonl', 'training-state-0000001.pt', 'training_options.json']
 
@@ -270,7 +427,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
         assert 0 < s['Loss/loss'] < 10 and 0 < s['Loss/learning_rate'] <= 0.01
     assert re.search(r'"Progress/kimg": 0\.512, ', lines[2]) and re.search(r'"timestamp": \d+\.\d{3}}$', lines[2])
 
-    # Snapshots: spec §2 format, float16 EMA in eval mode on the CPU, loadable both ways.
+    # Snapshots: the reference's pickle format, float16 EMA in eval mode on the CPU, loadable both ways.
     path = run_dir / 'network-snapshot-0000001-0.050.pkl'
     with open(path, 'rb') as f:
         data = pickle.load(f)

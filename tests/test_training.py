@@ -2,6 +2,7 @@
 exact resumption (slice_nimg, SIGKILL after a checkpoint), crash safety of snapshot and checkpoint
 writes, the distributed and gradient-accumulation mechanics, and that a small model learns digits."""
 
+import inspect
 import json
 import math
 import multiprocessing
@@ -25,12 +26,14 @@ from training import training_loop as tl
 
 TINY_NET = dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2], num_blocks=1,
                 attn_resolutions=[4], logvar_channels=8)
+RGB_ENCODER = dict(class_name='training.encoders.StandardRGBEncoder')
 
 
 def tiny_kwargs(run_dir, data, **overrides) -> dict:
     """training_loop kwargs for a ~40k-parameter model on 8x8 images (loader in the main process)."""
     kwargs = dict(
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data), use_labels=True),
+        encoder_kwargs=RGB_ENCODER,
         data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
         network_kwargs=dict(TINY_NET, dropout=0.1),  # dropout: its masks must be reseeded on resume too
         loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
@@ -179,6 +182,50 @@ def test_training_on_vae_latents(tmp_path):
     assert snapshot.ema.img_channels == 4 and snapshot.ema.img_resolution == 8
     assert load_checkpoint(run_dir / 'training-state-0000000.pt')['state']['cur_nimg'] == 16
 
+
+
+def test_reference_signature_and_defaults(tmp_path):
+    """training_loop keeps the reference's keywords and defaults; called as the reference allows
+    (keywords only, defaults elsewhere: the VAE encoder, a DataLoader with 2 workers, Adam, PH-EMA)."""
+    params = inspect.signature(tl.training_loop).parameters
+    reference = dict(run_dir='.', seed=0, batch_size=2048, batch_gpu=None, total_nimg=8 << 30, slice_nimg=None, status_nimg=128 << 10,
+                     snapshot_nimg=8 << 20, checkpoint_nimg=128 << 20, loss_scaling=1, force_finite=True, cudnn_benchmark=True)
+    assert {name: params[name].default for name in reference} == reference
+    assert params['encoder_kwargs'].default == dict(class_name='training.encoders.StabilityVAEEncoder')
+    assert params['data_loader_kwargs'].default == dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2,
+                                                        prefetch_factor=2)
+    data = train_helpers.latent_dataset_dir(str(tmp_path / 'latents'), num_images=8)
+    run_dir = tmp_path / 'run'
+    tl.training_loop(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data), network_kwargs=TINY_NET,
+                     run_dir=str(run_dir), batch_size=8, total_nimg=16, status_nimg=8, snapshot_nimg=1024)
+    assert sorted(os.listdir(run_dir)) == ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+                                           'stats.jsonl', 'training-state-0000000.pt']
+    ckpt = load_checkpoint(run_dir / 'training-state-0000000.pt')
+    assert ckpt['state']['cur_nimg'] == 16 and ckpt['optimizer']['param_groups'][0]['betas'] == (0.9, 0.99)
+
+
+class LossThatDiverges:
+    """EDM2's loss for the first ``finite_calls`` calls, then NaN everywhere (a diverged run)."""
+
+    def __init__(self, finite_calls):
+        self.finite_calls, self.calls, self.loss = finite_calls, 0, tl.EDM2Loss()
+
+    def __call__(self, net, images, labels=None):
+        self.calls += 1
+        loss = self.loss(net=net, images=images, labels=labels)
+        return loss if self.calls <= self.finite_calls else loss * float('nan')
+
+
+def test_diverged_tick_reports_nan(tmp_path, tiny_data):
+    """A tick in which every loss is NaN reports NaN in stats.jsonl, not the previous tick's value."""
+    run_dir = tmp_path / 'run'
+    tl.training_loop(**tiny_kwargs(run_dir, tiny_data, loss_kwargs=dict(class_name='tests.test_training.LossThatDiverges', finite_calls=2),
+                                   total_nimg=256, status_nimg=128, snapshot_nimg=None, checkpoint_nimg=None))
+    stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    assert [s['Progress/kimg'] for s in stats] == [0.0, 0.128, 0.256]
+    assert np.isfinite(stats[1]['Loss/loss']) and np.isnan(stats[2]['Loss/loss'])
+    assert stats[2]['Loss/learning_rate'] > 0  # the other statistics go on
+
 # ----------------------------------------------------------------------------
 # Exact resume.
 
@@ -264,7 +311,7 @@ def _child_main2(kwargs, hook, target, marker):
         orig_dump = pickle.dump
 
         def dump(obj, f, *args, **kw):
-            if not os.path.basename(str(getattr(f, 'name', ''))).startswith(target):
+            if target not in os.path.basename(str(getattr(f, 'name', ''))):  # the temporary file of target
                 return orig_dump(obj, f, *args, **kw)
             data = pickle.dumps(obj, *args, **kw)
             f.write(data[:len(data) // 2])
@@ -322,13 +369,13 @@ def test_sigkill_during_writes_leaves_no_truncated_files(tmp_path, tiny_data, re
     run_until_hook_then_kill(kwargs, 'during_snapshot', 'network-snapshot-0000002-0.100.pkl', tmp_path)
     assert (run_dir / 'network-snapshot-0000002-0.050.pkl').is_file()
     assert not (run_dir / 'network-snapshot-0000002-0.100.pkl').exists()
-    assert list(run_dir.glob('network-snapshot-0000002-0.100.pkl*'))  # the partial temporary file
+    assert list(run_dir.glob('.network-snapshot-0000002-0.100.pkl.*.tmp'))  # the partial temporary file
     check_complete_files()
 
     # Killed in the middle of writing the checkpoint of 2048 images: it resumed from 1024 again.
     run_until_hook_then_kill(kwargs, 'during_checkpoint', 'training-state-0000002.pt', tmp_path)
     assert not (run_dir / 'training-state-0000002.pt').exists()
-    assert list(run_dir.glob('training-state-0000002.pt*'))
+    assert list(run_dir.glob('.training-state-0000002.pt.*.tmp'))
     check_complete_files()
 
     # The next start resumes from the last complete checkpoint and ends exactly like the reference.
@@ -418,7 +465,7 @@ def test_small_model_learns_digits(workdir):
     data = train_helpers.digits_dataset_zip(str(workdir / 'digits16.zip'), resolution=16)
     run_dir = workdir / 'digits'
     tl.training_loop(
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True),
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True), encoder_kwargs=RGB_ENCODER,
         data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
         network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=8, channel_mult=[1, 2],
                             num_blocks=1, attn_resolutions=[], logvar_channels=16),

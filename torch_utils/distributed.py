@@ -1,4 +1,4 @@
-"""Multi-process helpers (spec §11): process-group set-up, rank queries, rank-0 printing, training
+"""Multi-process helpers: process-group set-up, rank queries, rank-0 printing, training
 checkpoints, and hooks through which a cluster manager can stop or suspend a run.
 
 Launch several processes with ``torchrun --nproc_per_node=N script.py``; without torchrun every
@@ -9,7 +9,6 @@ here NCCL is used only with CUDA and Gloo otherwise, so multi-process runs work 
 import os
 import re
 import socket
-import tempfile
 from typing import Any, List, Optional
 
 import numpy as np
@@ -158,14 +157,45 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _reference_checkpoint_globals() -> list:
+    """The globals that reference checkpoints use besides tensors and plain types, all data: the
+    ``dnnlib.util.EasyDict`` of ``state`` (read as a dict) and Adam's ``lr`` as a numpy float64
+    (the reference's learning-rate schedule divides by ``np.sqrt``), i.e. numpy's scalar
+    constructor (under ``numpy.core`` in NumPy 1, ``numpy._core`` in NumPy 2) and the float64 dtype."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    return [(dict, "dnnlib.util.EasyDict"), (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar"), np.dtype, type(np.dtype(np.float64))]
+
+
+def _load_checkpoint_data(pt_path: str) -> dict:
+    """``torch.load(weights_only=True)`` with exactly the reference's data globals allowed (never
+    anything that can run code); a failure becomes a one-line ValueError naming the file."""
+    try:
+        with torch.serialization.safe_globals(_reference_checkpoint_globals()):
+            data = torch.load(pt_path, map_location=torch.device("cpu"), weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # the unpickler's errors come as several types with multi-line messages
+        text = str(err)
+        match = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip() and "Weights only load failed" not in line]
+        why = (f"it holds {match.group(1)}, which a checkpoint may not contain (only tensors, state dicts and plain data load)"
+               if match else lines[0].split(". ")[0] if lines else type(err).__name__)
+        raise ValueError(f"cannot read the checkpoint {pt_path}: {why}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read the checkpoint {pt_path}: it holds a {type(data).__name__}, not a dict")
+    return data
+
+
 class CheckpointIO:
     """Saves and restores named training objects with ``torch.save`` / ``torch.load``.
 
     Each object is stored as its ``state_dict()`` when it has one, as a copy of its attribute
     dict when it is a plain object, and as itself otherwise (dicts, tensors, numbers); EasyDicts
     are written as plain dicts, so the files load with ``torch.load(..., weights_only=True)``
-    anywhere. Loading uses ``weights_only=True`` with ``dnnlib.util.EasyDict`` allowed (read as
-    a dict), which reference checkpoints need.
+    anywhere. Loading uses ``weights_only=True`` with exactly the data globals of reference
+    checkpoints allowed (``EasyDict``, numpy float64 scalars), so those resume too.
     """
 
     def __init__(self, **objs: Any):
@@ -186,38 +216,30 @@ class CheckpointIO:
         return _plain(data)
 
     def save(self, pt_path: str, verbose: bool = True) -> None:
-        """Write the checkpoint (rank 0 only) to a temporary name, then rename it into place."""
+        """Write the checkpoint (rank 0 only) under a temporary name, then rename it into place."""
         data = self.state()
         if get_rank() != 0:
             return
         if verbose:
             print(f"Saving {pt_path} ... ", end="", flush=True)
-        folder = os.path.dirname(os.path.abspath(pt_path))
-        fd, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(pt_path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-            os.replace(temp_path, pt_path)
-        finally:
-            if os.path.exists(temp_path):
-                os.remove(temp_path)
+        with dnnlib.util.atomic_write(pt_path, "wb") as f:
+            torch.save(data, f)
         if verbose:
             print("done")
 
     def load(self, pt_path: str, verbose: bool = True) -> None:
-        """Restore every object from ``pt_path`` (``load_state_dict`` or attribute update)."""
+        """Restore every object from ``pt_path`` (``load_state_dict`` or attribute update).
+
+        Raises ValueError (one line, naming the file) for a file that is not a readable checkpoint.
+        """
         if verbose:
             print0(f"Loading {pt_path} ... ", end="", flush=True)
-        # Reference checkpoints pickle `state` as a dnnlib.util.EasyDict. The weights-only
-        # unpickler fills only exact dicts, so that name is allow-listed as a plain dict; the
-        # values are copied into the caller's objects below anyway.
-        with torch.serialization.safe_globals([(dict, "dnnlib.util.EasyDict")]):
-            data = torch.load(pt_path, map_location=torch.device("cpu"), weights_only=True)
+        data = _load_checkpoint_data(pt_path)
         for name, obj in self._objs.items():
             if obj is None:  # an optional object that this run does not have (e.g. no EMA)
                 continue
             if name not in data:
-                raise KeyError(f"{pt_path} has no entry '{name}'")
+                raise ValueError(f"{pt_path}: not a checkpoint of this run (it has no entry '{name}')")
             value = data[name]
             if isinstance(obj, dict):
                 obj.clear()

@@ -2,7 +2,9 @@
 processes when a collector reads them (once per status tick).
 
 ``report(name, value)`` adds samples (a scalar or a tensor of samples) to a running count, sum
-and sum of squares in float64; non-finite samples are left out. ``Collector.update()`` gathers
+and sum of squares in float64; non-finite samples are left out of these, but counted apart, so
+that an interval whose samples were all non-finite (e.g. a diverged loss) reads as NaN, as in the
+reference, rather than keeping the previous interval's value. ``Collector.update()`` gathers
 what every process reported since its previous update (an all-reduce when distributed) and
 exposes the number of samples, mean and standard deviation of each name.
 """
@@ -16,8 +18,8 @@ import torch
 import dnnlib
 
 _reduce_dtype = torch.float64   # accumulate in double so long ticks do not lose precision
-_counters: Dict[str, Dict[torch.device, torch.Tensor]] = {}  # name -> device -> [count, sum, sumsq] not yet synced
-_cumulative: Dict[str, torch.Tensor] = {}  # name -> [count, sum, sumsq] over all processes since start (CPU)
+_counters: Dict[str, Dict[torch.device, torch.Tensor]] = {}  # name -> device -> [count, sum, sumsq, all] not yet synced
+_cumulative: Dict[str, torch.Tensor] = {}  # name -> [count, sum, sumsq, all] over all processes since start (CPU)
 _names: List[str] = []  # every known name, in first-reported order (rank 0's order once synced)
 
 
@@ -38,7 +40,7 @@ def report(name: str, value: Any) -> Any:
     elems = torch.as_tensor(value).detach().flatten().to(_reduce_dtype)
     finite = torch.isfinite(elems)
     elems = torch.where(finite, elems, torch.zeros_like(elems))
-    moments = torch.stack([finite.sum().to(_reduce_dtype), elems.sum(), elems.square().sum()])
+    moments = torch.stack([finite.sum().to(_reduce_dtype), elems.sum(), elems.square().sum(), torch.ones_like(elems).sum()])
     counters = _counters[name]
     if elems.device not in counters:
         counters[elems.device] = torch.zeros_like(moments)
@@ -88,7 +90,7 @@ def _sync(names: List[str]) -> List[torch.Tensor]:
     if len(names) == 0:
         return []
     device = _sync_device()
-    deltas = torch.zeros([len(names), 3], dtype=_reduce_dtype, device=device)
+    deltas = torch.zeros([len(names), 4], dtype=_reduce_dtype, device=device)
     for idx, name in enumerate(names):
         for counter in _counters.get(name, {}).values():
             deltas[idx].add_(counter.to(device))
@@ -99,7 +101,7 @@ def _sync(names: List[str]) -> List[torch.Tensor]:
     result = []
     for idx, name in enumerate(names):
         if name not in _cumulative:
-            _cumulative[name] = torch.zeros([3], dtype=_reduce_dtype)
+            _cumulative[name] = torch.zeros([4], dtype=_reduce_dtype)
         _cumulative[name] += deltas[idx]
         result.append(_cumulative[name].clone())
     return result
@@ -110,7 +112,8 @@ class Collector:
 
     ``update()`` must be called by every process at the same time when distributed. With
     ``keep_previous``, names that got no samples in the latest interval keep their previous
-    values; otherwise they read as empty (num 0, mean and std NaN).
+    values; otherwise they read as empty (num 0, mean and std NaN). Names whose samples in the
+    latest interval were all non-finite read as empty (NaN) either way.
     """
 
     def __init__(self, regex: str = ".*", keep_previous: bool = True):
@@ -133,11 +136,11 @@ class Collector:
             previous = self._cumulative.get(name, torch.zeros_like(cumulative))
             delta = cumulative - previous
             self._cumulative[name] = cumulative
-            if float(delta[0]) != 0:
+            if float(delta[3]) != 0:  # any samples, finite or not
                 self._moments[name] = delta
 
     def _get(self, name: str) -> torch.Tensor:
-        return self._moments.get(name, torch.zeros([3], dtype=_reduce_dtype))
+        return self._moments.get(name, torch.zeros([4], dtype=_reduce_dtype))
 
     def num(self, name: str) -> int:
         """Number of finite samples of ``name`` in the latest interval."""
@@ -145,12 +148,12 @@ class Collector:
 
     def mean(self, name: str) -> float:
         """Mean of ``name``'s samples (NaN when there are none)."""
-        count, total, _ = self._get(name).tolist()
+        count, total = self._get(name).tolist()[:2]
         return total / count if count else float("nan")
 
     def std(self, name: str) -> float:
         """Population standard deviation of ``name``'s samples (NaN when there are none)."""
-        count, total, total_sq = self._get(name).tolist()
+        count, total, total_sq = self._get(name).tolist()[:3]
         if count == 0:
             return float("nan")
         mean = total / count

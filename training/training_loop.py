@@ -1,16 +1,17 @@
-"""The EDM2 training loop, its loss and its learning-rate schedule (spec §4).
+"""The EDM2 training loop, its loss and its learning-rate schedule (Karras et al., "Analyzing and
+Improving the Training Dynamics of Diffusion Models", CVPR 2024).
 
 This module is embedded in every network snapshot (it defines the persistent ``EDM2Loss``) and the
 reference tools execute it when they load one, against *their* ``dnnlib`` and ``torch_utils``. Its
 module-level imports are therefore limited to the standard library, numpy, torch, psutil, dnnlib and
 ``torch_utils.{persistence, misc, distributed, training_stats}``; everything else (datasets,
-encoders, the EMA) is reached by class name at run time.
+encoders, the EMA, our newer helpers) is reached by name inside function bodies at run time.
 """
 
 import copy
+import inspect
 import os
 import pickle
-import re
 import sys
 import time
 from typing import Optional, Tuple
@@ -24,8 +25,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 
 # ----------------------------------------------------------------------------
-# Loss function (spec §4.1): the EDM loss weighted by lambda(sigma) and by the
-# learned uncertainty u(sigma) of the network's log-variance head.
+# Loss function: the EDM loss weighted by lambda(sigma) and by the learned uncertainty u(sigma)
+# of the network's log-variance head (the paper's loss weighting with uncertainty).
 
 
 @persistence.persistent_class
@@ -47,8 +48,8 @@ class EDM2Loss:
         return loss
 
 # ----------------------------------------------------------------------------
-# Learning-rate schedule (spec §4.2): inverse square-root decay after
-# ref_batches iterations, times a linear ramp-up over rampup_Mimg images.
+# Learning-rate schedule: the paper's inverse square-root decay after ref_batches iterations, times
+# a linear ramp-up over rampup_Mimg images.
 
 
 def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
@@ -61,50 +62,13 @@ def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-
     return float(lr)
 
 # ----------------------------------------------------------------------------
-# Helpers.
-
-
-def _default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-
-def _write_atomically(path, write_fn):
-    """Write a file under a temporary name in the same folder and rename it when complete, so that
-    an interrupted write never leaves a truncated file under the final name."""
-    tmp_path = path + '.tmp'
-    try:
-        with open(tmp_path, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def _remove_stale_temp_files(run_dir):
-    """Remove temporary files that an interrupted write (e.g. a killed process) left behind."""
-    pattern = re.compile(r'(network-snapshot-.*\.pkl|training-state-\d+\.pt)(\..*)?\.tmp')
-    for name in os.listdir(run_dir):
-        if pattern.fullmatch(name):
-            try:
-                os.remove(os.path.join(run_dir, name))
-            except OSError:
-                pass
-
-
-def _format_stats_line(items):
-    """One stats.jsonl line: values '%g' (kimg and timestamp '%.3f'), non-finite values as NaN."""
-    fmt = {'Progress/kimg': '%.3f', 'timestamp': '%.3f'}
-    fields = [f'"{name}": ' + (fmt.get(name, '%g') % value if np.isfinite(value) else 'NaN') for name, value in items]
-    return '{' + ', '.join(fields) + '}\n'
+# Validation of the batch layout and the image counts.
 
 
 def check_training_config(batch_size: int, world_size: int = 1, batch_gpu: Optional[int] = None, total_nimg: Optional[int] = None,
                           slice_nimg: Optional[int] = None, status_nimg: Optional[int] = None, snapshot_nimg: Optional[int] = None,
                           checkpoint_nimg: Optional[int] = None) -> Tuple[int, int]:
-    """Validate the batch layout and the image counts (spec §4.4); raise ValueError naming the problem.
+    """Validate the batch layout and the image counts; raise ValueError naming the problem.
 
     Returns the batch of one accumulation round in one process (``batch_gpu`` clamped to the
     per-process batch) and the number of accumulation rounds.
@@ -132,33 +96,20 @@ def check_training_config(batch_size: int, world_size: int = 1, batch_gpu: Optio
     return batch_gpu, batch_per_process // batch_gpu
 
 # ----------------------------------------------------------------------------
-# Main training loop (spec §4.4).
+# Main training loop. The defaults are the reference's; None for a *_kwargs argument means that
+# default too. Deviation: device None = CUDA when available, else the CPU (the reference
+# hard-codes CUDA), and pinned memory only with CUDA.
 
 
-_default_kwargs = dict(
+def training_loop(
     dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
-    encoder_kwargs      = dict(class_name='training.encoders.StandardRGBEncoder'),
+    encoder_kwargs      = dict(class_name='training.encoders.StabilityVAEEncoder'),
+    data_loader_kwargs  = dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2, prefetch_factor=2),
     network_kwargs      = dict(class_name='training.networks_edm2.Precond'),
     loss_kwargs         = dict(class_name='training.training_loop.EDM2Loss'),
     optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
     lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
-    ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),
-)
-
-
-def _or_default(value, name):
-    return copy.deepcopy(_default_kwargs[name]) if value is None else value
-
-
-def training_loop(
-    dataset_kwargs      = None,     # Dataset; None = ImageFolderDataset (then a path is required).
-    encoder_kwargs      = None,     # Encoder between dataset items and latents; None = StandardRGBEncoder.
-    data_loader_kwargs  = None,     # None = torch DataLoader with 2 workers, prefetch 2, pinned memory on CUDA.
-    network_kwargs      = None,     # None = Precond with its defaults.
-    loss_kwargs         = None,     # None = EDM2Loss with its defaults.
-    optimizer_kwargs    = None,     # None = Adam with betas (0.9, 0.99).
-    lr_kwargs           = None,     # None = learning_rate_schedule with its defaults.
-    ema_kwargs          = None,     # None = PowerFunctionEMA with its defaults; False = no EMA (snapshot the raw net).
+    ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),  # False = no EMA (snapshot the raw net).
 
     run_dir             = '.',      # Output directory.
     seed                = 0,        # Global random seed.
@@ -176,58 +127,33 @@ def training_loop(
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
 ) -> None:
-    # Initialize.
-    prev_status_time = time.time()
+    # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
     dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
     encoder_kwargs = _or_default(encoder_kwargs, 'encoder_kwargs')
+    data_loader_kwargs = _or_default(data_loader_kwargs, 'data_loader_kwargs')
     network_kwargs = _or_default(network_kwargs, 'network_kwargs')
     loss_kwargs = _or_default(loss_kwargs, 'loss_kwargs')
     optimizer_kwargs = _or_default(optimizer_kwargs, 'optimizer_kwargs')
     lr_kwargs = _or_default(lr_kwargs, 'lr_kwargs')
     ema_kwargs = _or_default(ema_kwargs, 'ema_kwargs')
-    device = torch.device(device) if device is not None else _default_device()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if hasattr(training_stats, 'reset'):  # Fresh statistics per run (the reference's module has no reset).
-        training_stats.reset()
-    misc.set_random_seed(seed, rank)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    os.makedirs(run_dir, exist_ok=True)
-    if rank == 0:
-        _remove_stale_temp_files(run_dir)
+    if device is None:
+        device = misc.default_device()
+    device = torch.device(device)
+    if device.type != 'cuda' and data_loader_kwargs.get('pin_memory'):
+        data_loader_kwargs['pin_memory'] = False  # pinning needs CUDA
 
-    # Validate the batch layout and the image counts.
+    # Initialize.
+    start_time = time.time()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    _initialize(run_dir=run_dir, seed=seed, rank=rank, cudnn_benchmark=cudnn_benchmark)
     batch_gpu, num_accumulation_rounds = check_training_config(
         batch_size=batch_size, world_size=world_size, batch_gpu=batch_gpu, total_nimg=total_nimg, slice_nimg=slice_nimg,
         status_nimg=status_nimg, snapshot_nimg=snapshot_nimg, checkpoint_nimg=checkpoint_nimg)
-    batch_per_process = batch_size // world_size
     if preset_name is not None:
         dist.print0(f'Preset: {preset_name}')
 
-    # Dataset, encoder and network.
-    dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    ref_image, ref_label = dataset_obj[0]
-    dist.print0('Setting up encoder...')
-    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
-    ref_image = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
-    dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
-    net.train().requires_grad_(True).to(device)
-
-    # The summary's forward pass runs in training mode, so it also force-normalises the weights of
-    # rank 0 before they are broadcast and copied into the EMA (spec §14).
-    if rank == 0:
-        misc.print_module_summary(net, [
-            torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device),
-            torch.ones([batch_gpu], device=device),
-            torch.zeros([batch_gpu, net.label_dim], device=device),
-        ], max_nesting=2)
-
-    # Training state.
+    # Dataset, encoder, network, and the training state.
+    dataset_obj, encoder, net = _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device)
     dist.print0('Setting up training state...')
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
     ddp = net
@@ -240,11 +166,7 @@ def training_loop(
     # Resume from the latest checkpoint and decide where this invocation stops.
     checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
     checkpoint.load_latest(run_dir)
-    stop_at_nimg = total_nimg
-    if slice_nimg is not None:
-        granularity = checkpoint_nimg if checkpoint_nimg is not None else snapshot_nimg if snapshot_nimg is not None else batch_size
-        slice_end_nimg = (state.cur_nimg + slice_nimg) // granularity * granularity  # round down
-        stop_at_nimg = min(stop_at_nimg, slice_end_nimg)
+    stop_at_nimg = _stop_at_nimg(state.cur_nimg, total_nimg, slice_nimg, checkpoint_nimg, snapshot_nimg, batch_size)
     if stop_at_nimg <= state.cur_nimg:
         dist.print0(f'Nothing to do: training already reached {state.cur_nimg // 1000} kimg.')
         return
@@ -252,144 +174,217 @@ def training_loop(
     dist.print0()
 
     # Data: an infinite sampler that continues the same sequence from cur_nimg on a resume.
-    if data_loader_kwargs is None:
-        data_loader_kwargs = dict(class_name='torch.utils.data.DataLoader', pin_memory=(device.type == 'cuda'),
-                                  num_workers=2, prefetch_factor=2)
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
 
-    # A progress bar on the terminal only (never in log.txt), rank 0.
-    progress = None
-    if rank == 0:
-        import tqdm  # Lazily: the reference tools that execute this module need not have it.
-        progress = tqdm.tqdm(total=stop_at_nimg, initial=state.cur_nimg, unit='img', unit_scale=True, leave=False,
-                             file=sys.__stderr__, disable=None, dynamic_ncols=True)
-
-    # Main training loop.
-    prev_status_nimg = state.cur_nimg
-    cumulative_training_time = 0
+    # Main training loop: at every step, first the periodic reports and files, then one optimization step.
+    tick = dnnlib.EasyDict(start_time=start_time, start_nimg=state.cur_nimg, training_time=0.0)
     start_nimg = state.cur_nimg
-    stats_jsonl = None
+    progress = _progress_bar(stop_at_nimg, state.cur_nimg) if rank == 0 else None
     try:
         while True:
             done = (state.cur_nimg >= stop_at_nimg)
-            fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)
+            fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)  # a resume repeats nothing at its start
             do_status = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and fresh_or_advanced
             do_snapshot = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced and rank == 0
             do_checkpoint = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
             if progress is not None and (do_status or do_snapshot or do_checkpoint):
                 progress.clear()
-
-            # Report status.
             if do_status:
-                cur_time = time.time()
-                state.total_elapsed_time += cur_time - prev_status_time
-                cur_process = psutil.Process(os.getpid())
-                cpu_memory_usage = sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True))
-                on_cuda = (device.type == 'cuda')
-                values = dict(kimg=state.cur_nimg / 1e3, total_sec=state.total_elapsed_time, sec_per_tick=cur_time - prev_status_time,
-                              sec_per_kimg=cumulative_training_time / max(state.cur_nimg - prev_status_nimg, 1) * 1e3,
-                              maintenance_sec=cur_time - prev_status_time - cumulative_training_time, cpu_mem_gb=cpu_memory_usage / 2**30,
-                              gpu_mem_gb=(torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0),
-                              gpu_reserved_gb=(torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0))
-                training_stats.report0('Progress/kimg', values['kimg'])
-                training_stats.report0('Timing/total_sec', values['total_sec'])
-                training_stats.report0('Timing/sec_per_tick', values['sec_per_tick'])
-                training_stats.report0('Timing/sec_per_kimg', values['sec_per_kimg'])
-                training_stats.report0('Timing/maintenance_sec', values['maintenance_sec'])
-                training_stats.report0('Resources/cpu_mem_gb', values['cpu_mem_gb'])
-                training_stats.report0('Resources/peak_gpu_mem_gb', values['gpu_mem_gb'])
-                training_stats.report0('Resources/peak_gpu_mem_reserved_gb', values['gpu_reserved_gb'])
-                dist.print0(' '.join(['Status:',
-                    'kimg',         f"{values['kimg']:<9.1f}",
-                    'time',         f"{dnnlib.util.format_time(values['total_sec']):<12s}",
-                    'sec/tick',     f"{values['sec_per_tick']:<8.2f}",
-                    'sec/kimg',     f"{values['sec_per_kimg']:<7.3f}",
-                    'maintenance',  f"{values['maintenance_sec']:<7.2f}",
-                    'cpumem',       f"{values['cpu_mem_gb']:<6.2f}",
-                    'gpumem',       f"{values['gpu_mem_gb']:<6.2f}",
-                    'reserved',     f"{values['gpu_reserved_gb']:<6.2f}",
-                ]))
-                cumulative_training_time = 0
-                prev_status_nimg = state.cur_nimg
-                prev_status_time = cur_time
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-
-                # Flush the statistics of this tick (means over the tick, reduced across processes).
-                training_stats.default_collector.update()
-                if rank == 0:
-                    if stats_jsonl is None:
-                        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
-                    items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
-                    stats_jsonl.write(_format_stats_line(items + [('timestamp', time.time())]))
-                    stats_jsonl.flush()
-
-                # Update progress and check for abort.
-                dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
-                if state.cur_nimg == stop_at_nimg and state.cur_nimg < total_nimg:
-                    dist.request_suspend()
-                if dist.should_stop() or dist.should_suspend():
+                _report_status(state, tick, device)
+                _write_stats(run_dir, rank)
+                if _should_end_invocation(state.cur_nimg, stop_at_nimg, total_nimg):
                     done = True
-
-            # Save network snapshots, one per EMA profile.
             if do_snapshot:
-                ema_list = ema.get() if ema is not None else net
-                ema_list = ema_list if isinstance(ema_list, list) else [(ema_list, '')]
-                for ema_net, ema_suffix in ema_list:
-                    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
-                    # Module.to(dtype) casts floating-point parameters and buffers alike.
-                    data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
-                    fname = f'network-snapshot-{state.cur_nimg // 1000:07d}{ema_suffix}.pkl'
-                    dist.print0(f'Saving {fname} ... ', end='', flush=True)
-                    _write_atomically(os.path.join(run_dir, fname), lambda f, data=data: pickle.dump(data, f))
-                    dist.print0('done')
-                    del data  # conserve memory
-
-            # Save a training checkpoint (never at the start, always at the end).
+                _save_snapshots(run_dir, state.cur_nimg, net, ema, encoder, dataset_kwargs, loss_fn)
             if do_checkpoint:
-                checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
-                if world_size > 1:
-                    misc.check_ddp_consistency(net)
-
+                _save_checkpoint(run_dir, state.cur_nimg, checkpoint, net, world_size)
             if done:
                 break
 
-            # Evaluate the loss and accumulate gradients.
-            batch_start_time = time.time()
-            misc.set_random_seed(seed, rank, state.cur_nimg)
-            optimizer.zero_grad(set_to_none=True)
-            for round_idx in range(num_accumulation_rounds):
-                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                    images, labels = next(dataset_iterator)
-                    images = encoder.encode_latents(images.to(device))
-                    loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
-                    training_stats.report('Loss/loss', loss)
-                    loss.sum().mul(loss_scaling / batch_per_process).backward()
-
-            # Learning rate of this step from the image count before it; then the optimizer step.
-            # A plain float: the optimizer state (with its lr) must load with torch.load(weights_only=True).
-            lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
-            training_stats.report('Loss/learning_rate', lr)
-            for g in optimizer.param_groups:
-                g['lr'] = lr
-            if force_finite:
-                for param in net.parameters():
-                    if param.grad is not None:
-                        torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
-            optimizer.step()
-
-            # Update the EMA and the training state.
-            state.cur_nimg += batch_size
-            if ema is not None:
-                ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
-            cumulative_training_time += time.time() - batch_start_time
+            step_start_time = time.time()
+            _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, seed=seed,
+                               rank=rank, batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds,
+                               loss_scaling=loss_scaling, force_finite=force_finite)
+            tick.training_time += time.time() - step_start_time
             if progress is not None:
                 progress.update(batch_size)
     finally:
         if progress is not None:
             progress.close()
-        if stats_jsonl is not None:
-            stats_jsonl.close()
+
+# ----------------------------------------------------------------------------
+# The steps of the training loop, in the order they run.
+
+
+def _or_default(value, name):
+    return copy.deepcopy(inspect.signature(training_loop).parameters[name].default if value is None else value)
+
+
+def _initialize(run_dir, seed, rank, cudnn_benchmark):
+    """Fresh statistics, the global seed, deterministic float32 math, and a clean run directory."""
+    if hasattr(training_stats, 'reset'):  # Fresh statistics per run (the reference's module has no reset).
+        training_stats.reset()
+    misc.set_random_seed(seed, rank)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        dnnlib.util.remove_stale_temp_files(run_dir)  # half-written files of a killed run
+
+
+def _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device):
+    """The dataset, the encoder, and a network shaped by the dataset's first item (in latent space)."""
+    dist.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    ref_image, ref_label = dataset_obj[0]
+    dist.print0('Setting up encoder...')
+    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
+    ref_image = encoder.encode_latents(torch.as_tensor(ref_image).to(device).unsqueeze(0))
+    dist.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net.train().requires_grad_(True).to(device)
+
+    # The summary's forward pass runs in training mode, so it also force-normalises the weights of
+    # rank 0 before DDP broadcasts them and the EMA copies them (as in the reference).
+    if dist.get_rank() == 0:
+        misc.print_module_summary(net, [
+            torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device),
+            torch.ones([batch_gpu], device=device),
+            torch.zeros([batch_gpu, net.label_dim], device=device),
+        ], max_nesting=2)
+    return dataset_obj, encoder, net
+
+
+def _stop_at_nimg(cur_nimg, total_nimg, slice_nimg, checkpoint_nimg, snapshot_nimg, batch_size):
+    """Where this invocation ends: the total, or the slice end rounded down to the checkpoint
+    interval (else the snapshot interval, else the batch), so that a slice ends on a checkpoint."""
+    if slice_nimg is None:
+        return total_nimg
+    granularity = checkpoint_nimg if checkpoint_nimg is not None else snapshot_nimg if snapshot_nimg is not None else batch_size
+    return min(total_nimg, (cur_nimg + slice_nimg) // granularity * granularity)
+
+
+def _progress_bar(stop_at_nimg, cur_nimg):
+    """A progress bar on the terminal only (never in log.txt)."""
+    import tqdm  # Lazily: the reference tools that execute this module need not have it.
+    return tqdm.tqdm(total=stop_at_nimg, initial=cur_nimg, unit='img', unit_scale=True, leave=False,
+                     file=sys.__stderr__, disable=None, dynamic_ncols=True)
+
+
+def _report_status(state, tick, device):
+    """Print the status line and report its numbers as statistics; start a new tick."""
+    cur_time = time.time()
+    state.total_elapsed_time += cur_time - tick.start_time
+    cur_process = psutil.Process(os.getpid())
+    on_cuda = (device.type == 'cuda')
+    values = {
+        'Progress/kimg':                        state.cur_nimg / 1e3,
+        'Timing/total_sec':                     state.total_elapsed_time,
+        'Timing/sec_per_tick':                  cur_time - tick.start_time,
+        'Timing/sec_per_kimg':                  tick.training_time / max(state.cur_nimg - tick.start_nimg, 1) * 1e3,
+        'Timing/maintenance_sec':               cur_time - tick.start_time - tick.training_time,
+        'Resources/cpu_mem_gb':                 sum(p.memory_info().rss for p in [cur_process] + cur_process.children(recursive=True)) / 2**30,
+        'Resources/peak_gpu_mem_gb':            torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0,
+        'Resources/peak_gpu_mem_reserved_gb':   torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0,
+    }
+    for name, value in values.items():
+        training_stats.report0(name, value)
+    v = list(values.values())
+    dist.print0(' '.join(['Status:',
+        'kimg',         f'{v[0]:<9.1f}',
+        'time',         f'{dnnlib.util.format_time(v[1]):<12s}',
+        'sec/tick',     f'{v[2]:<8.2f}',
+        'sec/kimg',     f'{v[3]:<7.3f}',
+        'maintenance',  f'{v[4]:<7.2f}',
+        'cpumem',       f'{v[5]:<6.2f}',
+        'gpumem',       f'{v[6]:<6.2f}',
+        'reserved',     f'{v[7]:<6.2f}',
+    ]))
+    tick.update(start_time=cur_time, start_nimg=state.cur_nimg, training_time=0.0)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _format_stats_line(items):
+    """One stats.jsonl line: values '%g' (kimg and timestamp '%.3f'), non-finite values as NaN."""
+    fmt = {'Progress/kimg': '%.3f', 'timestamp': '%.3f'}
+    fields = [f'"{name}": ' + (fmt.get(name, '%g') % value if np.isfinite(value) else 'NaN') for name, value in items]
+    return '{' + ', '.join(fields) + '}\n'
+
+
+def _write_stats(run_dir, rank):
+    """Append the means of this tick's statistics (reduced across processes) to stats.jsonl."""
+    training_stats.default_collector.update()  # every rank: a collective call
+    if rank == 0:
+        items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
+        with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+            f.write(_format_stats_line(items + [('timestamp', time.time())]))
+
+
+def _should_end_invocation(cur_nimg, stop_at_nimg, total_nimg):
+    """Tell a cluster manager about the progress; whether it (or the end of a slice) ends this invocation."""
+    dist.update_progress(cur_nimg // 1000, stop_at_nimg // 1000)
+    if cur_nimg == stop_at_nimg and cur_nimg < total_nimg:
+        dist.request_suspend()
+    return dist.should_stop() or dist.should_suspend()
+
+
+def _save_snapshots(run_dir, cur_nimg, net, ema, encoder, dataset_kwargs, loss_fn):
+    """One network pickle per EMA profile (float16 on the CPU, eval mode), written atomically."""
+    ema_list = ema.get() if ema is not None else net
+    ema_list = ema_list if isinstance(ema_list, list) else [(ema_list, '')]
+    for ema_net, ema_suffix in ema_list:
+        data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+        # Module.to(dtype) casts floating-point parameters and buffers alike.
+        data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
+        fname = f'network-snapshot-{cur_nimg // 1000:07d}{ema_suffix}.pkl'
+        dist.print0(f'Saving {fname} ... ', end='', flush=True)
+        with dnnlib.util.atomic_write(os.path.join(run_dir, fname), 'wb') as f:
+            pickle.dump(data, f)
+        dist.print0('done')
+        del data  # conserve memory
+
+
+def _save_checkpoint(run_dir, cur_nimg, checkpoint, net, world_size):
+    """The training state (never at the start, always at the end); rank 0 writes it."""
+    checkpoint.save(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:07d}.pt'))
+    if world_size > 1:
+        misc.check_ddp_consistency(net)
+
+
+def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, *, seed, rank,
+                       batch_size, num_accumulation_rounds, loss_scaling, force_finite):
+    """One iteration: reseed, accumulate the gradients of the whole batch, set the learning rate,
+    step the optimizer, advance the image count and update the EMA."""
+    misc.set_random_seed(seed, rank, state.cur_nimg)
+    optimizer.zero_grad(set_to_none=True)
+    batch_per_process = batch_size // dist.get_world_size()
+    for round_idx in range(num_accumulation_rounds):
+        with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):  # DDP syncs on the last round only
+            images, labels = next(dataset_iterator)
+            images = encoder.encode_latents(images.to(device))
+            loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
+            training_stats.report('Loss/loss', loss)
+            loss.sum().mul(loss_scaling / batch_per_process).backward()
+
+    # Learning rate of this step from the image count before it. A plain float: the optimizer
+    # state (with its lr) must load with torch.load(weights_only=True).
+    lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
+    training_stats.report('Loss/learning_rate', lr)
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    if force_finite:
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
+    optimizer.step()
+
+    state.cur_nimg += batch_size
+    if ema is not None:
+        ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
 # ----------------------------------------------------------------------------
