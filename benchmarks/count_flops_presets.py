@@ -1,4 +1,4 @@
-"""Parameters and Gflops per sample of all twelve training presets, against the spec §3.5 table.
+"""Parameters and Gflops per sample of all twelve training presets, against the reference's table.
 
 Each preset's network is built on the meta device (no weights allocated) and counted with
 `count_flops`. The script prints one row per preset and exits non-zero if any figure differs from
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import count_flops  # noqa: E402
 
-# Spec §3.5: (params in M, Gflops per sample) as the reference's count_flops.py reports them.
+# (params in M, Gflops per sample) as the reference's count_flops.py reports them.
 REFERENCE = {
     "edm2-img512-xxs": (31.31, 11.53),
     "edm2-img512-xs": (124.71, 45.50),
@@ -33,7 +33,7 @@ REFERENCE = {
 
 
 def main() -> int:
-    header = f"{'preset':<17s}{'params (M)':>12s}{'spec':>10s}{'Gflops':>10s}{'spec':>10s}{'memory (MiB)':>14s}{'sec':>6s}  ok"
+    header = f"{'preset':<17s}{'params (M)':>12s}{'ref':>10s}{'Gflops':>10s}{'ref':>10s}{'memory (MiB)':>14s}{'sec':>6s}  ok"
     print(header)
     print("-" * len(header))
     failures = 0
@@ -45,7 +45,7 @@ def main() -> int:
         failures += not ok
         print(f"{preset:<17s}{params:>12.2f}{ref_params:>10.2f}{gflops:>10.2f}{ref_gflops:>10.2f}"
               f"{result.memory_bytes / 2**20:>14.2f}{time.time() - start:>6.1f}  {'yes' if ok else 'NO'}")
-    print(f"\n{len(REFERENCE) - failures} of {len(REFERENCE)} presets match the spec table.")
+    print(f"\n{len(REFERENCE) - failures} of {len(REFERENCE)} presets match the reference's table.")
     return 1 if failures else 0
 
 

@@ -1,4 +1,4 @@
-"""Peak memory of reconstruct_phema.py against the number of outputs per pass (issue 7, point 5).
+"""Peak memory of reconstruct_phema.py against the number of outputs per pass.
 
 Builds an EDM2 network of the edm2-img512-xs size (~125M parameters: ~500 MB in float32, a
 ~250 MB float16 snapshot, like the published raw snapshots), saves one snapshot and hard-links

@@ -1,4 +1,4 @@
-"""Encoders (spec §5): exact RGB round trip, and the VAE encoder on a tiny local AutoencoderKL."""
+"""Encoders: exact RGB round trip, and the VAE encoder on a tiny local AutoencoderKL."""
 
 import io
 import pickle
@@ -21,7 +21,7 @@ def test_standard_rgb_round_trips_every_pixel_value():
     assert latents.min() == -1 and latents.max() == 1
     decoded = enc.decode(latents)
     assert decoded.dtype == torch.uint8 and torch.equal(decoded, pixels)
-    # decode clips, and truncates toward zero after adding 128 (spec §14).
+    # decode clips, and truncates toward zero after adding 128 (as the reference does).
     assert enc.decode(torch.tensor([-5.0, 5.0, 0.0, 0.01])).tolist() == [0, 255, 128, 129]
 
 
@@ -55,7 +55,7 @@ def test_stability_vae_encoder_on_tiny_local_vae(tiny_vae):
         assert torch.allclose(raw[:, :4], dist.mean, atol=1e-5) and torch.allclose(raw[:, 4:], dist.std, atol=1e-5)
         assert not torch.allclose(raw[:, :4], vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean, atol=1e-3)
 
-        # Final latents: a posterior draw, then the per-channel affine map of spec §5.
+        # Final latents: a posterior draw, then the per-channel affine map of the encoder (EDM2 paper, Appendix).
         torch.manual_seed(2)
         final = enc.encode_latents(raw)
         torch.manual_seed(2)

@@ -1,6 +1,6 @@
 """Tests for training/phema.py: the power-function EMA math and the EMA trackers.
 
-Every expected value comes from an independent computation: the closed forms of spec §4.3
+Every expected value comes from an independent computation: the closed forms of the EDM2 paper (Section 3 and its appendix on post-hoc EMA)
 evaluated directly, scipy numerical integration, or the analytic power-function average of
 a known trajectory.
 """
@@ -35,7 +35,7 @@ class TinyNet(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# exp_to_std / std_to_exp (issue 4, point 7).
+# exp_to_std / std_to_exp.
 
 
 def test_std_exp_roundtrip_over_range():
@@ -61,7 +61,7 @@ def test_exp_to_std_closed_form_and_cubic():
         mean = scipy.integrate.quad(lambda u, g=gamma: u * profile(u, 1.0, g), 0, 1)[0]
         var = scipy.integrate.quad(lambda u, g=gamma, m=mean: (u - m) ** 2 * profile(u, 1.0, g), 0, 1)[0]
         assert phema.exp_to_std(gamma) == pytest.approx(math.sqrt(var), rel=1e-8)
-    # std_to_exp is a root of the cubic of spec §4.3, and the largest real one.
+    # std_to_exp is a root of the cubic relating gamma to sigma_rel in the EDM2 paper (Section 3), and the largest real one.
     for std in [0.01, 0.05, 0.1, 0.2, 0.28]:
         g = phema.std_to_exp(std)
         inv = std**-2
@@ -75,7 +75,7 @@ def test_exp_to_std_closed_form_and_cubic():
 
 
 # ----------------------------------------------------------------------------
-# power_function_correlation / solve_posthoc_coefficients (issue 4, point 7).
+# power_function_correlation / solve_posthoc_coefficients.
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_power_function_beta():
 
 
 # ----------------------------------------------------------------------------
-# PowerFunctionEMA against the analytic average (issue 4, point 6).
+# PowerFunctionEMA against the analytic average.
 
 
 def track(num_steps, total=2**20, stds=(0.05, 0.1), ks=(0.5, 1.0, 2.0, 3.0)):
@@ -247,7 +247,7 @@ def test_power_function_ema_state_dict_roundtrip():
 
 
 def test_ema_copies_of_mpconv_stay_fixed_in_eval():
-    # Spec §13: MPConv overwrites its weight in training mode; the EMA copies must not drift
+    # MPConv overwrites its weight in training mode; the EMA copies must not drift
     # when run, even though the net they copy is in training mode.
     from training import networks_edm2
 

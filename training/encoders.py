@@ -1,4 +1,4 @@
-"""Converters between pixels and the space the diffusion model works in (spec §5).
+"""Converters between pixels and the space the diffusion model works in (EDM2 paper, Appendix).
 
 Pixels are NCHW uint8 RGB. ``encode_pixels`` maps them to the *raw* latents stored in a dataset,
 ``encode_latents`` maps raw latents to the *final* latents the network sees, and ``decode`` maps

@@ -1,4 +1,4 @@
-"""Helpers for the training tests and benchmarks: small datasets in the spec §6 layout, a loss
+"""Helpers for the training tests and benchmarks: small datasets in the dataset layout of `dataset_tool.py`, a loss
 without random draws, and a tiny Heun sampler for looking at what a run learned."""
 
 import io
