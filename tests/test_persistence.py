@@ -1,5 +1,7 @@
-"""Network pickles: the spec §2 format, loading through the embedded source, and the safe loader."""
+"""Network pickles: the persistence format, loading through the embedded source, and the safe loader."""
 
+import copy
+import hashlib
 import io
 import os
 import pickle
@@ -145,8 +147,13 @@ def test_safe_load_never_runs_embedded_source(monkeypatch, tmp_path):
     assert not loaded.ema.training
     assert torch.equal(reference_output(loaded.ema), expected)
     assert loaded.dataset_kwargs == snapshot.dataset_kwargs
-    # The rebuilt objects are ordinary objects of this project: they pickle again with our own source.
-    again = pickle.loads(pickle.dumps(loaded))
+    # Re-saved, the rebuilt objects embed the (poisoned) source they came with, and load safely again.
+    resaved = pickle.dumps(loaded)
+    recorder = MetaRecorder(io.BytesIO(resaved))
+    recorder.load()
+    assert {meta["module_src"] for meta in recorder.metas} == {poison}
+    assert all("_orig_module_src" not in meta["state"] for meta in recorder.metas)
+    again = persistence.safe_load(io.BytesIO(resaved))
     assert torch.equal(reference_output(again.ema), expected)
     with open(path, "rb") as f:
         assert type(persistence.load_pickle(f).ema) is N.Precond
@@ -204,7 +211,7 @@ def test_persistent_class_records_init_args_and_detects_persistence():
 @pytest.mark.parametrize("module", ["training/networks_edm2.py", "training/encoders.py", "training/training_loop.py"])
 def test_embedded_modules_import_only_what_the_reference_tree_has(module):
     # These sources ride along in every snapshot and are executed by the reference tools against
-    # their own packages (spec §2), so their module-level imports are limited to this list.
+    # their own packages, so their module-level imports are limited to this list.
     import ast
 
     allowed = {"numpy", "torch", "psutil", "dnnlib", "torch_utils.persistence", "torch_utils.misc",
@@ -221,3 +228,106 @@ def test_embedded_modules_import_only_what_the_reference_tree_has(module):
         for name in names:
             top = name.split(".")[0]
             assert name in allowed or top in stdlib, f"{module} imports {name}"
+
+
+# ----------------------------------------------------------------------------
+# Embedded sources the safe loader does not know, and states that do not fit the standard network.
+
+# A harmless edit of the network module (same math) that leaves a marker we can observe when it runs.
+EDITED_NETWORK_SRC = N.Precond._orig_module_src + "\n# An edited revision (σ unchanged).\nEDITED_REVISION_RAN = True\n"
+
+
+def pickle_with_network_source(monkeypatch, src):
+    for cls in NETWORK_CLASSES:
+        monkeypatch.setattr(cls, "_orig_module_src", src)
+    data = pickle.dumps(make_snapshot())
+    monkeypatch.undo()
+    return data
+
+
+def embedded_sources(data):
+    recorder = MetaRecorder(io.BytesIO(data))
+    recorder.load()
+    return {meta["class_name"]: meta["module_src"] for meta in recorder.metas}
+
+
+def test_our_pickle_loads_without_warning(capsys):
+    persistence.safe_load(io.BytesIO(pickle.dumps(make_snapshot())))
+    assert capsys.readouterr().err == ""
+
+
+def test_edited_source_warns_once_and_is_kept_when_resaved(monkeypatch, capsys):
+    data = pickle_with_network_source(monkeypatch, EDITED_NETWORK_SRC)
+    loaded = persistence.safe_load(io.BytesIO(data))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # One line per distinct source, not one per object.
+    digest = hashlib.sha256(EDITED_NETWORK_SRC.encode("utf-8")).hexdigest()
+    for text in ("training.networks_edm2", "Precond", "standard code", "--trust-embedded-code", digest[:12]):
+        assert text in lines[0]
+    assert "training.encoders" not in lines[0]  # The encoder carries our own source.
+    assert type(loaded.ema) is N.Precond
+    assert torch.equal(reference_output(loaded.ema), reference_output(make_snapshot().ema))
+
+    # Re-saved, directly or through a deep copy (as reconstruct_phema makes its outputs), the
+    # network embeds the input's source again, and the copy did not execute it.
+    for obj in (loaded, copy.deepcopy(loaded)):
+        sources = embedded_sources(pickle.dumps(obj))
+        assert {name: hashlib.sha256(src.encode("utf-8")).hexdigest() for name, src in sources.items()
+                if name != "StandardRGBEncoder"} == dict.fromkeys(["MPFourier", "MPConv", "Block", "UNet", "Precond"], digest)
+        assert sources["StandardRGBEncoder"] == encoders.StandardRGBEncoder._orig_module_src
+    assert EDITED_NETWORK_SRC not in persistence._src_to_module_dict
+
+    # Trusting the re-saved pickle runs the edited code.
+    trusted = persistence.load_pickle(io.BytesIO(pickle.dumps(loaded)), trust_embedded_code=True)
+    module = sys.modules[type(trusted.ema).__module__]
+    assert module.__name__.startswith("_imported_module_") and module.EDITED_REVISION_RAN
+    assert torch.equal(reference_output(trusted.ema), reference_output(make_snapshot().ema))
+
+
+def test_official_source_is_known_by_its_sha256(monkeypatch, capsys):
+    data = pickle_with_network_source(monkeypatch, EDITED_NETWORK_SRC)
+    # Stand in for the release's text (not available here) with the edited one: known hash, no warning.
+    digest = hashlib.sha256(EDITED_NETWORK_SRC.encode("utf-8")).hexdigest()
+    monkeypatch.setitem(persistence.OFFICIAL_SOURCE_SHA256, "training.networks_edm2", digest)
+    persistence.safe_load(io.BytesIO(data))
+    assert capsys.readouterr().err == ""
+    # The hash is looked up per module: the same text as the encoders' source is unknown.
+    monkeypatch.setitem(persistence.OFFICIAL_SOURCE_SHA256, "training.networks_edm2", "0" * 64)
+    monkeypatch.setitem(persistence.OFFICIAL_SOURCE_SHA256, "training.encoders", digest)
+    persistence.safe_load(io.BytesIO(data))
+    assert "training.networks_edm2" in capsys.readouterr().err
+
+
+def _replace_weight(net):
+    net.unet.enc["16x16_block0"].conv_res0.weight = torch.nn.Parameter(torch.zeros(32, 16, 3, 3))
+
+
+def _drop_attention(net):
+    del net.unet.enc["8x8_block0"]._modules["attn_qkv"]
+
+
+MISMATCHES = [
+    (_replace_weight, "Precond: parameter unet.enc.16x16_block0.conv_res0.weight has shape [32, 16, 3, 3] in the pickle, "
+                      "[32, 32, 3, 3] in the standard network"),
+    (lambda net: net.unet._parameters.pop("out_gain"), "Precond: parameter unet.out_gain is missing from the pickle"),
+    (lambda net: net.logvar_fourier._buffers.pop("phases"), "Precond: buffer logvar_fourier.phases is missing from the pickle"),
+    (_drop_attention, "Precond: submodule unet.enc.8x8_block0.attn_qkv is missing from the pickle"),
+    (lambda net: net.unet.dec.add_module("extra", N.MPConv(1, 1, kernel=[])), "Precond: the pickle has an extra submodule unet.dec.extra"),
+    (lambda net: delattr(net.unet.enc["16x16_block0"], "res_balance"),
+     "Precond: attribute unet.enc.16x16_block0.res_balance is missing from the pickle"),
+    (lambda net: setattr(net.unet, "skip_scale", 0.5), "Precond: the pickle has an extra attribute unet.skip_scale"),
+    (lambda net: net._init_kwargs.update(unet_depth=3), "Precond: the standard Precond cannot be built from the pickle's init arguments"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", MISMATCHES)
+def test_state_that_does_not_fit_the_standard_network_is_refused(mutate, message, capsys):
+    snapshot = make_snapshot()
+    mutate(snapshot.ema)
+    data = pickle.dumps(snapshot)
+    with pytest.raises(persistence.UnsafePickleError) as info:
+        persistence.safe_load(io.BytesIO(data))
+    text = str(info.value)
+    assert text.startswith(f"Refusing to load {message}") and "\n" not in text, text
+    assert "--trust-embedded-code" in text
+    assert capsys.readouterr().err == ""  # Our source: nothing to warn about, only the refusal.

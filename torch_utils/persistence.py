@@ -2,19 +2,23 @@
 
 Network pickles store every instance of a *persistent class* as a call
 ``_reconstruct_persistent_obj(meta)``, where ``meta`` holds the complete source of the defining
-module, the class name and the instance state (spec §2, format version 6). Loading such a pickle
-with plain ``pickle.load`` executes that embedded source, so a network keeps working even after the
-code that created it has changed or disappeared -- and, equally, whoever loads it runs whatever code
-it carries.
+module, the class name and the instance state (the StyleGAN/EDM2 persistence format, version 6).
+Loading such a pickle with plain ``pickle.load`` executes that embedded source, so a network keeps
+working even after the code that created it has changed or disappeared -- and, equally, whoever
+loads it runs whatever code it carries.
 
 ``safe_load`` is the alternative: it rebuilds the known classes of this project (the network of
 ``training/networks_edm2.py``, the encoders and the loss) from their pickled *state* with this
 project's own code, never executes ``module_src``, and refuses every other global with a one-line
-error. ``load_pickle(file, trust_embedded_code=True)`` is the explicit opt-in to the trusting path.
+error. It also refuses a state that does not fit the standard class, warns (one line on stderr)
+when the embedded source is neither ours nor the official release's, and remembers that source on
+the rebuilt object so that re-saving it embeds the input's source again.
+``load_pickle(file, trust_embedded_code=True)`` is the explicit opt-in to the trusting path.
 """
 
 import copy
 import functools
+import hashlib
 import importlib
 import inspect
 import io
@@ -45,7 +49,8 @@ def persistent_class(orig_class: type) -> type:
 
     The returned class derives from ``orig_class`` and keeps its name and module. Its instances get
     ``init_args`` / ``init_kwargs`` (stored as ``_init_args`` / ``_init_kwargs``) and are pickled as
-    ``_reconstruct_persistent_obj(meta)`` with ``meta`` laid out as in spec §2.
+    ``_reconstruct_persistent_obj(meta)``. An instance-level ``_orig_module_src`` (set by the safe
+    loader) overrides the class's source, so a re-saved object embeds the source it came with.
     """
     assert isinstance(orig_class, type)
     if is_persistent(orig_class):
@@ -77,12 +82,26 @@ def persistent_class(orig_class: type) -> type:
             fields = list(super().__reduce__())
             fields += [None] * max(3 - len(fields), 0)
             if fields[0] is not _reconstruct_persistent_obj:
+                state = fields[2]
+                if isinstance(state, dict) and "_orig_module_src" in state:  # Recorded source: meta, not state.
+                    state = {key: value for key, value in state.items() if key != "_orig_module_src"}
                 meta = dict(type="class", version=_version, module_src=self._orig_module_src,
-                            class_name=self._orig_class_name, state=fields[2])
+                            class_name=self._orig_class_name, state=state)
                 fields[0] = _reconstruct_persistent_obj
                 fields[1] = (meta,)
                 fields[2] = None
             return tuple(fields)
+
+        # Copies keep the class (and any recorded source) instead of going through __reduce__,
+        # which would rebuild them by executing the recorded source.
+        def __copy__(self):
+            return _restore_instance(type(self), dict(self.__getstate__()))
+
+        def __deepcopy__(self, memo):
+            obj = type(self).__new__(type(self))
+            memo[id(self)] = obj
+            _set_state(obj, copy.deepcopy(dict(self.__getstate__()), memo))
+            return obj
 
     Decorator.__name__ = orig_class.__name__
     Decorator.__qualname__ = orig_class.__qualname__
@@ -137,12 +156,16 @@ def _apply_import_hooks(meta: dict) -> dnnlib.EasyDict:
 
 def _restore_instance(cls: type, state: dict) -> Any:
     obj = cls.__new__(cls)
+    _set_state(obj, state)
+    return obj
+
+
+def _set_state(obj: Any, state: dict) -> None:
     setstate = getattr(obj, "__setstate__", None)
     if callable(setstate):
         setstate(state)  # torch.nn.Module.__setstate__ also fills in hook dicts added by newer torch.
     else:
         obj.__dict__.update(state)
-    return obj
 
 
 def _module_to_src(module: types.ModuleType) -> str:
@@ -163,7 +186,11 @@ def _src_to_module(src: str) -> types.ModuleType:
         sys.modules[module_name] = module
         _module_to_src_dict[module] = src
         _src_to_module_dict[src] = module
-        exec(src, module.__dict__)  # noqa: S102 -- this is the trusting path by definition.
+        try:
+            exec(src, module.__dict__)  # noqa: S102 -- this is the trusting path by definition.
+        except BaseException:
+            del sys.modules[module_name], _module_to_src_dict[module], _src_to_module_dict[src]  # No half-built module.
+            raise
     return module
 
 
@@ -217,30 +244,141 @@ def _safe_load_storage_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
-def _make_safe_reconstructor(extra_classes: Optional[Dict[str, type]]) -> Callable[[dict], Any]:
-    """The stand-in for ``_reconstruct_persistent_obj`` that the safe unpickler hands out."""
+# sha256 of the UTF-8 text of the embedded modules of the official EDM2 release (commit 4bf8162).
+# Our own modules' sources are known too (computed at run time); any other source gets a warning.
+OFFICIAL_SOURCE_SHA256 = {
+    "training.networks_edm2": "7298880db4bf955d2941496cce3a554a970867b3eae4d22276cb1c293c131fa2",
+    "training.encoders": "889cd0f7f0c59beaa373f928f5aa5e83c1865595e330a32eca8daa810afba50c",
+    "training.training_loop": "eb070f85cb46012bbe549402d8721f5997bbd73c23a2db157eaf88de1b1b95e2",
+}
 
-    def reconstruct(meta: dict) -> Any:
+
+def source_sha256(src: str) -> str:
+    """The sha256 (hex) by which embedded module sources are identified."""
+    return hashlib.sha256(src.encode("utf-8")).hexdigest()
+
+
+class _SafeReconstructor:
+    """The stand-in for ``_reconstruct_persistent_obj`` that the safe unpickler hands out (one per load).
+
+    Each call rebuilds one persistent object with our class and notes where its embedded source is
+    unknown; ``finish()`` then prints one warning per unknown source and refuses any object whose
+    state does not fit the standard class.
+    """
+
+    def __init__(self, extra_classes: Optional[Dict[str, type]]):
+        self.extra_classes = extra_classes or {}
+        self.rebuilt = []           # Every rebuilt object, innermost first (the order pickle builds them).
+        self.unknown_sources = {}   # (module name, sha256) -> class names, for sources we do not know.
+        self._sha256 = {}           # Source text -> its sha256 (snapshots repeat a few sources many times).
+
+    def __call__(self, meta: dict) -> Any:
         if not isinstance(meta, dict):
             raise UnsafePickleError("Refusing to load pickle: malformed persistent object")
         meta = _apply_import_hooks(meta)
         class_name = meta.get("class_name")
-        cls = (extra_classes or {}).get(class_name) if isinstance(class_name, str) else None
+        cls = self.extra_classes.get(class_name) if isinstance(class_name, str) else None
+        module_name = cls.__module__ if cls is not None else None
         if cls is None:
             module_name = SAFE_PERSISTENT_CLASSES.get(class_name) if isinstance(class_name, str) else None
             if module_name is None:
-                known = sorted(set(SAFE_PERSISTENT_CLASSES) | set(extra_classes or {}))
+                known = sorted(set(SAFE_PERSISTENT_CLASSES) | set(self.extra_classes))
                 raise UnsafePickleError(
                     f"Refusing to load class {class_name!r} from the pickle's embedded source: the safe loader knows "
                     f"only {', '.join(known)}; {_TRUST_HINT}")
             cls = getattr(importlib.import_module(module_name), class_name)
+        if not isinstance(meta.get("module_src"), str):
+            raise UnsafePickleError(f"Refusing to load pickle: {class_name} has no embedded source text")
         for key, value in meta.state.items():
             # State holds data only: a function or class stored as an attribute could shadow a method.
             if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
                 raise UnsafePickleError(f"Refusing to load pickle: attribute {key!r} of {class_name} is a callable")
-        return _restore_instance(cls, meta.state)
+        self._note_source(meta.module_src, cls, module_name)
+        obj = _restore_instance(cls, meta.state)
+        if is_persistent(cls) and meta.module_src != cls._orig_module_src:
+            obj._orig_module_src = meta.module_src  # Re-saving the object embeds the source it came with.
+        self.rebuilt.append(obj)
+        return obj
 
-    return reconstruct
+    def _note_source(self, src: str, cls: type, module_name: str) -> None:
+        digest = self._sha256.get(src)
+        if digest is None:
+            digest = self._sha256[src] = source_sha256(src)
+        ours = cls._orig_module_src if is_persistent(cls) else None
+        if digest != OFFICIAL_SOURCE_SHA256.get(module_name) and src != ours:
+            names = self.unknown_sources.setdefault((module_name, digest), [])
+            if cls.__name__ not in names:
+                names.append(cls.__name__)
+
+    def finish(self) -> None:
+        for (module_name, digest), names in self.unknown_sources.items():
+            print(f"Warning: the pickle embeds a source of {module_name} (for {', '.join(reversed(names))}) that is "
+                  f"neither this version's nor the official release's (sha256 {digest[:12]}); rebuilding with the "
+                  f"standard code (--trust-embedded-code runs the pickle's own code instead)", file=sys.stderr)
+        checked = set()  # ids of objects already compared as part of an enclosing one.
+        for obj in reversed(self.rebuilt):  # Outermost first, so that a mismatch is named by its full path.
+            if id(obj) not in checked:
+                mismatch = _standard_mismatch(obj, checked)
+                if mismatch is not None:
+                    raise UnsafePickleError(f"Refusing to load {type(obj).__name__}: {mismatch}; {_TRUST_HINT}")
+
+
+# Attributes of every torch.nn.Module: torch's own bookkeeping, which differs between torch versions.
+_TORCH_MODULE_ATTRIBUTES = frozenset(vars(torch.nn.Module())) | {"_orig_module_src"}
+
+
+def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
+    """The first way ``obj`` differs from the standard network its init arguments describe, or None.
+
+    The standard one is built on the meta device (no memory, no initialisation cost). Submodules,
+    attributes, parameters and buffers are compared by name, type and shape; values are not.
+    """
+    try:
+        with torch.device("meta"):
+            fresh = type(obj)(*obj._init_args, **obj._init_kwargs)
+    except Exception as err:
+        return (f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments "
+                f"({type(err).__name__}: {dnnlib.util.one_line(err)})")
+    return _compare(obj, fresh, "", checked)
+
+
+def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
+    checked.add(id(obj))
+    what = f"submodule {path[:-1]}" if path else "the object"
+    if type(obj) is not type(fresh):
+        return f"{what} is a {type(obj).__name__} in the pickle, a {type(fresh).__name__} in the standard network"
+    if fresh is None:
+        return None
+    ours, theirs = set(vars(fresh)) - _TORCH_MODULE_ATTRIBUTES, set(vars(obj)) - _TORCH_MODULE_ATTRIBUTES
+    for name in sorted(ours - theirs):
+        return f"attribute {path}{name} is missing from the pickle"
+    for name in sorted(theirs - ours):
+        if not name.startswith("_"):  # Private extras are harmless bookkeeping (e.g. of another torch).
+            return f"the pickle has an extra attribute {path}{name}"
+    if not isinstance(fresh, torch.nn.Module):
+        return None
+    for kind in ("_modules", "_parameters", "_buffers"):
+        mine, pickled = vars(fresh)[kind], vars(obj).get(kind)
+        if not isinstance(pickled, dict):
+            return f"{what} has a malformed {kind} in the pickle"
+        label = {"_modules": "submodule", "_parameters": "parameter", "_buffers": "buffer"}[kind]
+        for name in [*mine, *(name for name in pickled if name not in mine)]:
+            if name not in pickled:
+                return f"{label} {path}{name} is missing from the pickle"
+            if name not in mine:
+                return f"the pickle has an extra {label} {path}{name}"
+            if kind == "_modules":
+                mismatch = _compare(pickled[name], mine[name], f"{path}{name}.", checked)
+                if mismatch is not None:
+                    return mismatch
+            elif not (isinstance(pickled[name], torch.Tensor) and isinstance(mine[name], torch.Tensor)):
+                if type(pickled[name]) is not type(mine[name]):
+                    return (f"{label} {path}{name} is a {type(pickled[name]).__name__} in the pickle, "
+                            f"a {type(mine[name]).__name__} in the standard network")
+            elif pickled[name].shape != mine[name].shape:
+                return (f"{label} {path}{name} has shape {list(pickled[name].shape)} in the pickle, "
+                        f"{list(mine[name].shape)} in the standard network")
+    return None
 
 
 @functools.cache
@@ -313,9 +451,11 @@ def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[D
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
             return safe_load(f, extra_classes=extra_classes)
-    allowed = {**_data_globals(), **_tensor_globals(),
-               ("torch_utils.persistence", "_reconstruct_persistent_obj"): _make_safe_reconstructor(extra_classes)}
-    return RestrictedUnpickler(file, allowed).load()
+    reconstruct = _SafeReconstructor(extra_classes)
+    allowed = {**_data_globals(), **_tensor_globals(), ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct}
+    data = RestrictedUnpickler(file, allowed).load()
+    reconstruct.finish()
+    return data
 
 
 def load_pickle(file: Union[str, os.PathLike, BinaryIO], trust_embedded_code: bool = False,
