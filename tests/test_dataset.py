@@ -158,7 +158,7 @@ def test_max_size_seeded_subset(tmp_path):
         ds = ImageFolderDataset(path, **kwargs)
         return [int(ds[i][0][0, 0, 0]) for i in range(len(ds))]
 
-    # The rule of spec §14: legacy RandomState(seed % 2**31) shuffle of 0..N-1, first max_size, sorted.
+    # The reference's rule: legacy RandomState(seed % 2**31) shuffle of 0..N-1, first max_size, sorted.
     for seed in [0, 7]:
         perm = np.arange(n)
         np.random.RandomState(seed).shuffle(perm)

@@ -220,12 +220,12 @@ def test_center_crop_takes_the_middle_square(tmp_path):
     assert (out[:5, :5] == BLUE).all() and (out[11:, :] == GREEN).all() and (out[:, 11:] == GREEN).all()
 
 
-def test_center_crop_wide_crops_the_output_aspect_and_letterboxes(tmp_path):
+def test_center_crop_wide_aspect_crops_the_output_aspect_and_letterboxes(tmp_path):
     # 64x48 input, 32x16 output (aspect 2:1): the band is the 32 middle rows 8..40 at full width.
     img = solid(48, 64, RED)
     img[8:40] = YELLOW
     img[12:36] = GREEN
-    out = convert_one(tmp_path, img, '--resolution', '32x16', '--transform', 'center-crop-wide')
+    out = convert_one(tmp_path, img, '--resolution', '32x16', '--transform', 'center-crop-wide-aspect')
     assert out.shape == (32, 32, 3)
     assert (out[:8] == 0).all() and (out[24:] == 0).all()  # black letterbox above and below
     band = out[8:24].astype(int)
@@ -236,7 +236,8 @@ def test_center_crop_wide_crops_the_output_aspect_and_letterboxes(tmp_path):
     np.testing.assert_array_equal(out[8:24], expected)
 
 
-def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path):
+@pytest.mark.parametrize('transform', ['center-crop-wide', 'center-crop-wide-aspect'])
+def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path, transform):
     src = tmp_path / 'src'
     save(str(src / 'a.png'), solid(48, 64, GREEN))
     save(str(src / 'b.png'), solid(16, 16, RED))  # narrower than the output: skipped
@@ -244,7 +245,7 @@ def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path)
     save(str(src / 'd.png'), solid(16, 128, RED))  # too wide for 2:1 (would need 64 rows): skipped
     (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0], ['b.png', 1], ['c.png', 2], ['d.png', 3]]}))
     dest = tmp_path / 'out.zip'
-    result = run('convert', '--source', src, '--dest', dest, '--resolution', '32x16', '--transform', 'center-crop-wide')
+    result = run('convert', '--source', src, '--dest', dest, '--resolution', '32x16', '--transform', transform)
     assert result.exit_code == 0, result.output
     files = read_dataset(dest)
     assert sorted(files) == ['00000/img00000000.png', '00000/img00000002.png', 'dataset.json']
