@@ -488,8 +488,9 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
     """Convert an image folder tree or ZIP archive into a dataset (PNG, ZIP or folder).
 
     \b
-    The input is a folder (searched recursively) or a ZIP. Labels come from its dataset.json,
-    else from the names of its top-level folders when there are at least two.
+    The input is a folder (searched recursively, following symbolic links) or a ZIP. Labels come
+    from its dataset.json (which must not label files that are not there), else from the names of
+    its top-level folders when there are at least two.
     The output images must be square with a power-of-two side, and all equal.
 
     \b

@@ -220,7 +220,7 @@ def check_labelled_files_exist(labelled: Any, files: Any, where: str) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """Images or latents in a directory (searched recursively) or a ZIP archive."""
+    """Images or latents in a directory (searched recursively, following symbolic links) or a ZIP archive."""
 
     def __init__(
         self,
