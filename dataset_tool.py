@@ -1,4 +1,4 @@
-"""Create datasets for training and evaluation (spec §6).
+"""Create datasets for training and evaluation.
 
     convert  images (folder tree or ZIP) -> uncompressed PNGs, optionally cropped and resized
     encode   PNG dataset -> Stable Diffusion VAE latents (mean and std, 8 channels, float32 .npy)
@@ -7,14 +7,15 @@
 Every output is a ZIP archive (ZIP_STORED) or an empty folder holding `00000/img00000000.png` style
 files and a `dataset.json` with the labels (`null` unless every image has one). Outputs are written
 under a temporary name beside the destination and renamed when complete, so a failure never leaves a
-half-written dataset behind.
+half-written dataset behind. The functions raise plain exceptions (ValueError for bad arguments, OSError
+for bad files); only the click commands at the end turn them into one-line errors.
 """
 
+import contextlib
+import functools
 import io
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Optional
@@ -24,18 +25,12 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+import dnnlib
+from torch_utils import distributed, misc
+from training.dataset import check_labelled_files_exist, file_ext, image_extensions, list_folder
+
 # ----------------------------------------------------------------------------
 # Reading a source: a folder tree or a ZIP archive.
-
-
-def _file_ext(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
-
-
-def image_extensions() -> set:
-    """Extensions (with dot, lower case) of every image format Pillow can read."""
-    PIL.Image.init()  # registers all plugins, so EXTENSION is complete
-    return set(PIL.Image.EXTENSION.keys())
 
 
 @dataclass
@@ -47,39 +42,36 @@ class SourceFile:
 class Source:
     """The image (or .npy) files of a folder tree or a ZIP archive, sorted by name, with their labels.
 
-    Labels come from a `dataset.json` in the root; failing that, for a folder, from the names of the
-    top-level folders (sorted, numbered from 0) when there are at least two of them.
+    A folder is searched recursively, following symbolic links. Labels come from a `dataset.json` in
+    the root (it must not label files the source lacks); failing that, for a folder, from the names of
+    the top-level folders (sorted, numbered from 0) when there are at least two of them.
     """
 
     def __init__(self, path: str, exts: set, max_files: Optional[int] = None):
         self.path = path
         self._zip: Optional[zipfile.ZipFile] = None
         if os.path.isdir(path):
-            names = []
-            for root, _dirs, files in os.walk(path):
-                rel_root = os.path.relpath(root, path)
-                names += [(f if rel_root == '.' else os.path.join(rel_root, f)).replace(os.sep, '/') for f in files]
+            names = list_folder(path)
         elif not os.path.exists(path):
-            raise click.ClickException(f'Source does not exist: {path}')
-        elif _file_ext(path) != '.zip':
-            raise click.ClickException(f'Source must be a folder or a .zip archive: {path}')
+            raise FileNotFoundError(f'Source does not exist: {path}')
+        elif file_ext(path) != '.zip':
+            raise ValueError(f'Source must be a folder or a .zip archive: {path}')
         else:
             try:
                 self._zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as err:
-                raise click.ClickException(f'Source is not a readable ZIP archive: {path} ({err})') from None
+                raise OSError(f'Source is not a readable ZIP archive: {path} ({err})') from None
             names = self._zip.namelist()
 
-        labels = self._read_labels(names)
-        names = sorted(n for n in names if _file_ext(n) in exts)
-        if len(labels) == 0 and self._zip is None:
-            labels = self._folder_labels(names)
-        if len(names) == 0:
+        files = sorted(n for n in names if file_ext(n) in exts)
+        if len(files) == 0:
             kinds = '/'.join(sorted(exts)) if len(exts) <= 3 else 'image'
-            raise click.ClickException(f'No {kinds} files found in {path}')
-        if max_files is not None:
-            names = names[:max_files]
-        self.files = [SourceFile(name=n, label=labels.get(n)) for n in names]
+            raise OSError(f'No {kinds} files found in {path}')
+        labels = self._read_labels(names)
+        check_labelled_files_exist(labels, set(files), path)
+        if len(labels) == 0 and self._zip is None:
+            labels = self._folder_labels(files)
+        self.files = [SourceFile(name=n, label=labels.get(n)) for n in files[:max_files]]
 
     def _read_labels(self, names: list) -> dict:
         if 'dataset.json' not in names:
@@ -89,7 +81,7 @@ class Source:
                 labels = json.load(f).get('labels')
             return {} if labels is None else {name: label for name, label in labels}
         except (ValueError, TypeError, AttributeError, OSError) as err:
-            raise click.ClickException(f'Cannot parse dataset.json in {self.path}: {err}') from None
+            raise ValueError(f'Cannot parse dataset.json in {self.path}: {err}') from None
 
     @staticmethod
     def _folder_labels(names: list) -> dict:
@@ -105,20 +97,19 @@ class Source:
             return self._zip.open(name, 'r')
         return open(os.path.join(self.path, name), 'rb')
 
+    def _read(self, file: SourceFile, load: Callable[[BinaryIO], np.ndarray], what: str) -> np.ndarray:
+        try:
+            with self.open(file.name) as f:
+                return load(f)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise OSError(f'Cannot read {what} {file.name}: {err}') from None
+
     def read_image(self, file: SourceFile) -> np.ndarray:
         """Pixels of an image file as HWC uint8 RGB."""
-        try:
-            with self.open(file.name) as f:
-                return np.array(PIL.Image.open(f).convert('RGB'))
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise click.ClickException(f'Cannot read image {file.name}: {err}') from None
+        return self._read(file, lambda f: np.array(PIL.Image.open(f).convert('RGB')), 'image')
 
     def read_npy(self, file: SourceFile) -> np.ndarray:
-        try:
-            with self.open(file.name) as f:
-                return np.load(f)
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise click.ClickException(f'Cannot read array {file.name}: {err}') from None
+        return self._read(file, np.load, 'array')
 
     def close(self) -> None:
         if self._zip is not None:
@@ -131,33 +122,42 @@ class Source:
 
 
 class DatasetWriter:
-    """Writes `name -> bytes` into `dest` (ZIP_STORED archive if it ends in .zip, else a folder).
+    """Writes `name -> bytes` into `dest` (a ZIP_STORED archive if it ends in .zip, else a folder).
 
-    Everything goes to a temporary file or folder in the same parent folder first; `commit()` renames it
-    to `dest`, `abort()` deletes it. Used as a context manager it commits on success, aborts on error.
+    Creating one checks `dest`. Used as a context manager, it writes into a temporary file or folder
+    beside `dest` (`dnnlib.util.atomic_path`), renamed to `dest` when the block succeeds and removed
+    when it fails.
     """
 
     def __init__(self, dest: str):
-        if dest == '':
-            raise click.ClickException('--dest must not be an empty string')
         self.dest = dest
-        self.is_zip = _file_ext(dest) == '.zip'
+        self.is_zip = file_ext(dest) == '.zip'
+        if dest == '':
+            raise ValueError('--dest must not be an empty string')
         if self.is_zip and os.path.isdir(dest):
-            raise click.ClickException(f'--dest is a folder, not a ZIP file: {dest}')
-        if not self.is_zip and os.path.exists(dest) and not os.path.isdir(dest):
-            raise click.ClickException(f'--dest exists and is not a folder (name a .zip to write an archive): {dest}')
-        if not self.is_zip and os.path.isdir(dest) and len(os.listdir(dest)) != 0:
-            raise click.ClickException(f'--dest folder must be empty: {dest}')
-        parent = os.path.dirname(os.path.abspath(dest))
-        os.makedirs(parent, exist_ok=True)
-        prefix = f'.{os.path.basename(os.path.normpath(dest))}.tmp-'
-        if self.is_zip:
-            fd, self._tmp = tempfile.mkstemp(dir=parent, prefix=prefix)
-            os.close(fd)
-            self._zip: Optional[zipfile.ZipFile] = zipfile.ZipFile(self._tmp, mode='w', compression=zipfile.ZIP_STORED)
-        else:
-            self._tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
-            self._zip = None
+            raise ValueError(f'--dest is a folder, not a ZIP file: {dest}')
+        if not self.is_zip and os.path.exists(dest):
+            if not os.path.isdir(dest):
+                raise ValueError(f'--dest exists and is not a folder (name a .zip to write an archive): {dest}')
+            if len(os.listdir(dest)) != 0:
+                raise ValueError(f'--dest folder must be empty: {dest}')
+        self._zip: Optional[zipfile.ZipFile] = None
+        self._folder: Optional[str] = None
+        self._exit_stack = contextlib.ExitStack()
+
+    def __enter__(self) -> 'DatasetWriter':
+        with contextlib.ExitStack() as stack:
+            temp = stack.enter_context(dnnlib.util.atomic_path(self.dest))
+            if self.is_zip:
+                self._zip = stack.enter_context(zipfile.ZipFile(temp, mode='w', compression=zipfile.ZIP_STORED))
+            else:
+                os.mkdir(temp)
+                self._folder = temp
+            self._exit_stack = stack.pop_all()  # closed (zip first, then the rename) by __exit__
+        return self
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return self._exit_stack.__exit__(*exc_info)
 
     def write(self, name: str, data: Any) -> None:
         if isinstance(data, str):
@@ -165,43 +165,10 @@ class DatasetWriter:
         if self._zip is not None:
             self._zip.writestr(name, bytes(data))
             return
-        path = os.path.join(self._tmp, *name.split('/'))
+        path = os.path.join(self._folder, *name.split('/'))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'wb') as f:
             f.write(data)
-
-    def commit(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-            self._zip = None
-            os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        elif os.path.isdir(self.dest):
-            os.rmdir(self.dest)  # checked to be empty; rename() cannot replace a folder everywhere
-        os.replace(self._tmp, self.dest)
-
-    def abort(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-            self._zip = None
-        if os.path.isdir(self._tmp):
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        elif os.path.exists(self._tmp):
-            os.remove(self._tmp)
-
-    def __enter__(self) -> 'DatasetWriter':
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def image_name(idx: int) -> str:
@@ -242,52 +209,67 @@ def parse_resolution(s: Optional[str]) -> Optional[tuple]:
     """'512x512' or '512,512' -> (512, 512)."""
     if s is None:
         return None
-    parts = s.lower().replace(',', 'x').split('x')
     try:
-        w, h = (int(p) for p in parts)
+        w, h = (int(p) for p in s.lower().replace(',', 'x').split('x'))
     except ValueError:
-        raise click.BadParameter(f'expected WxH or W,H with positive integers, got {s!r}', param_hint='--resolution') from None
+        raise ValueError(f'expected WxH or W,H with positive integers, got {s!r}') from None
     if w <= 0 or h <= 0:
-        raise click.BadParameter(f'width and height must be positive, got {s!r}', param_hint='--resolution')
+        raise ValueError(f'width and height must be positive, got {s!r}')
     return w, h
 
 
-def _resize(img: np.ndarray, width: int, height: int, resample: int) -> np.ndarray:
+def _resize(img: np.ndarray, width: int, height: int, resample: int = PIL.Image.Resampling.LANCZOS) -> np.ndarray:
     if img.shape[1] == width and img.shape[0] == height:
-        return img
+        return img  # what Pillow's resize to the same size returns, too
     return np.array(PIL.Image.fromarray(img).resize((width, height), resample))
 
 
 def scale(width: Optional[int], height: Optional[int], img: np.ndarray) -> np.ndarray:
     """No transform: resize the whole image to the resolution, if one is given (Lanczos)."""
-    return _resize(img, width or img.shape[1], height or img.shape[0], PIL.Image.Resampling.LANCZOS)
+    return _resize(img, width or img.shape[1], height or img.shape[0])
 
 
 def center_crop(width: int, height: int, img: np.ndarray) -> np.ndarray:
     """The largest centred square, resized to width x height (Lanczos)."""
     h, w = img.shape[:2]
     s = min(h, w)
-    img = img[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
-    return _resize(img, width, height, PIL.Image.Resampling.LANCZOS)
+    return _resize(img[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2], width, height)
+
+
+def _letterbox(img: np.ndarray) -> np.ndarray:
+    """A width x height image in the middle rows of a black width x width square."""
+    height, width = img.shape[:2]
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
+    canvas[(width - height) // 2 : (width + height) // 2] = img
+    return canvas
 
 
 def center_crop_wide(width: int, height: int, img: np.ndarray) -> Optional[np.ndarray]:
-    """Crop the centred band of the output aspect (full input width), resize it to width x height
-    (Lanczos), and letterbox it into a black width x width square. Images narrower than the output, or
-    too wide for its aspect, are skipped (None).
+    """The reference's center-crop-wide, pixel for pixel: ch = round(width·h/w), the image height at the
+    output width; skip the image (None) if it is narrower than the output or ch < height; else take the
+    centred ch input rows at full width, resize them to width x height (Lanczos) and letterbox that
+    into a black width x width square.
 
-    The band is round(w·height/width) input rows. (The reference crops round(width·h/w) rows instead,
-    a height measured in output pixels, which squashes images whose width differs from the output's.)
+    ch counts rows of the image scaled to the output width, but is cut from the input as it is, so the
+    band's aspect w:ch = w²:(width·h) matches the output's only when (w/width)² = h/height; otherwise
+    the resize stretches it. `center_crop_wide_aspect` crops the output aspect instead.
     """
+    h, w = img.shape[:2]
+    ch = int(np.round(width * h / w))
+    if w < width or ch < height:
+        return None
+    return _letterbox(_resize(img[(h - ch) // 2 : (h + ch) // 2], width, height))
+
+
+def center_crop_wide_aspect(width: int, height: int, img: np.ndarray) -> Optional[np.ndarray]:
+    """center-crop-wide with the geometry its name promises: the centred band of the output aspect at
+    full input width (round(w·height/width) input rows, at most h), resized to width x height (Lanczos)
+    and letterboxed into a black width x width square. It skips the same images as `center_crop_wide`."""
     h, w = img.shape[:2]
     if w < width or round(width * h / w) < height:
         return None
     band = min(h, round(w * height / width))
-    img = img[(h - band) // 2 : (h + band) // 2]
-    img = _resize(img, width, height, PIL.Image.Resampling.LANCZOS)
-    canvas = np.zeros([width, width, 3], dtype=np.uint8)
-    canvas[(width - height) // 2 : (width + height) // 2] = img
-    return canvas
+    return _letterbox(_resize(img[(h - band) // 2 : (h + band) // 2], width, height))
 
 
 def center_crop_dhariwal(size: int, img: np.ndarray) -> np.ndarray:
@@ -304,126 +286,109 @@ def center_crop_dhariwal(size: int, img: np.ndarray) -> np.ndarray:
     return arr[y : y + size, x : x + size]
 
 
-TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
+TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-wide-aspect', 'center-crop-dhariwal']
 
 
 def check_output_size(width: int, height: int) -> None:
     """Training needs square images with a power-of-two side."""
     if width != height:
-        raise click.ClickException(f'Images must be square after scale and crop, got {width}x{height}')
+        raise ValueError(f'Images must be square after scale and crop, got {width}x{height}')
     if width < 1 or width & (width - 1) != 0:
-        raise click.ClickException(f'Image width/height must be a power of two after scale and crop, got {width}')
+        raise ValueError(f'Image width/height must be a power of two after scale and crop, got {width}')
 
 
 def make_transform(transform: Optional[str], resolution: Optional[tuple]) -> Callable[[np.ndarray], Optional[np.ndarray]]:
-    """The per-image crop/resize function; checks the options first (before anything is written)."""
-    width, height = resolution if resolution is not None else (None, None)
+    """The per-image crop/resize function; checks the options first (before anything is read)."""
     if transform is None:
         if resolution is not None:
-            check_output_size(width, height)
-        return lambda img: scale(width, height, img)
+            check_output_size(*resolution)
+        return functools.partial(scale, *(resolution or (None, None)))
     if transform not in TRANSFORMS:
-        raise click.BadParameter(f'unknown transform {transform!r}', param_hint='--transform')
+        raise ValueError(f'--transform: unknown transform {transform!r}; expected one of {", ".join(TRANSFORMS)}')
     if resolution is None:
-        raise click.UsageError(f'--transform={transform} needs --resolution=WxH')
-    if transform == 'center-crop':
-        check_output_size(width, height)
-        return lambda img: center_crop(width, height, img)
-    if transform == 'center-crop-wide':
+        raise ValueError(f'--transform={transform} needs --resolution=WxH')
+    width, height = resolution
+    if transform in ('center-crop-wide', 'center-crop-wide-aspect'):
         if height > width:
-            raise click.ClickException(f'center-crop-wide letterboxes into a {width}x{width} square, so the height must not exceed the width, got {width}x{height}')
+            raise ValueError(f'{transform} letterboxes into a {width}x{width} square, so the height must not exceed the width, got {width}x{height}')
         check_output_size(width, width)
-        return lambda img: center_crop_wide(width, height, img)
-    check_output_size(width, height)  # center-crop-dhariwal
-    return lambda img: center_crop_dhariwal(width, img)
+        return functools.partial(center_crop_wide if transform == 'center-crop-wide' else center_crop_wide_aspect, width, height)
+    check_output_size(width, height)
+    if transform == 'center-crop':
+        return functools.partial(center_crop, width, height)
+    return functools.partial(center_crop_dhariwal, width)
 
 
 # ----------------------------------------------------------------------------
 # The three operations, as plain functions.
 
 
-def _check_same_size(name: str, shape: tuple, first: Optional[tuple], what: str = 'Image') -> tuple:
-    if first is not None and shape != first:
-        raise click.ClickException(f'{what} {name} is {shape[1]}x{shape[0]}, but earlier ones are {first[1]}x{first[0]}; '
-                                   f'all must have the same size (--resolution resizes images)')
-    return shape
+def _check_same_size(name: str, size: tuple, first: Optional[tuple], hint: str = '') -> tuple:
+    """size: (height, width) of input `name`; first: that of the first input (None for the first)."""
+    if first is not None and size != first:
+        raise ValueError(f'Input {name} is {size[1]}x{size[0]}, but earlier ones are {first[1]}x{first[0]}; '
+                         f'all must have the same size{hint}')
+    return size
 
 
 def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
                     resolution: Optional[tuple] = None) -> int:
     """Convert a folder tree or ZIP of images into a dataset of uncompressed PNGs. Returns the image count."""
+    out = DatasetWriter(dest)  # checks dest
     transform_image = make_transform(transform, resolution)
     src = Source(source, image_extensions(), max_images)
-    try:
-        with DatasetWriter(dest) as out:
-            labels = []
-            first = None
-            for idx, file in enumerate(tqdm(src.files, desc='convert', unit='img')):
-                img = transform_image(src.read_image(file))
-                if img is None:
-                    continue  # too small for center-crop-wide; its number stays unused
-                if first is None:
-                    check_output_size(img.shape[1], img.shape[0])
-                first = _check_same_size(file.name, img.shape, first)
-                out.write(image_name(idx), png_bytes(img))
-                labels.append([image_name(idx), file.label] if file.label is not None else None)
+    with contextlib.closing(src), out:
+        labels = []
+        first = None
+        for idx, file in enumerate(tqdm(src.files, desc='convert', unit='img')):
+            img = transform_image(src.read_image(file))
+            if img is None:
+                continue  # too small for center-crop-wide; its number stays unused
             if first is None:
-                raise click.ClickException(f'No image of {source} was large enough for {transform} at {resolution[0]}x{resolution[1]}')
-            out.write('dataset.json', labels_json(labels))
-    finally:
-        src.close()
+                check_output_size(img.shape[1], img.shape[0])
+            first = _check_same_size(file.name, img.shape[:2], first, ' (--resolution resizes images)')
+            out.write(image_name(idx), png_bytes(img))
+            labels.append([image_name(idx), file.label] if file.label is not None else None)
+        if first is None:
+            raise ValueError(f'No image of {source} was large enough for {transform} at {resolution[0]}x{resolution[1]}')
+        out.write('dataset.json', labels_json(labels))
     return len(labels)
 
 
-def default_device() -> str:
-    import torch
-
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-
-def _make_vae(model_url: str, batch: int, device: str):
+def _vae_pass(source: str, extensions: set, dest: str, model_url: str, max_images: Optional[int], batch: int,
+              device: Optional[str], desc: str, load_item: Any, run_vae: Any, out_name: Any, to_bytes: Any) -> int:
+    """The loop shared by encode and decode: read `batch` inputs at a time (`load_item` gives a CHW array
+    per file), run them through the VAE, and write one output per input (same index, same label) plus
+    dataset.json, atomically."""
     import torch
 
     from training.encoders import StabilityVAEEncoder
 
-    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
-    try:
-        vae.init(torch.device(device))
-    except (OSError, ValueError) as err:
-        raise click.ClickException(f'Cannot load the VAE {model_url}: {str(err).splitlines()[0]}') from None
-    return vae
-
-
-def _batches(files: list, batch: int) -> Iterator[list]:
-    for i in range(0, len(files), batch):
-        yield list(enumerate(files[i : i + batch], start=i))
-
-
-def _vae_pass(source: str, extensions: Any, dest: str, model_url: str, max_images: Optional[int], batch: int,
-              device: Optional[str], desc: str, load_chunk: Any, run_vae: Any, out_name: Any, to_bytes: Any) -> int:
-    """The loop shared by encode and decode: read `batch` inputs at a time, run them through the VAE,
-    and write one output per input (same index, same label) plus dataset.json, atomically."""
-    import torch
-
+    if batch < 1:
+        raise ValueError(f'--batch must be at least 1, got {batch}')
+    out = DatasetWriter(dest)  # checks dest
     src = Source(source, extensions, max_images)
-    try:
-        out = DatasetWriter(dest)
-        with out:
-            device = device or default_device()
-            vae = _make_vae(model_url, batch, device)
-            labels = []
-            with tqdm(total=len(src.files), desc=desc, unit='img') as bar:
-                for chunk in _batches(src.files, batch):
-                    x = load_chunk(src, chunk).to(device)
-                    with torch.no_grad():
-                        results = run_vae(vae, x, chunk)
-                    for (idx, file), result in zip(chunk, results):
-                        out.write(out_name(idx), to_bytes(result))
-                        labels.append([out_name(idx), file.label] if file.label is not None else None)
-                    bar.update(len(chunk))
+    with contextlib.closing(src):
+        device = torch.device(device) if device is not None else misc.default_device()
+        vae = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
+        try:
+            vae.init(device)  # the slow part: after every check
+        except (OSError, ValueError) as err:
+            raise OSError(f'Cannot load the VAE {model_url}: {str(err).splitlines()[0]}') from None
+        with out, tqdm(total=len(src.files), desc=desc, unit='img') as bar:
+            labels, first = [], None
+            for i in range(0, len(src.files), batch):
+                chunk = list(enumerate(src.files[i : i + batch], start=i))
+                arrays = [load_item(src, file) for _idx, file in chunk]
+                for (_idx, file), array in zip(chunk, arrays):
+                    first = _check_same_size(file.name, array.shape[1:], first)
+                with torch.no_grad():
+                    results = run_vae(vae, torch.as_tensor(np.stack(arrays)).to(device), chunk)
+                for (idx, file), result in zip(chunk, results):
+                    out.write(out_name(idx), to_bytes(result))
+                    labels.append([out_name(idx), file.label] if file.label is not None else None)
+                bar.update(len(chunk))
             out.write('dataset.json', labels_json(labels))
-    finally:
-        src.close()
     return len(labels)
 
 
@@ -432,22 +397,14 @@ def encode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
     """Encode a dataset of images into VAE latents: float32 [8, H/f, W/f] arrays (mean, then std)."""
     import torch
 
-    first = None
-
-    def load_chunk(src, chunk):
-        nonlocal first
-        images = []
-        for _idx, file in chunk:
-            img = src.read_image(file)
-            first = _check_same_size(file.name, img.shape, first)
-            images.append(img)
-        return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
+    def load_item(src, file):
+        return src.read_image(file).transpose(2, 0, 1)  # HWC -> CHW uint8
 
     def run_vae(vae, x, chunk):
         return vae.encode_pixels(x).to(torch.float32).cpu().numpy()
 
     return _vae_pass(source, image_extensions(), dest, model_url, max_images, batch, device, 'encode',
-                     load_chunk, run_vae, latent_name, npy_bytes)
+                     load_item, run_vae, latent_name, npy_bytes)
 
 
 def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = None) -> Any:
@@ -468,18 +425,11 @@ def decode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
     """Decode a dataset written by `encode` back into PNG images."""
     import torch
 
-    first = None
-
-    def load_chunk(src, chunk):
-        nonlocal first
-        arrays = []
-        for _idx, file in chunk:
-            array = src.read_npy(file)
-            if array.ndim != 3 or array.shape[0] != 8:
-                raise click.ClickException(f'{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode')
-            first = _check_same_size(file.name, array.shape[1:], first, what='Latent')
-            arrays.append(array.astype(np.float32))
-        return torch.as_tensor(np.stack(arrays))
+    def load_item(src, file):
+        array = src.read_npy(file)
+        if array.ndim != 3 or array.shape[0] != 8:
+            raise ValueError(f'{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode')
+        return array.astype(np.float32)
 
     def run_vae(vae, x, chunk):
         noise = None
@@ -489,7 +439,7 @@ def decode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
         return vae.decode(final_latents(vae, x, sample=sample, noise=noise)).permute(0, 2, 3, 1).cpu().numpy()
 
     return _vae_pass(source, {'.npy'}, dest, model_url, max_images, batch, device, 'decode',
-                     load_chunk, run_vae, image_name, png_bytes)
+                     load_item, run_vae, image_name, png_bytes)
 
 
 # ----------------------------------------------------------------------------
@@ -506,29 +456,58 @@ def cmdline() -> None:
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=decoded/
     """
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        raise click.ClickException('dataset_tool.py runs as a single process; do not launch it with torchrun')
+    try:
+        distributed.refuse_torchrun('dataset_tool.py')
+    except distributed.SingleProcessOnly as err:
+        raise click.ClickException(str(err)) from None
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad input (a library ValueError or OSError) as click's one-line error, without a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 def _resolution_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple]:
-    return parse_resolution(value)
+    try:
+        return parse_resolution(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
 @cmdline.command()
 @click.option('--source', help='Input folder or ZIP archive', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output folder or ZIP archive', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Maximum number of input images', metavar='INT', type=click.IntRange(min=1))
-@click.option('--transform', help='Input crop/resize mode', type=click.Choice(TRANSFORMS))
+@click.option('--transform', help='Input crop/resize mode (see above)', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output resolution (e.g. 512x512)', metavar='WxH', callback=_resolution_option)
 def convert(source: str, dest: str, max_images: Optional[int], transform: Optional[str], resolution: Optional[tuple]) -> None:
     """Convert an image folder tree or ZIP archive into a dataset (PNG, ZIP or folder).
 
     \b
-    The input is a folder (searched recursively) or a ZIP. Labels come from its dataset.json,
-    else from the names of its top-level folders when there are at least two.
+    The input is a folder (searched recursively, following symbolic links) or a ZIP. Labels come
+    from its dataset.json (which must not label files that are not there), else from the names of
+    its top-level folders when there are at least two.
     The output images must be square with a power-of-two side, and all equal.
+
+    \b
+    Transforms (the crop/resize applied to each input image):
+      (none)                   resize the whole image to --resolution, if given (Lanczos)
+      center-crop              the largest centred square, resized (Lanczos)
+      center-crop-wide         the reference's wide crop, pixel for pixel: the centred round(W*h/w)
+                               input rows (WxH = output, wxh = input), resized to WxH and
+                               letterboxed into a black WxW square; skips images narrower than W or
+                               with round(W*h/w) < H, leaving gaps in the numbering. The band is
+                               stretched unless (w/W)^2 = h/H
+      center-crop-wide-aspect  the same, but the band is round(w*H/W) rows: the output aspect at
+                               full input width, not stretched (skips the same images)
+      center-crop-dhariwal     ADM's ImageNet recipe: box-filter halving, bicubic, centre crop
     """
-    convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
+    with _one_line_errors():
+        convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
 
 
 @cmdline.command()
@@ -539,7 +518,8 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
 @click.option('--batch', help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 def encode(model_url: str, source: str, dest: str, max_images: Optional[int], batch: int) -> None:
     """Encode images into VAE latents (mean and std, float32 .npy)."""
-    encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch)
+    with _one_line_errors():
+        encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch)
 
 
 @cmdline.command()
@@ -552,7 +532,8 @@ def encode(model_url: str, source: str, dest: str, max_images: Optional[int], ba
 @click.option('--batch', help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 def decode(model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int) -> None:
     """Decode VAE latents written by encode back into PNG images."""
-    decode_dataset(source, dest, model_url=model_url, max_images=max_images, sample=sample, seed=seed, batch=batch)
+    with _one_line_errors():
+        decode_dataset(source, dest, model_url=model_url, max_images=max_images, sample=sample, seed=seed, batch=batch)
 
 
 if __name__ == '__main__':

@@ -130,6 +130,40 @@ def test_missing_label_entry_is_an_error(tmp_path):
         _ = ds.label_dim
 
 
+@pytest.mark.parametrize('kind', ['zip', 'dir'])
+def test_labels_of_absent_files_are_an_error(tmp_path, kind):
+    imgs = rgb_images(2)
+    files = {'a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1])}
+    ghosts = [f'ghost{i}.png' for i in range(6)]
+    files['dataset.json'] = labels_json([['a.png', 0], ['b.png', 1]] + [[g, 2] for g in ghosts])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, kind))
+    with pytest.raises(OSError, match=r'6 file.*ghost0\.png, ghost1\.png, ghost2\.png, ghost3\.png, ghost4\.png, \.\.\.') as info:
+        _ = ds.label_dim
+    assert 'ghost5' not in str(info.value)
+    assert ImageFolderDataset(write_dataset(tmp_path / 'u', files, kind), use_labels=False).label_dim == 0
+
+
+def test_symlinked_folders_and_files_are_followed(tmp_path):
+    imgs = rgb_images(3)
+    write_dataset(tmp_path / 'real', {'00000/a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1])}, 'dir')
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'c.png').write_bytes(png_bytes(imgs[2]))
+    try:
+        os.symlink(tmp_path / 'real' / '00000', data / '00000', target_is_directory=True)
+        os.symlink(tmp_path / 'real' / 'b.png', data / 'b.png')
+        os.symlink(data, data / '00000' / 'loop', target_is_directory=True)  # back up: must not recurse forever
+    except (OSError, NotImplementedError):
+        pytest.skip('this system cannot create symbolic links')
+    (data / 'dataset.json').write_text(json.dumps({'labels': [['00000/a.png', 0], ['b.png', 1], ['c.png', 2]]}))
+    ds = ImageFolderDataset(str(data))
+    assert len(ds) == 3
+    for i in range(3):
+        image, label = ds[i]
+        np.testing.assert_array_equal(image, imgs[i].transpose(2, 0, 1))
+        assert label.argmax() == i
+
+
 # ----------------------------------------------------------------------------
 # xflip, max_size, cache.
 
@@ -158,7 +192,7 @@ def test_max_size_seeded_subset(tmp_path):
         ds = ImageFolderDataset(path, **kwargs)
         return [int(ds[i][0][0, 0, 0]) for i in range(len(ds))]
 
-    # The rule of spec §14: legacy RandomState(seed % 2**31) shuffle of 0..N-1, first max_size, sorted.
+    # The reference's rule: legacy RandomState(seed % 2**31) shuffle of 0..N-1, first max_size, sorted.
     for seed in [0, 7]:
         perm = np.arange(n)
         np.random.RandomState(seed).shuffle(perm)

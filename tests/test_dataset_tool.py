@@ -188,6 +188,140 @@ def test_convert_grayscale_and_rgba_become_rgb(tmp_path):
     np.testing.assert_array_equal(decode_png(files['00000/img00000001.png']), rgba[:, :, :3])
 
 
+def symlink_or_skip(target, link):
+    try:
+        os.symlink(target, link, target_is_directory=os.path.isdir(target))
+    except (OSError, NotImplementedError):
+        pytest.skip('this system cannot create symbolic links')
+
+
+def test_convert_follows_symlinked_class_folders_and_files(tmp_path):
+    # The reference lists the source with os.scandir's is_dir()/is_file(), which follow links.
+    elsewhere = tmp_path / 'elsewhere'
+    save(str(elsewhere / 'dogs' / 'd0.png'), random_image(0))
+    save(str(elsewhere / 'dogs' / 'd1.png'), random_image(1))
+    save(str(elsewhere / 'lone.png'), random_image(2))
+    src = tmp_path / 'src'
+    save(str(src / 'cat' / 'c0.png'), random_image(3))
+    symlink_or_skip(str(elsewhere / 'dogs'), str(src / 'dog'))  # a linked class folder
+    symlink_or_skip(str(elsewhere / 'lone.png'), str(src / 'cat' / 'c1.png'))  # a linked file
+    symlink_or_skip(str(src), str(src / 'cat' / 'loop'))  # a link back up: listed once, not forever
+    symlink_or_skip(str(tmp_path / 'nowhere.png'), str(src / 'cat' / 'broken.png'))  # dangling: ignored
+    dest = tmp_path / 'o.zip'
+    result = run('convert', '--source', src, '--dest', dest)
+    assert result.exit_code == 0, result.output
+    files = read_dataset(dest)
+    order = [('cat/c0.png', 3, 0), ('cat/c1.png', 2, 0), ('dog/d0.png', 0, 1), ('dog/d1.png', 1, 1)]
+    assert sorted(files) == [f'00000/img{i:08d}.png' for i in range(4)] + ['dataset.json']
+    for i, (_name, seed, _label) in enumerate(order):
+        np.testing.assert_array_equal(decode_png(files[f'00000/img{i:08d}.png']), random_image(seed))
+    assert json.loads(files['dataset.json'])['labels'] == [[f'00000/img{i:08d}.png', label] for i, (_n, _s, label) in enumerate(order)]
+
+
+def test_list_folder_is_shared_and_lists_a_folder_linked_twice_twice(tmp_path):
+    import training.dataset
+
+    assert dataset_tool.list_folder is training.dataset.list_folder  # one listing, one extension list
+    assert dataset_tool.image_extensions is training.dataset.image_extensions
+    save(str(tmp_path / 'a' / 'x.png'), random_image(0))
+    symlink_or_skip(str(tmp_path / 'a'), str(tmp_path / 'b'))  # not a loop: the reference lists it again
+    symlink_or_skip(str(tmp_path / 'a'), str(tmp_path / 'a' / 'self'))  # a loop
+    assert dataset_tool.list_folder(str(tmp_path)) == ['a/x.png', 'b/x.png']
+
+
+@pytest.mark.parametrize('kind', ['dir', 'zip'])
+def test_dataset_json_labelling_absent_files_is_an_error(tmp_path, kind):
+    imgs = {f'{i}.png': random_image(i) for i in range(2)}
+    for absent, fragments in [(['ghost.png'], ['1 file', 'ghost.png']),
+                              ([f'g{i}.png' for i in range(7)], ['7 file', 'g0.png', 'g4.png', '...'])]:
+        entries = [[n, 0] for n in imgs] + [[n, 1] for n in absent]
+        if kind == 'dir':
+            src = tmp_path / f'src{len(absent)}'
+            for n, img in imgs.items():
+                save(str(src / n), img)
+            (src / 'dataset.json').write_text(json.dumps({'labels': entries}))
+        else:
+            src = tmp_path / f'src{len(absent)}.zip'
+            with zipfile.ZipFile(src, 'w') as z:
+                for n, img in imgs.items():
+                    z.writestr(n, dataset_tool.png_bytes(img))
+                z.writestr('dataset.json', json.dumps({'labels': entries}))
+        before = listing(tmp_path)
+        error = assert_one_line_error(run('convert', '--source', src, '--dest', tmp_path / 'o.zip'), 'dataset.json', *fragments)
+        assert 'g5.png' not in error  # the first five only
+        assert listing(tmp_path) == before
+    # A label for a file that is there but not an image is just as lost.
+    src = tmp_path / 'notes'
+    save(str(src / 'a.png'), random_image(0))
+    (src / 'a.txt').write_text('x')
+    (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0], ['a.txt', 1]]}))
+    with pytest.raises(OSError, match='a.txt'):
+        dataset_tool.convert_dataset(str(src), str(tmp_path / 'n.zip'))
+
+
+def test_dataset_writer_uses_the_atomic_temp_name_scheme(tmp_path):
+    import re
+
+    for dest in ['o.zip', 'o']:
+        with dataset_tool.DatasetWriter(str(tmp_path / dest)) as out:
+            out.write('00000/a.txt', 'hello')
+            temps = [n for n in os.listdir(tmp_path) if re.fullmatch(rf'\.{dest}\.[0-9a-f]{{12}}\.tmp', n)]
+            assert len(temps) == 1 and not os.path.exists(tmp_path / dest)
+        assert read_dataset(tmp_path / dest) == {'00000/a.txt': b'hello'}
+        with pytest.raises(RuntimeError):
+            with dataset_tool.DatasetWriter(str(tmp_path / f'failed-{dest}')) as out:
+                out.write('00000/a.txt', 'hello')
+                raise RuntimeError('interrupted')
+    assert listing(tmp_path) == ['o', 'o.zip']
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / 'o.zip').st_mode & 0o777 == 0o666 & ~umask  # the usual permissions
+    (tmp_path / 'empty').mkdir()
+    with dataset_tool.DatasetWriter(str(tmp_path / 'empty')) as out:  # an empty folder is replaced
+        out.write('x.txt', b'1')
+    assert read_dataset(tmp_path / 'empty') == {'x.txt': b'1'}
+
+
+def test_library_functions_raise_plain_exceptions(tmp_path):
+    import click
+
+    save(str(tmp_path / 'src' / 'a.png'), random_image(0))
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'keep.txt').write_text('mine')
+    cases = [
+        (FileNotFoundError, lambda: dataset_tool.convert_dataset(str(tmp_path / 'nope'), str(tmp_path / 'o.zip'))),
+        (ValueError, lambda: dataset_tool.DatasetWriter(str(tmp_path / 'full'))),
+        (ValueError, lambda: dataset_tool.convert_dataset(str(tmp_path / 'src'), str(tmp_path / 'full'))),
+        (ValueError, lambda: dataset_tool.make_transform('center-crop', None)),
+        (ValueError, lambda: dataset_tool.make_transform('stretch', (16, 16))),
+        (ValueError, lambda: dataset_tool.make_transform(None, (16, 8))),
+        (ValueError, lambda: dataset_tool.parse_resolution('16')),
+        (ValueError, lambda: dataset_tool.convert_dataset(str(tmp_path / 'src'), str(tmp_path / 'o.zip'), resolution=(8, 16), transform='center-crop-wide')),
+    ]
+    for expected, call in cases:
+        with pytest.raises(expected) as info:
+            call()
+        assert not isinstance(info.value, click.ClickException)
+    assert listing(tmp_path) == ['full', 'src']
+
+
+def test_destination_is_checked_before_the_vae_is_loaded(tmp_path, good_src, monkeypatch):
+    import training.encoders
+
+    def no_load(*args, **kwargs):
+        raise AssertionError('the VAE was loaded before the arguments were checked')
+
+    monkeypatch.setattr(training.encoders, 'load_stability_vae', no_load)
+    full = tmp_path / 'full'
+    full.mkdir()
+    (full / 'keep.txt').write_text('mine')
+    assert_one_line_error(run('encode', '--model-url', tmp_path / 'no-such-vae', '--source', good_src, '--dest', full), 'empty')
+    assert_one_line_error(run('encode', '--source', tmp_path / 'nope', '--dest', tmp_path / 'l.zip'), 'does not exist')
+    assert_one_line_error(run('decode', '--source', good_src, '--dest', tmp_path / 'd.zip'), '.npy')
+    assert_one_line_error(run('decode', '--source', good_src, '--dest', good_src / '0.png'), 'not a folder')
+    assert listing(tmp_path) == ['full', 'src']
+
+
 def test_parse_resolution_forms():
     assert dataset_tool.parse_resolution('512x256') == (512, 256)
     assert dataset_tool.parse_resolution('64,32') == (64, 32)
@@ -220,12 +354,12 @@ def test_center_crop_takes_the_middle_square(tmp_path):
     assert (out[:5, :5] == BLUE).all() and (out[11:, :] == GREEN).all() and (out[:, 11:] == GREEN).all()
 
 
-def test_center_crop_wide_crops_the_output_aspect_and_letterboxes(tmp_path):
+def test_center_crop_wide_aspect_crops_the_output_aspect_and_letterboxes(tmp_path):
     # 64x48 input, 32x16 output (aspect 2:1): the band is the 32 middle rows 8..40 at full width.
     img = solid(48, 64, RED)
     img[8:40] = YELLOW
     img[12:36] = GREEN
-    out = convert_one(tmp_path, img, '--resolution', '32x16', '--transform', 'center-crop-wide')
+    out = convert_one(tmp_path, img, '--resolution', '32x16', '--transform', 'center-crop-wide-aspect')
     assert out.shape == (32, 32, 3)
     assert (out[:8] == 0).all() and (out[24:] == 0).all()  # black letterbox above and below
     band = out[8:24].astype(int)
@@ -236,7 +370,8 @@ def test_center_crop_wide_crops_the_output_aspect_and_letterboxes(tmp_path):
     np.testing.assert_array_equal(out[8:24], expected)
 
 
-def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path):
+@pytest.mark.parametrize('transform', ['center-crop-wide', 'center-crop-wide-aspect'])
+def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path, transform):
     src = tmp_path / 'src'
     save(str(src / 'a.png'), solid(48, 64, GREEN))
     save(str(src / 'b.png'), solid(16, 16, RED))  # narrower than the output: skipped
@@ -244,7 +379,7 @@ def test_center_crop_wide_skips_small_and_too_wide_images_leaving_gaps(tmp_path)
     save(str(src / 'd.png'), solid(16, 128, RED))  # too wide for 2:1 (would need 64 rows): skipped
     (src / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0], ['b.png', 1], ['c.png', 2], ['d.png', 3]]}))
     dest = tmp_path / 'out.zip'
-    result = run('convert', '--source', src, '--dest', dest, '--resolution', '32x16', '--transform', 'center-crop-wide')
+    result = run('convert', '--source', src, '--dest', dest, '--resolution', '32x16', '--transform', transform)
     assert result.exit_code == 0, result.output
     files = read_dataset(dest)
     assert sorted(files) == ['00000/img00000000.png', '00000/img00000002.png', 'dataset.json']
@@ -292,6 +427,64 @@ def test_center_crop_dhariwal_small_image_is_upsampled(tmp_path):
     img = np.random.RandomState(1).randint(0, 256, [40, 60, 3]).astype(np.uint8)
     out = convert_one(tmp_path, img, '--resolution', '64x64', '--transform', 'center-crop-dhariwal').astype(int)
     np.testing.assert_array_equal(out, _dhariwal_reference(img, 64, 0))
+
+
+def _center_crop_wide_reference(img, width, height):
+    """The reference's center-crop-wide, step by step: ch = round(width·h/w) rows (numpy's round half to
+    even), skip if the image is narrower than width or ch < height, the centred ch rows, Pillow Lanczos
+    to width x height, then the middle rows of a black width x width canvas."""
+    ch = int(np.round(width * img.shape[0] / img.shape[1]))
+    if img.shape[1] < width or ch < height:
+        return None
+    img = img[(img.shape[0] - ch) // 2 : (img.shape[0] + ch) // 2]
+    img = np.array(PIL.Image.fromarray(img, 'RGB').resize((width, height), PIL.Image.LANCZOS))
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
+    canvas[(width - height) // 2 : (width + height) // 2, :] = img
+    return canvas
+
+
+# (input height, input width, output width, output height): odd sizes, an input as wide as the output,
+# a tall one, a square output, and ch = 16.5 / 17.5 where round-half-to-even decides (16, 18).
+WIDE_CASES = [(48, 64, 32, 16), (37, 50, 32, 16), (24, 32, 32, 16), (100, 33, 32, 32), (80, 71, 16, 16),
+              (33, 64, 32, 16), (35, 64, 32, 16), (64, 64, 32, 16)]
+
+
+@pytest.mark.parametrize('h,w,width,height', WIDE_CASES)
+def test_center_crop_wide_is_the_references_pixels(h, w, width, height):
+    img = random_image(h * w, h, w)
+    expected = _center_crop_wide_reference(img, width, height)
+    assert expected is not None
+    np.testing.assert_array_equal(dataset_tool.center_crop_wide(width, height, img), expected)
+    np.testing.assert_array_equal(dataset_tool.make_transform('center-crop-wide', (width, height))(img), expected)
+
+
+def test_center_crop_wide_through_convert_and_its_skips(tmp_path):
+    src = tmp_path / 'src'
+    shapes = [(48, 64), (21, 64), (37, 50), (30, 31), (33, 64)]  # 21x64: ch = round(10.5) = 10 < 16, skipped; 31 < 32 wide, skipped
+    imgs = [random_image(i, h, w) for i, (h, w) in enumerate(shapes)]
+    for i, img in enumerate(imgs):
+        save(str(src / f'{i}.png'), img)
+    dest = tmp_path / 'o.zip'
+    result = run('convert', '--source', src, '--dest', dest, '--resolution', '32x16', '--transform', 'center-crop-wide')
+    assert result.exit_code == 0, result.output
+    files = read_dataset(dest)
+    kept = [i for i, img in enumerate(imgs) if _center_crop_wide_reference(img, 32, 16) is not None]
+    assert kept == [0, 2, 4]
+    assert sorted(files) == [f'00000/img{i:08d}.png' for i in kept] + ['dataset.json']
+    for i in kept:
+        np.testing.assert_array_equal(decode_png(files[f'00000/img{i:08d}.png']), _center_crop_wide_reference(imgs[i], 32, 16))
+
+
+def test_center_crop_wide_and_aspect_variant_differ_where_the_reference_stretches():
+    # 64x48 -> 32x16: the reference takes 24 rows (a 64:24 band, stretched to 2:1); the aspect variant 32.
+    img = random_image(3, 48, 64)
+    ref = dataset_tool.center_crop_wide(32, 16, img)
+    aspect = dataset_tool.center_crop_wide_aspect(32, 16, img)
+    np.testing.assert_array_equal(aspect[8:24], np.array(PIL.Image.fromarray(img[8:40]).resize((32, 16), PIL.Image.LANCZOS)))
+    assert np.abs(ref.astype(int) - aspect.astype(int)).mean() > 10
+    # Where (w/width)^2 = h/height the reference's band has the output aspect: both agree.
+    img = random_image(4, 64, 64)
+    np.testing.assert_array_equal(dataset_tool.center_crop_wide(32, 16, img), dataset_tool.center_crop_wide_aspect(32, 16, img))
 
 
 # ----------------------------------------------------------------------------

@@ -174,17 +174,53 @@ class Dataset(torch.utils.data.Dataset):
 # A folder or ZIP of PNG (or other Pillow-readable) images or .npy arrays.
 
 
-def _file_ext(fname: str) -> str:
-    return os.path.splitext(fname)[1].lower()
+def file_ext(name: str) -> str:
+    """The extension of a file name, with the dot, in lower case."""
+    return os.path.splitext(name)[1].lower()
 
 
-def _supported_exts() -> set:
+def image_extensions() -> set:
+    """Extensions (with the dot, lower case) of every image format Pillow can read."""
     PIL.Image.init()  # registers every plugin, so EXTENSION is complete
-    return set(PIL.Image.EXTENSION.keys()) | {'.npy'}
+    return set(PIL.Image.EXTENSION.keys())
+
+
+def list_folder(path: str) -> list:
+    """The files under a folder: sorted paths relative to it, '/' separated.
+
+    Symbolic links to files and folders are followed (a tree of links to the real class folders is a
+    common way to assemble a dataset); a link back to a folder that is already being listed is
+    skipped, since following it would never end.
+    """
+    names = []
+
+    def walk(folder: str, prefix: str, ancestors: frozenset) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():  # follows symbolic links, as is_file() does
+                    st = os.stat(entry.path)  # not entry.stat(): it has no inode numbers on Windows
+                    key = (st.st_dev, st.st_ino)
+                    if key not in ancestors:
+                        walk(entry.path, f'{prefix}{entry.name}/', ancestors | {key})
+                elif entry.is_file():
+                    names.append(prefix + entry.name)
+
+    st = os.stat(path)
+    walk(path, '', frozenset([(st.st_dev, st.st_ino)]))
+    return sorted(names)
+
+
+def check_labelled_files_exist(labelled: Any, files: Any, where: str) -> None:
+    """Fail (OSError) if dataset.json labels files that the dataset does not have: their labels would
+    otherwise be lost without a word. `labelled`: the labelled names; `files`: a set of file names."""
+    absent = [name for name in labelled if name not in files]
+    if absent:
+        shown = ', '.join(absent[:5]) + (', ...' if len(absent) > 5 else '')
+        raise OSError(f'dataset.json in {where} labels {len(absent)} file(s) that it does not contain: {shown}')
 
 
 class ImageFolderDataset(Dataset):
-    """Images or latents in a directory (searched recursively) or a ZIP archive."""
+    """Images or latents in a directory (searched recursively, following symbolic links) or a ZIP archive."""
 
     def __init__(
         self,
@@ -198,15 +234,10 @@ class ImageFolderDataset(Dataset):
 
         if os.path.isdir(self._path):
             self._type = 'dir'
-            all_fnames = []
-            for root, _dirs, files in os.walk(self._path):
-                rel_root = os.path.relpath(root, self._path)
-                for fname in files:
-                    rel = fname if rel_root == '.' else os.path.join(rel_root, fname)
-                    all_fnames.append(rel.replace(os.sep, '/'))
+            all_fnames = list_folder(self._path)
         elif not os.path.exists(self._path):
             raise OSError(f'Dataset path does not exist: {self._path}')
-        elif _file_ext(self._path) == '.zip':
+        elif file_ext(self._path) == '.zip':
             self._type = 'zip'
             try:
                 all_fnames = self._get_zipfile().namelist()
@@ -215,9 +246,9 @@ class ImageFolderDataset(Dataset):
         else:
             raise OSError(f'Dataset path must be a directory or a .zip file: {self._path}')
 
-        supported = _supported_exts()
+        supported = image_extensions() | {'.npy'}
         self._has_json = 'dataset.json' in all_fnames
-        image_fnames = sorted(f for f in all_fnames if _file_ext(f) in supported)
+        image_fnames = sorted(f for f in all_fnames if file_ext(f) in supported)
         del all_fnames
         if len(image_fnames) == 0:
             raise OSError(f'No image or .npy files found in {self._path}')
@@ -266,7 +297,7 @@ class ImageFolderDataset(Dataset):
         fname = self._fname(raw_idx)
         try:
             with self._open_file(fname) as f:
-                if _file_ext(fname) == '.npy':
+                if file_ext(fname) == '.npy':
                     image = np.load(f)
                     image = image.reshape(-1, *image.shape[-2:])  # [C, H, W]
                 else:
@@ -285,6 +316,7 @@ class ImageFolderDataset(Dataset):
             return None
         labels = dict(labels)  # {relative path with '/': label}
         fnames = [self._fname(i) for i in range(len(self._image_fnames))]
+        check_labelled_files_exist(labels, set(fnames), self._path)
         missing = [f for f in fnames if f not in labels]
         if missing:
             raise OSError(f'dataset.json in {self._path} has no label for {missing[0]} '
