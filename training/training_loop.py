@@ -175,6 +175,7 @@ def training_loop(
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
+    monitor_kwargs      = None,     # Watching the run (training.monitoring.TrainingMonitor); None = off.
 ) -> None:
     # Initialize.
     prev_status_time = time.time()
@@ -251,6 +252,14 @@ def training_loop(
     dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
     dist.print0()
 
+    # Watching the run (TensorBoard, loss by noise level, sample grids, metrics); reached by class
+    # name, so this embedded module imports nothing of it. It never changes the training math.
+    monitor = None
+    if monitor_kwargs is not None:
+        monitor = dnnlib.util.construct_class_by_name(**monitor_kwargs, run_dir=run_dir, start_nimg=state.cur_nimg,
+                                                      loss_fn=loss_fn, device=device)
+    loss_net = monitor.wrap_net(ddp) if monitor is not None else ddp  # records the sigma the loss draws
+
     # Data: an infinite sampler that continues the same sequence from cur_nimg on a resume.
     if data_loader_kwargs is None:
         data_loader_kwargs = dict(class_name='torch.utils.data.DataLoader', pin_memory=(device.type == 'cuda'),
@@ -275,7 +284,8 @@ def training_loop(
             done = (state.cur_nimg >= stop_at_nimg)
             fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)
             do_status = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and fresh_or_advanced
-            do_snapshot = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced and rank == 0
+            snapshot_due = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced
+            do_snapshot = snapshot_due and rank == 0
             do_checkpoint = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
             if progress is not None and (do_status or do_snapshot or do_checkpoint):
                 progress.clear()
@@ -322,8 +332,11 @@ def training_loop(
                     if stats_jsonl is None:
                         stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
                     items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
-                    stats_jsonl.write(_format_stats_line(items + [('timestamp', time.time())]))
+                    items = items + [('timestamp', time.time())]
+                    stats_jsonl.write(_format_stats_line(items))
                     stats_jsonl.flush()
+                    if monitor is not None:
+                        monitor.on_status(state.cur_nimg, items)  # the same values as TensorBoard scalars
 
                 # Update progress and check for abort.
                 dist.update_progress(state.cur_nimg // 1000, stop_at_nimg // 1000)
@@ -345,6 +358,8 @@ def training_loop(
                     _write_atomically(os.path.join(run_dir, fname), lambda f, data=data: pickle.dump(data, f))
                     dist.print0('done')
                     del data  # conserve memory
+            if monitor is not None and snapshot_due:
+                monitor.on_snapshot(state.cur_nimg, ema=ema, net=net, encoder=encoder)
 
             # Save a training checkpoint (never at the start, always at the end).
             if do_checkpoint:
@@ -363,8 +378,10 @@ def training_loop(
                 with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                     images, labels = next(dataset_iterator)
                     images = encoder.encode_latents(images.to(device))
-                    loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
+                    loss = loss_fn(net=loss_net, images=images, labels=labels.to(device))
                     training_stats.report('Loss/loss', loss)
+                    if monitor is not None:
+                        monitor.report_loss(loss)
                     loss.sum().mul(loss_scaling / batch_per_process).backward()
 
             # Learning rate of this step from the image count before it; then the optimizer step.
@@ -377,6 +394,8 @@ def training_loop(
                 for param in net.parameters():
                     if param.grad is not None:
                         torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
+            if monitor is not None:
+                monitor.report_gradients(net, loss_scaling)
             optimizer.step()
 
             # Update the EMA and the training state.
@@ -391,5 +410,7 @@ def training_loop(
             progress.close()
         if stats_jsonl is not None:
             stats_jsonl.close()
+        if monitor is not None:
+            monitor.close()
 
 # ----------------------------------------------------------------------------
