@@ -70,6 +70,22 @@ def test_grid_layout():
     assert (grid[2 + 5:2 + 5 + 3, 2 + 2 * 4:2 + 2 * 4 + 2] == images[5]).all()  # row 1, column 2
     assert grid[0].max() == 0 and grid[:, 0].max() == 0
 
+def test_progress_picture_tiles_grids_in_kimg_order(tmp_path):
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    sys.path.insert(0, str(REPO_ROOT / 'scripts'))
+    import demo_progress
+    for kimg, value in [(32, 100), (0, 0), (5, 200)]:
+        PIL.Image.fromarray(np.full([6, 4, 3], value, dtype=np.uint8)).save(tmp_path / f'samples-{kimg:07d}.png')
+    size = demo_progress.make_progress(str(tmp_path), str(tmp_path / 'progress.png'), scale=2, gap=8, label_height=16)
+    assert size == demo_progress.progress_size(3, 4, 6, 2, 8, 16) == (3 * (8 + 8) + 8, 16 + 12 + 16)
+    pixels = np.asarray(PIL.Image.open(tmp_path / 'progress.png'))
+    top = 8 + 16
+    assert [pixels[top, 8 + i * 16, 0] for i in range(3)] == [0, 200, 100]  # kimg 0, 5, 32
+    with pytest.raises(FileNotFoundError):
+        demo_progress.make_progress(str(tmp_path / 'progress.png') + '-none', str(tmp_path / 'x.png'))
+
 # ----------------------------------------------------------------------------
 # Short runs.
 
