@@ -270,7 +270,7 @@ class TrainingMonitor:
 
     def on_snapshot(self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any) -> None:
         """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""
-        if self.grid <= 0 and not self.metrics:
+        if (self.grid <= 0 or self.rank != 0) and not self.metrics:
             return
         snapshot_net = _snapshot_copy(_first_ema(ema, net), self.device)
         if self._sampling_encoder is None:
