@@ -257,6 +257,30 @@ def print_training_config(run_dir: str, c: dict, preset: str) -> None:
     dist.print0()
 
 
+def setup_monitor_kwargs(preset: str, tensorboard: bool = True, grid: Optional[int] = None, metrics: Optional[str] = None,
+                         metrics_images: int = 50000, metrics_ref: Optional[str] = None) -> dnnlib.EasyDict:
+    """Keyword arguments of ``training.monitoring.TrainingMonitor`` (kept out of training_options.json,
+    so that watching a run differently never blocks its resumption). Raises ValueError."""
+    m = dnnlib.EasyDict(class_name='training.monitoring.TrainingMonitor', tensorboard=tensorboard)
+    m.grid = grid if grid is not None else (_cpu_grid if is_cpu_preset(preset) else 64)
+    m.metrics = []
+    if metrics:
+        import calculate_metrics  # lazily: only runs with metrics need it
+        try:
+            m.metrics = calculate_metrics.parse_metric_list(metrics)
+        except ValueError as err:
+            raise ValueError(f'--metrics: {err}') from None
+        if metrics_ref is None:
+            raise ValueError('--metrics needs --metrics-ref (reference statistics, e.g. from calculate_metrics.py ref)')
+        if '://' not in metrics_ref and not os.path.isfile(metrics_ref):
+            raise ValueError(f'--metrics-ref: {metrics_ref} is not a file')
+        m.update(metrics_images=metrics_images, metrics_ref=metrics_ref)
+    return m
+
+
+_cpu_grid = 40  # cpu-* presets: 10 classes x 4 seeds, a few percent of a CPU run's time
+
+
 def _create_run_dir(run_dir: str, c: dict) -> None:
     dist.print0('Creating output directory...')
     with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
@@ -273,7 +297,7 @@ def _record_runtime_changes(run_dir: str, changes: Dict[str, tuple]) -> None:
         f.write(json.dumps(record) + '\n')
 
 
-def launch_training(run_dir: str, c: dict, preset: Optional[str] = None) -> None:
+def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor_kwargs: Optional[dict] = None) -> None:
     """Create the run directory or check that the existing one is a run of the same math, then
     train with everything printed also appended to log.txt."""
     changes = check_run_dir(run_dir, c)  # every rank, before any collective, so that all of them fail alike
@@ -286,7 +310,7 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None) -> None
     try:
         if dist.get_rank() == 0 and changes:
             _record_runtime_changes(run_dir, changes)
-        training_loop.training_loop(run_dir=run_dir, preset_name=preset, **c)
+        training_loop.training_loop(run_dir=run_dir, preset_name=preset, monitor_kwargs=monitor_kwargs, **c)
     finally:
         if logger is not None:
             logger.close()
@@ -324,6 +348,13 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None) -> None
 @click.option('--snapshot',         help='Interval of network snapshots (0 = off)  [default: 8Mi; cpu-* presets: their own]', metavar='NIMG', type=NimgParamType(), default=None)
 @click.option('--checkpoint',       help='Interval of training checkpoints (0 = off)  [default: 128Mi; cpu-* presets: their own]', metavar='NIMG', type=NimgParamType(), default=None)
 @click.option('--seed',             help='Random seed', metavar='INT',                          type=int, default=0, show_default=True)
+
+# Watching the run (see README "Watching a run").
+@click.option('--tensorboard/--no-tensorboard', help='Write TensorBoard event files into the run directory', default=True, show_default=True)
+@click.option('--grid',             help='Images in the sample grid at each snapshot (0 = off)  [default: 64; cpu-* presets: 40]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--metrics',          help='Metrics at each snapshot, e.g. fid,fd_dinov2  [default: none]', metavar='LIST', type=str, default=None)
+@click.option('--metrics-images',   help='Images generated for the metrics', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--metrics-ref',      help='Reference statistics for the metrics', metavar='PKL|NPZ|URL', type=str, default=None)
 @click.option('-n', '--dry-run',    help='Print training options and exit',                     is_flag=True)
 def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
     """Train diffusion models according to the EDM2 recipe.
@@ -351,7 +382,9 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
         dist.init()  # under torchrun: know the ranks before printing or validating anything
     try:
         dist.print0('Setting up training config...')
+        monitor_opts = {key: opts.pop(key) for key in ['tensorboard', 'grid', 'metrics', 'metrics_images', 'metrics_ref']}
         c = setup_training_config(world_size=dist.get_world_size(), **opts)
+        monitor_kwargs = setup_monitor_kwargs(preset=opts['preset'], **monitor_opts)
         print_training_config(run_dir=outdir, c=c, preset=opts['preset'])
         if dry_run:
             try:
@@ -364,7 +397,7 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
             return
         check_run_dir(outdir, c)  # before the process group of a single process
         dist.init()  # a single process gets a process group of one
-        launch_training(run_dir=outdir, c=c, preset=opts['preset'])
+        launch_training(run_dir=outdir, c=c, preset=opts['preset'], monitor_kwargs=monitor_kwargs)
     except (ValueError, OSError) as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
 

@@ -36,7 +36,7 @@ esac
 # with snapshots at 32Ki and 64Ki for the post-hoc EMA. The small one only checks the plumbing.
 if [[ "$SMALL" == 1 ]]; then
     PER_CLASS=20; BATCH=64; CHANNELS=8
-    TRAIN_OPTS=(--batch=$BATCH --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=$CHANNELS)
+    TRAIN_OPTS=(--batch=$BATCH --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=$CHANNELS --grid=4)
     GRID_OPTS=(--cols=2 --steps=4); SAMPLE_OPTS=(--seeds=0-1 --steps=4)
 else
     PER_CLASS=600; BATCH=64; CHANNELS=16
@@ -68,7 +68,7 @@ if [[ "$DATA" == digits ]] || { [[ "$DATA" == auto ]] && ! fashion_installed; };
         "$PYTHON" -m pip install --quiet --disable-pip-version-check scikit-learn
     fi
 fi
-rm -rf "$OUT/images" "$OUT/dataset.zip" "$OUT/run" "$OUT/phema" "$OUT/grid.png" "$OUT/samples" "$OUT/data.txt"
+rm -rf "$OUT/images" "$OUT/dataset.zip" "$OUT/run" "$OUT/phema" "$OUT/grid.png" "$OUT/samples" "$OUT/data.txt" "$OUT/progress.png"
 mkdir -p "$OUT"
 "$PYTHON" scripts/demo_data.py --dest="$OUT/images" --data="$DATA" --per-class="$PER_CLASS" \
     --fashion-root="$FASHION_ROOT" | tee "$OUT/data.txt"
@@ -112,6 +112,9 @@ export OMP_NUM_THREADS="$DEMO_THREADS" MKL_NUM_THREADS="$DEMO_THREADS"
 step "4/7 Training: train_edm2.py --preset=$PRESET (OMP_NUM_THREADS=$DEMO_THREADS)"
 "$PYTHON" train_edm2.py --outdir="$OUT/run" --data="$OUT/dataset.zip" --preset="$PRESET" "${TRAIN_OPTS[@]}"
 
+# The run's sample grids (samples-*.png, one per snapshot) side by side.
+"$PYTHON" scripts/demo_progress.py --run="$OUT/run" --out="$OUT/progress.png"
+
 step "5/7 Post-hoc EMA: reconstruct_phema.py --outstd=$PHEMA_STD"
 "$PYTHON" reconstruct_phema.py --indir="$OUT/run" --outdir="$OUT/phema" --outstd="$PHEMA_STD" 2>&1 \
     | tr '\r' '\n' | grep -v '%|' || true
@@ -132,7 +135,11 @@ echo "Done in $(( SECONDS - start_time ))s. $(grep -m 1 '^Data:' "$OUT/data.txt"
 echo "Outputs:"
 echo "  Images (PNG per class):  $OUT/images"
 echo "  Dataset:                 $OUT/dataset.zip"
-echo "  Training run:            $OUT/run"
+echo "  Training run:            $OUT/run  (TensorBoard logs, stats.jsonl, samples-*.png per snapshot)"
+echo "  Training progress:       $OUT/progress.png"
 echo "  Post-hoc EMA:            $PHEMA_PKL"
 echo "  Class grid:              $OUT/grid.png"
 echo "  Samples (CLI):           $OUT/samples"
+echo
+echo "Watch the training curves, the loss by noise level and the sample grids with:"
+echo "  tensorboard --logdir $OUT/run"

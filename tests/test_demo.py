@@ -21,6 +21,7 @@ from tests.conftest import REPO_ROOT, subprocess_env
 sys.path.insert(0, str(REPO_ROOT / 'scripts'))
 import demo_data  # noqa: E402
 import demo_grid  # noqa: E402
+import demo_progress  # noqa: E402
 
 FASHION_NAMES = ['0-tshirt', '1-trouser', '2-pullover', '3-dress', '4-coat',
                  '5-sandal', '6-shirt', '7-sneaker', '8-bag', '9-ankle-boot']
@@ -89,6 +90,12 @@ def test_demo_small_pipeline(tmp_path):
     for std in ['0.050', '0.100']:
         assert (run / f'network-snapshot-0000001-{std}.pkl').is_file()
     assert (run / 'training-state-0000001.pt').is_file()
+
+    # Watching the run: TensorBoard logs, a grid per snapshot (4 classes x 1 seed), the progress picture.
+    assert [n for n in os.listdir(run) if n.startswith('events.out.tfevents')]
+    assert sorted(n for n in os.listdir(run) if n.startswith('samples-')) == ['samples-0000000.png', 'samples-0000001.png']
+    assert PIL.Image.open(out / 'progress.png').size == demo_progress.progress_size(2, 1 * 18 + 2, 4 * 18 + 2)
+    assert f'tensorboard --logdir {out}/run' in log
 
     # reconstruct_phema.py: the sigma_rel 0.100 profile at the last snapshot, a conditional 16x16 net.
     phema = out / 'phema' / 'phema-0000001-0.100.pkl'

@@ -391,6 +391,7 @@ STATUS_RE = re.compile(r'Status: kimg (?P<kimg>[ \d.]{9}) time (?P<time>.{12}) s
                        r'maintenance [ \d.-]{7} cpumem [ \d.]{6} gpumem [ \d.]{6} reserved [ \d.]{6}')
 STATS_KEYS = ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timing/sec_per_kimg', 'Timing/maintenance_sec',
               'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb']
+BAND_KEYS = [f'Loss/loss_sigma_q{k}' for k in range(4)]  # added by training.monitoring
 
 
 def test_cli_run_writes_the_run_directory(datasets, tmp_path):
@@ -400,9 +401,14 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    assert sorted(os.listdir(run_dir)) == [
+    names = sorted(os.listdir(run_dir))
+    events = [name for name in names if name.startswith('events.')]
+    assert len(events) == 1 and re.fullmatch(r'events\.out\.tfevents\..+', events[0])  # TensorBoard (on by default)
+    names.remove(events[0])
+    assert names == [
         'dataset_identity.json', 'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
         'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
+        'samples-0000000.png', 'samples-0000001.png',  # sample grids (on by default)
         'stats.jsonl', 'training-state-0000001.pt', 'training_options.json']
 
     # training_options.json: the resolved configuration, keys in the reference order.
@@ -423,7 +429,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     assert [s['Progress/kimg'] for s in stats] == [0.0, 0.256, 0.512, 0.768, 1.024]
     assert list(stats[0]) == STATS_KEYS + ['timestamp']
     for s in stats[1:]:
-        assert list(s) == STATS_KEYS + ['Loss/loss', 'Loss/learning_rate', 'timestamp']
+        assert list(s) == STATS_KEYS + ['Timing/grid_sec', 'Loss/loss'] + BAND_KEYS + ['Loss/learning_rate', 'Loss/grad_norm', 'timestamp']
         assert 0 < s['Loss/loss'] < 10 and 0 < s['Loss/learning_rate'] <= 0.01
     assert re.search(r'"Progress/kimg": 0\.512, ', lines[2]) and re.search(r'"timestamp": \d+\.\d{3}}$', lines[2])
 

@@ -126,6 +126,7 @@ def training_loop(
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
+    monitor_kwargs      = None,     # Watching the run (training.monitoring.TrainingMonitor); None = off.
 ) -> None:
     # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
     dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
@@ -173,6 +174,13 @@ def training_loop(
     dist.print0(f'Training from {state.cur_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
     dist.print0()
 
+    # Watching the run (TensorBoard, loss by noise level, sample grids, metrics); reached by class
+    # name, so this embedded module imports nothing of it. It never changes the training math.
+    monitor = None
+    if monitor_kwargs is not None:
+        monitor = dnnlib.util.construct_class_by_name(**monitor_kwargs, run_dir=run_dir, start_nimg=state.cur_nimg,
+                                                      loss_fn=loss_fn, device=device)
+
     # Data: an infinite sampler that continues the same sequence from cur_nimg on a resume.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
@@ -186,17 +194,22 @@ def training_loop(
             done = (state.cur_nimg >= stop_at_nimg)
             fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)  # a resume repeats nothing at its start
             do_status = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and fresh_or_advanced
-            do_snapshot = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced and rank == 0
+            snapshot_due = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced
+            do_snapshot = snapshot_due and rank == 0
             do_checkpoint = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
             if progress is not None and (do_status or do_snapshot or do_checkpoint):
                 progress.clear()
             if do_status:
                 _report_status(state, tick, device)
-                _write_stats(run_dir, rank)
+                stats_items = _write_stats(run_dir, rank)
+                if monitor is not None and rank == 0:
+                    monitor.on_status(state.cur_nimg, stats_items)  # the same values as TensorBoard scalars
                 if _should_end_invocation(state.cur_nimg, stop_at_nimg, total_nimg):
                     done = True
             if do_snapshot:
                 _save_snapshots(run_dir, state.cur_nimg, net, ema, encoder, dataset_kwargs, loss_fn)
+            if monitor is not None and snapshot_due:
+                monitor.on_snapshot(state.cur_nimg, ema=ema, net=net, encoder=encoder)  # every rank: metrics are collective
             if do_checkpoint:
                 _save_checkpoint(run_dir, state.cur_nimg, checkpoint, net, world_size)
             if done:
@@ -205,13 +218,15 @@ def training_loop(
             step_start_time = time.time()
             _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, seed=seed,
                                rank=rank, batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds,
-                               loss_scaling=loss_scaling, force_finite=force_finite)
+                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor)
             tick.training_time += time.time() - step_start_time
             if progress is not None:
                 progress.update(batch_size)
     finally:
         if progress is not None:
             progress.close()
+        if monitor is not None:
+            monitor.close()
 
 # ----------------------------------------------------------------------------
 # The steps of the training loop, in the order they run.
@@ -317,12 +332,16 @@ def _format_stats_line(items):
 
 
 def _write_stats(run_dir, rank):
-    """Append the means of this tick's statistics (reduced across processes) to stats.jsonl."""
+    """Append the means of this tick's statistics (reduced across processes) to stats.jsonl; rank 0
+    returns them as (name, value) pairs."""
     training_stats.default_collector.update()  # every rank: a collective call
-    if rank == 0:
-        items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
-        with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
-            f.write(_format_stats_line(items + [('timestamp', time.time())]))
+    if rank != 0:
+        return None
+    items = [(name, value.mean) for name, value in training_stats.default_collector.as_dict().items()]
+    items.append(('timestamp', time.time()))
+    with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+        f.write(_format_stats_line(items))
+    return items
 
 
 def _should_end_invocation(cur_nimg, stop_at_nimg, total_nimg):
@@ -357,18 +376,21 @@ def _save_checkpoint(run_dir, cur_nimg, checkpoint, net, world_size):
 
 
 def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, *, seed, rank,
-                       batch_size, num_accumulation_rounds, loss_scaling, force_finite):
+                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None):
     """One iteration: reseed, accumulate the gradients of the whole batch, set the learning rate,
     step the optimizer, advance the image count and update the EMA."""
     misc.set_random_seed(seed, rank, state.cur_nimg)
     optimizer.zero_grad(set_to_none=True)
     batch_per_process = batch_size // dist.get_world_size()
+    loss_net = monitor.wrap_net(ddp) if monitor is not None else ddp  # records the sigma the loss draws
     for round_idx in range(num_accumulation_rounds):
         with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):  # DDP syncs on the last round only
             images, labels = next(dataset_iterator)
             images = encoder.encode_latents(images.to(device))
-            loss = loss_fn(net=ddp, images=images, labels=labels.to(device))
+            loss = loss_fn(net=loss_net, images=images, labels=labels.to(device))
             training_stats.report('Loss/loss', loss)
+            if monitor is not None:
+                monitor.report_loss(loss)
             loss.sum().mul(loss_scaling / batch_per_process).backward()
 
     # Learning rate of this step from the image count before it. A plain float: the optimizer
@@ -381,6 +403,8 @@ def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, datase
         for param in net.parameters():
             if param.grad is not None:
                 torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
+    if monitor is not None:
+        monitor.report_gradients(net, loss_scaling)
     optimizer.step()
 
     state.cur_nimg += batch_size

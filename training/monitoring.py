@@ -1,0 +1,364 @@
+"""Watching a training run: TensorBoard curves, the loss by noise level, sample grids and metrics.
+
+``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the
+training math: it reads the loss tensor, the noise levels the loss drew (as the network receives
+them) and the gradients, and samples from copies of the EMA networks with generators of its own.
+Unlike ``training_loop.py`` this module is not embedded in network pickles, so it may import
+TensorBoard, PIL and the sampling and metric scripts (lazily, where they are needed).
+
+What it writes into the run directory (rank 0):
+- TensorBoard event files: every statistic of a ``stats.jsonl`` line as a scalar of the same name,
+  step = training images in kimg (``cur_nimg // 1000``, as StyleGAN does), walltime = its timestamp;
+  a resumed run opens a new writer with ``purge_step`` one past the resumed kimg, so TensorBoard
+  drops points a killed run wrote after its last checkpoint and the curves go on without duplicates.
+- ``samples-{kimg:07d}.png`` at every network snapshot, and the same grid as a TensorBoard image.
+- ``metrics-{kimg:07d}.jsonl`` at every snapshot when metrics are on: one JSON line with the
+  metrics of the first EMA profile's snapshot, equal to what ``calculate_metrics.py gen`` computes
+  on that snapshot file with the same seeds and image count.
+
+Statistics it adds to the training statistics (and so to ``stats.jsonl`` and TensorBoard):
+``Loss/loss_sigma_q0`` .. ``Loss/loss_sigma_q3``, the loss of the samples whose ln(sigma) falls in
+each quartile of the training noise distribution N(P_mean, P_std^2) (edges at P_mean + P_std *
+Phi^-1(0.25, 0.5, 0.75)); ``Loss/grad_norm``, the L2 norm of the (unscaled) gradient the optimizer
+steps with; ``Timing/grid_sec`` and ``Timing/metrics_sec``; ``Metrics/<name>`` at snapshots.
+"""
+
+import copy
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import training_stats
+
+# Phi^-1(0.25), Phi^-1(0.5), Phi^-1(0.75) of the standard normal distribution.
+NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
+GRID_PAD = 2            # Black pixels around and between the tiles of a sample grid.
+GRID_MAX_ROWS = 10      # A class-conditional grid shows the first classes, one row each.
+
+# ----------------------------------------------------------------------------
+# Loss by noise level.
+
+
+def sigma_band_edges(P_mean: float, P_std: float) -> List[float]:
+    """ln(sigma) edges of the four equally likely bands of ln(sigma) ~ N(P_mean, P_std^2)."""
+    return [P_mean + P_std * q for q in NORMAL_QUARTILES]
+
+
+def sigma_band(sigma: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
+    """Band index 0..3 of each noise level (0 = least noise)."""
+    edges = torch.tensor(sigma_band_edges(P_mean, P_std), dtype=torch.float64, device=sigma.device)
+    return torch.bucketize(sigma.detach().to(torch.float64).log().flatten(), edges, right=True)
+
+
+class SigmaRecorder:
+    """Calls the network exactly as given and remembers the noise level of the latest call.
+
+    The loss draws sigma inside ``EDM2Loss.__call__`` and passes it to the network as its second
+    argument, so recording it there leaves the loss's math and its pickled state untouched.
+    """
+
+    def __init__(self, net: Any):
+        self.net = net
+        self.last_sigma: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.last_sigma = sigma
+        return self.net(x, sigma, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__['net'], name)
+
+# ----------------------------------------------------------------------------
+# Sample grids.
+
+
+def grid_shape(num_images: int, label_dim: int) -> Tuple[int, int]:
+    """(rows, cols): one row per class (the first GRID_MAX_ROWS classes) for a conditional net,
+    else a near-square grid; ``cols = num_images // rows`` (at least 1)."""
+    if label_dim > 0:
+        rows = min(label_dim, GRID_MAX_ROWS, num_images)
+    else:
+        rows = max(int(np.sqrt(num_images)), 1)
+    return rows, max(num_images // rows, 1)
+
+
+def grid_size(rows: int, cols: int, height: int, width: int, pad: int = GRID_PAD) -> Tuple[int, int]:
+    """(width, height) of a grid image: ``pad`` pixels around and between the tiles."""
+    return cols * (width + pad) + pad, rows * (height + pad) + pad
+
+
+def tile_grid(images: np.ndarray, rows: int, cols: int, pad: int = GRID_PAD) -> np.ndarray:
+    """Tile NHWC uint8 images (row-major, rows*cols of them) into one HWC image on black."""
+    n, h, w, c = images.shape
+    width, height = grid_size(rows, cols, h, w, pad)
+    grid = np.zeros([height, width, c], dtype=np.uint8)
+    for idx in range(rows * cols):
+        r, col = divmod(idx, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[idx]
+    return grid
+
+
+def grid_seeds_and_classes(rows: int, cols: int, label_dim: int) -> Tuple[List[int], List[Optional[int]]]:
+    """Seeds 0 .. cols-1 in every row (a column shares its noise); row r has class r."""
+    seeds = [c for _ in range(rows) for c in range(cols)]
+    classes = [(r if label_dim > 0 else None) for r in range(rows) for _ in range(cols)]
+    return seeds, classes
+
+
+def sample_grid(net: torch.nn.Module, encoder: Any, num_images: int, device: torch.device,
+                max_batch_size: int = 64, **sampler_kwargs: Any) -> Tuple[np.ndarray, int, int]:
+    """Sample the grid with the default EDM sampler. Cell (r, c) is the image that
+    ``generate_images(net, seeds=[c], class_idx=r)`` gives: noise from the seed's own generator,
+    the class drawn and then overridden, as there. Returns (HWC uint8 grid, rows, cols)."""
+    from generate_images import StackedRandomGenerator, edm_sampler
+
+    rows, cols = grid_shape(num_images, net.label_dim)
+    seeds, classes = grid_seeds_and_classes(rows, cols, net.label_dim)
+    images = []
+    for start in range(0, len(seeds), max_batch_size):
+        batch_seeds, batch_classes = seeds[start:start + max_batch_size], classes[start:start + max_batch_size]
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        labels = None
+        if net.label_dim > 0:
+            rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)  # drawn, as generate_images does
+            labels = torch.eye(net.label_dim, device=device)[torch.tensor(batch_classes, device=device)]
+        with torch.no_grad():
+            latents = edm_sampler(net=net, noise=noise, labels=labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            images.append(encoder.decode(latents).permute(0, 2, 3, 1).cpu().numpy())
+    images = np.concatenate(images)
+    if images.shape[3] == 1:
+        images = np.repeat(images, 3, axis=3)
+    return tile_grid(images, rows, cols), rows, cols
+
+# ----------------------------------------------------------------------------
+
+
+def _snapshot_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The network as a snapshot file holds it (float16, eval mode), on the compute device."""
+    return copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16).to(device)
+
+
+def _first_ema(ema: Any, net: torch.nn.Module) -> torch.nn.Module:
+    if ema is None:
+        return net
+    ema_list = ema.get()
+    return ema_list[0][0] if isinstance(ema_list, list) else ema_list
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on every process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    on_nccl = torch.distributed.get_backend() == 'nccl'
+    x = torch.tensor([0 if flag else 1], dtype=torch.int64, device=(device if on_nccl else 'cpu'))
+    torch.distributed.all_reduce(x)
+    return int(x.item()) == 0
+
+
+def _one_line(err: BaseException) -> str:
+    return ' '.join(str(err).split()) or type(err).__name__
+
+
+class TrainingMonitor:
+    """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl`` (see the module
+    docstring). Construct it on every process after resuming; then call ``report_loss`` after each
+    loss evaluation, ``report_gradients`` before each optimizer step, ``on_status`` with the items
+    of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every process) and ``close``."""
+
+    def __init__(self,
+        run_dir:            str,                        # Run directory.
+        start_nimg:         int = 0,                    # Image count the run (re)starts from.
+        loss_fn:            Any = None,                 # The loss; its P_mean and P_std define the noise bands.
+        device:             Optional[torch.device] = None,
+        tensorboard:        bool = True,                # Write TensorBoard event files?
+        grid:               int = 64,                   # Images in the sample grid at each snapshot; 0 = none.
+        grid_steps:         int = 32,                   # Sampler steps of the grid.
+        grid_batch:         int = 64,                   # Images per sampling batch of the grid.
+        metrics:            Sequence[str] = (),         # Metrics at each snapshot, e.g. ('fid', 'fd_dinov2').
+        metrics_images:     int = 50000,                # Images generated for the metrics.
+        metrics_ref:        Optional[str] = None,       # Reference statistics (path or URL).
+        metrics_seed:       int = 0,                    # First seed of the metrics images (calculate_metrics gen --seed).
+        metrics_batch:      int = 32,                   # Images per process and batch (calculate_metrics gen --batch).
+    ):
+        self.run_dir = run_dir
+        self.start_nimg = int(start_nimg)
+        self.device = torch.device(device) if device is not None else torch.device('cpu')
+        self.rank = dist.get_rank()
+        self.grid, self.grid_steps, self.grid_batch = int(grid), int(grid_steps), int(grid_batch)
+        self.metrics = list(metrics)
+        self.metrics_images, self.metrics_ref = int(metrics_images), metrics_ref
+        self.metrics_seed, self.metrics_batch = int(metrics_seed), int(metrics_batch)
+        self.recorder: Optional[SigmaRecorder] = None
+        self.bands = None
+        if loss_fn is not None and hasattr(loss_fn, 'P_mean') and hasattr(loss_fn, 'P_std'):
+            self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std))
+        self._sampling_encoder = None
+        self._detectors_checked = False
+        self._ref_stats = None
+        self.writer = None
+
+        # Validate before any training: the metrics need their reference statistics.
+        if self.metrics:
+            if metrics_ref is None:
+                raise ValueError('metrics during training need reference statistics (metrics_ref)')
+            if self.rank == 0:
+                import calculate_metrics
+                self._ref_stats = calculate_metrics.load_stats(metrics_ref, verbose=False)
+        if tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                dist.print0(f'TensorBoard: not available ({_one_line(err)}); install tensorboard to get event files.')
+            else:
+                # One past the resumed kimg: the resumed run's first point comes after it, and
+                # anything a killed run wrote beyond its last checkpoint is superseded.
+                purge_step = self.start_nimg // 1000 + 1 if self.start_nimg > 0 else None
+                self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
+
+    # Loss and gradients -----------------------------------------------------
+
+    def wrap_net(self, net: Any) -> Any:
+        """The network to hand to the loss: records the noise levels it is called with."""
+        self.recorder = SigmaRecorder(net)
+        return self.recorder
+
+    def report_loss(self, loss: torch.Tensor) -> None:
+        """Report the per-sample loss by noise band (the loss of the latest network call)."""
+        if self.bands is None or self.recorder is None or self.recorder.last_sigma is None:
+            return
+        sigma, self.recorder.last_sigma = self.recorder.last_sigma, None
+        per_sample = loss.detach().reshape(loss.shape[0], -1).mean(dim=1)
+        if sigma.numel() != per_sample.numel():
+            return
+        band = sigma_band(sigma, *self.bands)
+        nan = torch.full_like(per_sample, float('nan'))  # non-finite samples are left out of a statistic
+        for k in range(len(NORMAL_QUARTILES) + 1):
+            training_stats.report(f'Loss/loss_sigma_q{k}', torch.where(band == k, per_sample, nan))
+
+    def report_gradients(self, net: torch.nn.Module, loss_scaling: float = 1) -> None:
+        """Report the L2 norm of the gradient the optimizer is about to use (without loss scaling)."""
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads) if hasattr(torch, '_foreach_norm') else [g.norm() for g in grads]
+        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+        training_stats.report('Loss/grad_norm', total / loss_scaling)
+
+    # Status ----------------------------------------------------------------
+
+    def on_status(self, cur_nimg: int, items: Sequence[Tuple[str, float]]) -> None:
+        """Write the statistics of one stats.jsonl line (name, value) as TensorBoard scalars."""
+        if self.writer is None:
+            return
+        values = dict(items)
+        walltime = values.pop('timestamp', None)
+        step = int(cur_nimg // 1000)
+        for name, value in values.items():
+            if np.isfinite(value) and not name.startswith('Metrics/'):  # metrics go in at their snapshot's kimg
+                self.writer.add_scalar(name, value, global_step=step, walltime=walltime)
+        self.writer.flush()
+
+    # Snapshots -------------------------------------------------------------
+
+    def on_snapshot(self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any) -> None:
+        """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""
+        if (self.grid <= 0 or self.rank != 0) and not self.metrics:
+            return
+        snapshot_net = _snapshot_copy(_first_ema(ema, net), self.device)
+        if self._sampling_encoder is None:
+            self._sampling_encoder = copy.copy(encoder)  # its own attributes: never alter the run's encoder
+        kimg = cur_nimg // 1000
+        if self.grid > 0 and self.rank == 0:
+            self._write_grid(kimg, snapshot_net)
+        if self.metrics:
+            self._compute_metrics(kimg, snapshot_net)
+        del snapshot_net
+
+    def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
+        import PIL.Image
+        start = time.time()
+        try:
+            grid, rows, cols = sample_grid(snapshot_net, self._sampling_encoder, self.grid, self.device,
+                                           max_batch_size=self.grid_batch, num_steps=self.grid_steps)
+        except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
+            dist.print0(f'Sample grid: failed ({_one_line(err)}); no more grids in this run.')
+            self.grid = 0
+            return
+        fname = f'samples-{kimg:07d}.png'
+        with dnnlib.util.atomic_path(os.path.join(self.run_dir, fname)) as tmp:
+            PIL.Image.fromarray(grid, 'RGB').save(tmp, format='PNG')
+        seconds = time.time() - start
+        training_stats.report0('Timing/grid_sec', seconds)
+        if self.writer is not None:
+            self.writer.add_image('Samples/grid', grid, global_step=kimg, dataformats='HWC')
+            self.writer.flush()
+        dist.print0(f'Saved {fname} ({rows}x{cols} images, {self.grid_steps} steps) in {seconds:.1f} s')
+
+    def _check_detectors(self) -> None:
+        """Load each metric's detector once; drop (with one line in the log) those that fail."""
+        import calculate_metrics
+        available = []
+        for metric in self.metrics:
+            message = 'another process cannot load its detector'
+            try:
+                calculate_metrics.get_detector(metric, verbose=False)
+                ok = True
+            except Exception as err:  # e.g. offline without the detector's files
+                message = err.format_message() if hasattr(err, 'format_message') else str(err)
+                ok = False
+            if _all_ranks_agree(ok, self.device):
+                available.append(metric)
+            else:
+                dist.print0(f'Metrics: skipping {metric} in this run; training goes on. {_one_line(Exception(message))}')
+        self.metrics = available
+        self._detectors_checked = True
+
+    def _compute_metrics(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
+        import calculate_metrics
+        from generate_images import generate_images
+        if not self._detectors_checked:
+            self._check_detectors()
+        if not self.metrics:
+            return
+        start = time.time()
+        image_iter = generate_images(net=snapshot_net, encoder=self._sampling_encoder,
+                                     seeds=range(self.metrics_seed, self.metrics_seed + self.metrics_images),
+                                     max_batch_size=self.metrics_batch, verbose=False, device=self.device)
+        stats_iter = calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=self.metrics, verbose=False,
+                                                                    device=self.device)
+        last = None
+        for r in stats_iter:
+            last = r
+        if self.rank != 0:
+            return
+        results = calculate_metrics.calculate_metrics_from_stats(last.stats, self._ref_stats, metrics=self.metrics,
+                                                                  verbose=False)
+        seconds = time.time() - start
+        record: Dict[str, Any] = dict(results=results, kimg=kimg, num_images=self.metrics_images, seed=self.metrics_seed,
+                                      ref=self.metrics_ref, timestamp=time.time())
+        fname = f'metrics-{kimg:07d}.jsonl'
+        with dnnlib.util.atomic_write(os.path.join(self.run_dir, fname), mode='w') as f:
+            f.write(json.dumps(record) + '\n')
+        for metric, value in results.items():
+            training_stats.report0(f'Metrics/{metric}', value)
+            if self.writer is not None:
+                self.writer.add_scalar(f'Metrics/{metric}', value, global_step=kimg)
+        training_stats.report0('Timing/metrics_sec', seconds)
+        if self.writer is not None:
+            self.writer.flush()
+        dist.print0(f'Saved {fname}: ' + ', '.join(f'{m} {v:g}' for m, v in results.items()) + f' in {seconds:.1f} s')
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+# ----------------------------------------------------------------------------
