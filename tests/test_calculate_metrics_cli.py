@@ -108,7 +108,7 @@ def printed_metrics(output):
 
 
 def subset(num_total, num, seed):
-    """Spec §14: a legacy RandomState(seed) shuffle of all indices, the first num, in file order."""
+    """The reference's subset rule: a legacy RandomState(seed) shuffle of all indices, the first num, in file order."""
     idx = np.arange(num_total)
     np.random.RandomState(seed % (1 << 31)).shuffle(idx)
     return np.sort(idx[:num])

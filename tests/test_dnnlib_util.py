@@ -21,7 +21,7 @@ def _md5(url: str) -> str:
 
 
 def _spec_name(url: str, name: str) -> str:
-    # Spec §14 written out independently: keep [0-9a-zA-Z-._], replace the rest, cut to 128.
+    # The reference's cache naming written out independently: keep [0-9a-zA-Z-._], replace the rest, cut to 128.
     allowed = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-._")
     safe = "".join(c if c in allowed else "_" for c in name)[:128]
     return _md5(url) + "_" + safe

@@ -181,7 +181,7 @@ def test_stats_for_files_subset_rule(tmp_path):
                                       device='cpu')
     assert len(it) == 2  # max((4-1)//3+1, 1) batches
     stats = list(it)[-1].stats
-    # Spec §14: legacy RandomState(seed) shuffle of all indices, keep the first num, file order.
+    # The reference's rule: legacy RandomState(seed) shuffle of all indices, keep the first num, file order.
     idx = np.arange(10)
     np.random.RandomState(7).shuffle(idx)
     f = block_means(images[np.sort(idx[:4])])

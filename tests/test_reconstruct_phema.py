@@ -1,4 +1,4 @@
-"""Tests for reconstruct_phema.py (issue 7).
+"""Tests for reconstruct_phema.py.
 
 The snapshots are tiny EDM2 networks (``training.networks_edm2.Precond``) whose parameters are
 set by hand to the *analytic* power-function EMA of a known training trajectory, so the right
@@ -28,7 +28,7 @@ T = 64 * 1024  # Final training time (images): snapshot times are multiples of 1
 KS = np.array([0.5, 1.0, 2.0, 3.0, 6.0])  # Trajectory exponents: w_e(tau) = a_e (tau / T)^k_e.
 
 # ----------------------------------------------------------------------------
-# Independent reference math (spec §4.3), written without training/phema.py.
+# Independent reference math (the paper's Appendix C.2), written without training/phema.py.
 
 
 def std_to_exp(std):
