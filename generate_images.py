@@ -198,19 +198,20 @@ def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, trus
     one stored with ``net``). Rank 0 goes first, so that downloads happen once; if it fails it still
     releases the others, which then fail the same way instead of hanging."""
     rank = dist.get_rank()
+    def load(source: str, what: str) -> dict:
+        if verbose:
+            dist.print0(f'Loading {what} from {source} ...')
+        return load_network_pickle(source, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
+
     if rank != 0:
         dist.barrier()
     try:
         if isinstance(net, str):
-            if verbose:
-                dist.print0(f'Loading network from {net} ...')
-            data = load_network_pickle(net, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
+            data = load(net, 'network')
             net = data['ema']
             encoder = data.get('encoder', None) if encoder is None else encoder
         if isinstance(gnet, str):
-            if verbose:
-                dist.print0(f'Loading guiding network from {gnet} ...')
-            gnet = load_network_pickle(gnet, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))['ema']
+            gnet = load(gnet, 'guiding network')['ema']
         if net is None:
             raise ValueError('generate_images() needs a network')
         encoder = _check_encoder(net, encoder)

@@ -349,13 +349,13 @@ def check_input_dir(path: str, option: str, what: str = "input directory") -> No
         raise ValueError(f'Cannot open {what} "{path}" ({option}): it is a file, not a folder')
 
 
-def _unwritable_reason(path: str) -> Optional[str]:
-    """Why the folder ``path`` could not be created or written to (None if it can)."""
-    folder = os.path.abspath(path)
+def _unwritable_reason(folder: str, target: str) -> Optional[str]:
+    """Why ``folder`` could not be created or written to, for writing ``target`` (None if it can)."""
+    folder = os.path.abspath(folder)
     while not os.path.lexists(folder):  # nothing is created: look at the nearest existing ancestor
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        return "it is a file" if folder == os.path.abspath(path) else f'"{folder}" is a file'
+        return "it is a file" if folder == os.path.abspath(target) else f'"{folder}" is a file'
     if not os.access(folder, os.W_OK | os.X_OK):
         return f'no permission to write in "{folder}"'
     return None
@@ -363,14 +363,14 @@ def _unwritable_reason(path: str) -> Optional[str]:
 
 def check_output_dir(path: str, option: str, what: str = "output directory") -> None:
     """Fail unless ``path`` is a folder that exists or can be created, and can be written to."""
-    reason = _unwritable_reason(path)
+    reason = _unwritable_reason(path, path)
     if reason is not None:
         raise ValueError(f'Cannot create {what} "{path}" ({option}): {reason}')
 
 
 def check_output_file(path: str, option: str, what: str = "output file") -> None:
     """Fail unless ``path`` can be written as a file: not a folder, in a folder that can be written."""
-    reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)))
+    reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)), path)
     if reason is not None:
         raise ValueError(f'Cannot write {what} "{path}" ({option}): {reason}')
 

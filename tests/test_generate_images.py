@@ -246,6 +246,22 @@ def test_load_errors(run_cli, tmp_path, http_server, cache_dir):
     assert not out.exists()
 
 
+def test_network_pickle_loader(nets, tmp_path):
+    from torch_utils import persistence
+    assert gi.load_network_pickle is persistence.load_network_pickle  # one loader for every tool
+    data = gi.load_network_pickle(nets.cond, verbose=False)
+    assert isinstance(data['ema'], Precond) and isinstance(data['encoder'], StandardRGBEncoder)
+    (tmp_path / 'list.pkl').write_bytes(pickle.dumps([1, 2]))
+    (tmp_path / 'noise.pkl').write_bytes(os.urandom(100))
+    for source, fragment in [(str(tmp_path / 'missing.pkl'), 'Cannot open network pickle'),
+                             (str(tmp_path / 'list.pkl'), "no 'ema' network"),
+                             (str(tmp_path / 'noise.pkl'), 'is not a network pickle')]:
+        with pytest.raises(persistence.NetworkPickleError) as info:
+            gi.load_network_pickle(source, verbose=False)
+        assert isinstance(info.value, ValueError) and fragment in str(info.value) and source in str(info.value)
+        assert '\n' not in str(info.value)
+
+
 def test_unwritable_output(run_cli, tmp_path, nets):
     blocker = tmp_path / 'file.txt'
     blocker.write_text('not a folder')

@@ -489,6 +489,18 @@ def test_corrupt_input_names_file_and_leaves_nothing(snapshots, tmp_path, damage
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_bad_destination_fails_before_reading(snapshots, tmp_path, monkeypatch):
+    counter = OpenCounter(monkeypatch)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for outdir in (blocker, blocker / "sub"):
+        res = run_cli("--indir", snapshots.folder, "--outdir", outdir, "--outstd", "0.1")
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        lines = error_lines(res.output)
+        assert len(lines) == 1 and "Cannot create output directory" in lines[0] and "--outdir" in lines[0], res.output
+    assert counter.counts == {}
+
+
 def test_refuses_to_overwrite_an_input(snapshots, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
