@@ -168,8 +168,9 @@ def list_input_pickles(
 def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trust_embedded_code: bool) -> Iterator:
     """Read the inputs one at a time, adding ``coefs[i, o] * w_i`` into a float32 sum per output o.
 
-    Yields ``(in_pkl, None)`` after each input but the last, then ``(in_pkl, nets)``: the first
-    input's snapshot dict with one float16 network per output (buffers from the last input).
+    Yields ``(in_pkl, None)`` after each input but the last, then ``(in_pkl, outputs)``: per output,
+    a copy of the first input's snapshot dict whose float16 ``ema`` holds the sums (buffers from
+    the last input).
     """
     accum = template = shapes = None  # accum[o][k]: the sum for output o, parameter k
     for i, in_pkl in enumerate(in_pkls):
