@@ -1,4 +1,4 @@
-"""Calculate evaluation metrics: FID and FD_DINOv2 (spec §8).
+"""Calculate evaluation metrics: FID and FD_DINOv2.
 
 Both metrics are Fréchet distances between Gaussians fitted to detector features,
 
@@ -10,20 +10,15 @@ processes, and stored as a pickle ``dict(num_images=N, fid=dict(mu, sigma), fd_d
 that is interchangeable with the reference implementation's ``dataset-refs`` files.
 
 Subcommands: ``calc`` (a folder or ZIP of images), ``gen`` (images generated on the fly from a
-network pickle) and ``ref`` (reference statistics of a dataset). Library functions:
-``calculate_stats_for_iterable``, ``calculate_stats_for_files``, ``calculate_metrics_from_stats``,
-``load_stats``, ``save_stats``, ``get_detector``, ``calculate_fd``.
-
-Detector weights are downloaded once into the dnnlib cache. Offline, point ``EDM2_INCEPTION_PKL``
-at a local copy of the Inception pickle and ``EDM2_DINOV2_REPO`` at a local copy of the DINOv2
-repository (see ``InceptionV3Detector`` and ``DINOv2Detector``). Any ``torch.nn.Module`` can
-stand in for a detector through ``register_detector`` or the ``detectors`` argument.
+network pickle) and ``ref`` (reference statistics of a dataset). Detector weights are downloaded
+once into the dnnlib cache; offline, ``EDM2_INCEPTION_PKL`` and ``EDM2_DINOV2_REPO`` name local
+copies (see the detector classes). Any ``torch.nn.Module`` can stand in for a detector through
+``register_detector`` or the ``detectors`` argument.
 """
 
+import contextlib
 import os
 import pickle
-import re
-import tempfile
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -36,7 +31,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 # ----------------------------------------------------------------------------
 # Fréchet distance.
@@ -103,7 +98,7 @@ DINOV2_MEAN = (0.485, 0.456, 0.406)
 DINOV2_STD = (0.229, 0.224, 0.225)
 
 
-class DetectorUnavailableError(click.ClickException):
+class DetectorUnavailableError(OSError):
     """A detector could not be loaded; the message says what to download and where to put it."""
 
 
@@ -151,7 +146,7 @@ class InceptionV3Detector(Detector):
             cached = os.path.join(dnnlib.make_cache_dir_path('downloads'),
                                   dnnlib.util.cache_file_name(INCEPTION_URL).split('_', 1)[0] + '_inception-2015-12-05.pkl')
             raise DetectorUnavailableError(
-                f'Cannot load the Inception-v3 detector for fid from "{self.source}" ({_one_line(e)}). '
+                f'Cannot load the Inception-v3 detector for fid from "{self.source}" ({dnnlib.util.one_line(e)}). '
                 f'Download {INCEPTION_URL} and set EDM2_INCEPTION_PKL to its path, or save it as {cached}') from e
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +204,7 @@ class DINOv2Detector(Detector):
         except Exception as e:
             where = f'the local repository "{repo}"' if repo else f'torch.hub ({DINOV2_REPO})'
             raise DetectorUnavailableError(
-                f'Cannot load the DINOv2 detector for fd_dinov2 from {where} ({_one_line(e)}). '
+                f'Cannot load the DINOv2 detector for fd_dinov2 from {where} ({dnnlib.util.one_line(e)}). '
                 f'Put a copy of https://github.com/facebookresearch/dinov2 (branch main) in '
                 f'{os.path.join(hub_dir, "facebookresearch_dinov2_main")} (or set EDM2_DINOV2_REPO to it) and '
                 f'{DINOV2_WEIGHTS_URL} in {os.path.join(hub_dir, "checkpoints")}') from e
@@ -261,17 +256,17 @@ def get_detector(metric: str, verbose: bool = True) -> Detector:
     if metric in _detector_cache:
         return _detector_cache[metric]
     if metric not in metric_specs:
-        raise click.ClickException(f'Unknown metric "{metric}" (choose from {", ".join(known_metrics())})')
+        raise ValueError(f'Unknown metric "{metric}" (choose from {", ".join(known_metrics())})')
     rank = dist.get_rank()
     if rank != 0:
-        _barrier()
+        dist.barrier()
     try:
         if verbose:
             dist.print0(f'Setting up {metric_specs[metric].__name__}...')
         detector = metric_specs[metric](verbose=(verbose and rank == 0))
     finally:
         if rank == 0:
-            _barrier()  # released even if rank 0 failed: the others then fail the same way
+            dist.barrier()  # released even if rank 0 failed: the others then fail the same way
     _detector_cache[metric] = detector
     return detector
 
@@ -279,31 +274,10 @@ def get_detector(metric: str, verbose: bool = True) -> Detector:
 # Statistics files.
 
 
-class _StatsUnpickler(pickle.Unpickler):
-    """Statistics pickles hold dicts, ints and numpy arrays: refuse every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name in ('_reconstruct', 'scalar'):
-            return _NUMPY_GLOBALS[name]
-        if module == 'numpy' and name in ('ndarray', 'dtype'):
-            return getattr(np, name)
-        if module == 'numpy.dtypes' and name.endswith('DType'):
-            return getattr(np.dtypes, name)
-        if (module, name) == ('dnnlib.util', 'EasyDict'):
-            return dnnlib.EasyDict
-        raise pickle.UnpicklingError(f'unexpected object {module}.{name} in a statistics file')
-
-
-_NUMPY_GLOBALS = {
-    '_reconstruct': np.ndarray.__reduce__(np.zeros(1))[0],
-    'scalar': np.float64(0).__reduce__()[0],
-}
-
-
 def _check_stats(stats: Any, path: str) -> dict:
-    """Raise a one-line error unless ``stats`` looks like a statistics dict."""
+    """Raise a one-line ValueError unless ``stats`` looks like a statistics dict."""
     def fail(why: str):
-        raise click.ClickException(f'"{path}" is not a feature statistics file: {why}')
+        raise ValueError(f'"{path}" is not a feature statistics file: {why}')
     if not isinstance(stats, dict):
         fail(f'expected a dict, found {type(stats).__name__}')
     metrics = [key for key in stats if key != 'num_images']
@@ -322,25 +296,26 @@ def _check_stats(stats: Any, path: str) -> dict:
 def load_stats(path: str, verbose: bool = True) -> dict:
     """Read feature statistics from a path or URL (URLs go through the dnnlib download cache).
 
-    ``.pkl``: the dict written by ``save_stats``. ``.npz`` (older EDM code, recognised by the
-    suffix in any case): its ``mu`` and ``sigma`` stand for ``fid``, i.e. ``{'fid': arrays}``.
-    Anything else fails with a one-line ``click.ClickException``.
+    ``.pkl``: the dict written by ``save_stats``, read as plain data (no code runs). ``.npz``
+    (older EDM code, recognised by the suffix in any case): its ``mu`` and ``sigma`` stand for
+    ``fid``, i.e. ``{'fid': arrays}``. A file that cannot be opened raises OSError, anything
+    else that is no statistics file ValueError, both with a one-line message.
     """
     if verbose:
         print(f'Loading feature statistics from {path} ...')
     try:
         f = dnnlib.util.open_url(path, verbose=verbose)
     except Exception as e:
-        raise click.ClickException(f'Cannot open feature statistics "{path}": {_one_line(e)}') from e
+        raise OSError(f'Cannot open feature statistics "{path}": {dnnlib.util.one_line(e)}') from e
     with f:
         try:
             if path.lower().endswith('.npz'):  # backwards compatibility with NVlabs/edm
                 with np.load(f, allow_pickle=False) as npz:
                     stats = {'fid': {key: npz[key] for key in npz.files}}
             else:
-                stats = _StatsUnpickler(f).load()
+                stats = persistence.load_data_pickle(f, what=f'"{path}"')
         except Exception as e:
-            raise click.ClickException(f'"{path}" is not a feature statistics file: {_one_line(e)}') from e
+            raise ValueError(f'"{path}" is not a feature statistics file: {dnnlib.util.one_line(e)}') from e
     return _check_stats(stats, path)
 
 
@@ -348,46 +323,19 @@ def save_stats(stats: Mapping[str, Any], path: str, verbose: bool = True) -> Non
     """Write feature statistics as a pickle (a temporary file renamed into place when complete)."""
     if verbose:
         print(f'Saving feature statistics to {path} ...')
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            pickle.dump(dict(stats), f)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+    with dnnlib.util.atomic_write(path) as f:
+        pickle.dump(dict(stats), f)
 
 # ----------------------------------------------------------------------------
 # Feature statistics.
 
 
-def _default_device() -> torch.device:
-    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over processes (a copy; the identity for a single process)."""
     x = x.clone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if dist.get_world_size() > 1:
         torch.distributed.all_reduce(x)
     return x
-
-
-def _one_line(e: BaseException) -> str:
-    # Errors re-raised from data-loader workers carry the worker's traceback: keep its last line.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    if 'Traceback' not in str(e):
-        return ' '.join(lines)
-    return re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1])  # 'OSError: Cannot read ...' -> 'Cannot read ...'
 
 
 def _unpack_images(batch: Any) -> Optional[torch.Tensor]:
@@ -400,11 +348,11 @@ def _unpack_images(batch: Any) -> Optional[torch.Tensor]:
         return None
     images = torch.as_tensor(batch)
     if images.ndim != 4 or images.dtype != torch.uint8:
-        raise click.ClickException(f'Detectors need NCHW uint8 images, got {images.dtype} of shape {list(images.shape)}')
+        raise ValueError(f'Detectors need NCHW uint8 images, got {images.dtype} of shape {list(images.shape)}')
     if images.shape[1] == 1:
         images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB
     if images.shape[1] != 3:
-        raise click.ClickException(f'Detectors need RGB images, got {images.shape[1]} channels')
+        raise ValueError(f'Detectors need RGB images, got {images.shape[1]} channels')
     return images
 
 
@@ -424,7 +372,7 @@ def calculate_stats_for_iterable(
     with mu = sum(f)/N and sigma = (sum(f f^T) - N mu mu^T)/(N - 1) in float64. Every process
     must run the same number of batches (a batch may be None or empty).
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     metrics = list(metrics)
     num_batches = len(image_iter)
     dets = [_as_detector(detectors[m]) if detectors and m in detectors else get_detector(m, verbose=verbose)
@@ -432,43 +380,74 @@ def calculate_stats_for_iterable(
     if verbose:
         dist.print0('Calculating feature statistics...')
 
-    class StatsIterable:
-        def __len__(self) -> int:
-            return num_batches
+    def run() -> Iterator[dnnlib.EasyDict]:
+        cum_f = [torch.zeros([d.feature_dim], dtype=torch.float64, device=device) for d in dets]
+        cum_ff = [torch.zeros([d.feature_dim, d.feature_dim], dtype=torch.float64, device=device) for d in dets]
+        cum_images = torch.zeros([], dtype=torch.int64, device=device)
+        for batch_idx, batch in enumerate(image_iter):
+            images = _unpack_images(batch)
+            if images is not None and images.shape[0] > 0:
+                images = images.to(device)
+                with torch.no_grad():
+                    for det, f_sum, ff_sum in zip(dets, cum_f, cum_ff):
+                        features = det(images).to(torch.float64).reshape(images.shape[0], -1)
+                        if features.shape[1] != det.feature_dim:
+                            raise ValueError(f'Detector returned {features.shape[1]} features, expected {det.feature_dim}')
+                        f_sum += features.sum(0)
+                        ff_sum += features.T @ features
+                cum_images += images.shape[0]
+            r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
+                                num_images=int(_all_reduce(cum_images).cpu()))
+            if batch_idx == num_batches - 1:
+                r.stats = _finish_stats(metrics, cum_f, cum_ff, r.num_images)
+                if dest_path is not None and dist.get_rank() == 0:
+                    save_stats(r.stats, dest_path, verbose=verbose)
+            yield r
 
-        def __iter__(self) -> Iterator[dnnlib.EasyDict]:
-            cum_f = [torch.zeros([d.feature_dim], dtype=torch.float64, device=device) for d in dets]
-            cum_ff = [torch.zeros([d.feature_dim, d.feature_dim], dtype=torch.float64, device=device) for d in dets]
-            cum_images = torch.zeros([], dtype=torch.int64, device=device)
-            for batch_idx, batch in enumerate(image_iter):
-                images = _unpack_images(batch)
-                if images is not None and images.shape[0] > 0:
-                    images = images.to(device)
-                    with torch.no_grad():
-                        for det, f_sum, ff_sum in zip(dets, cum_f, cum_ff):
-                            features = det(images).to(torch.float64).reshape(images.shape[0], -1)
-                            if features.shape[1] != det.feature_dim:
-                                raise ValueError(f'Detector returned {features.shape[1]} features, expected {det.feature_dim}')
-                            f_sum += features.sum(0)
-                            ff_sum += features.T @ features
-                    cum_images += images.shape[0]
+    return dnnlib.util.SizedIterable(run, num_batches)
 
-                r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches)
-                r.num_images = int(_all_reduce(cum_images).cpu())
-                if batch_idx == num_batches - 1:
-                    n = r.num_images
-                    if n < 2:
-                        raise click.ClickException(f'Need at least 2 images to compute feature statistics, got {n}')
-                    r.stats = dict(num_images=n)
-                    for metric, f_sum, ff_sum in zip(metrics, cum_f, cum_ff):
-                        mu = _all_reduce(f_sum) / n
-                        sigma = (_all_reduce(ff_sum) - n * torch.outer(mu, mu)) / (n - 1)
-                        r.stats[metric] = dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy())
-                    if dest_path is not None and dist.get_rank() == 0:
-                        save_stats(r.stats, dest_path, verbose=verbose)
-                yield r
 
-    return StatsIterable()
+def _finish_stats(metrics: Sequence[str], cum_f: Sequence[torch.Tensor], cum_ff: Sequence[torch.Tensor],
+                  n: int) -> dict:
+    """mu and sigma per metric from the feature sums of every process."""
+    if n < 2:
+        raise ValueError(f'Need at least 2 images to compute feature statistics, got {n}')
+    stats = dict(num_images=n)
+    for metric, f_sum, ff_sum in zip(metrics, cum_f, cum_ff):
+        mu = _all_reduce(f_sum) / n
+        sigma = (_all_reduce(ff_sum) - n * torch.outer(mu, mu)) / (n - 1)
+        stats[metric] = dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy())
+    return stats
+
+
+def _image_file_batches(image_path: str, num_images: Optional[int] = None, seed: int = 0, max_batch_size: int = 64,
+                        num_workers: int = 2, prefetch_factor: int = 2, verbose: bool = True) -> Iterable[Any]:
+    """This process's batches of the images in a folder or ZIP (None for an empty batch): the
+    seeded subset rule of ``ImageFolderDataset``'s ``max_size``, split across processes as in
+    sampling (``torch_utils.distributed.rank_batches``)."""
+    from training.dataset import ImageFolderDataset
+
+    if verbose:
+        dist.print0(f'Loading images from {image_path} ...')
+    try:
+        dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed, use_labels=False)
+    except Exception as e:
+        raise OSError(f'Cannot read images from "{image_path}": {dnnlib.util.one_line(e)}') from e
+    if num_images is not None and len(dataset) < num_images:
+        raise ValueError(f'Found {len(dataset)} images in "{image_path}", but expected at least {num_images}')
+    if len(dataset) < 2:
+        raise ValueError(f'Found {len(dataset)} images in "{image_path}", but need at least 2')
+    rank_batches = dist.rank_batches(len(dataset), max_batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b in rank_batches if len(b) > 0],
+                                         num_workers=num_workers,
+                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
+
+    def run() -> Iterator[Any]:
+        loader_iter = iter(loader)
+        for batch in rank_batches:
+            yield next(loader_iter) if len(batch) > 0 else None
+
+    return dnnlib.util.SizedIterable(run, len(rank_batches))
 
 
 def calculate_stats_for_files(
@@ -481,39 +460,9 @@ def calculate_stats_for_files(
     verbose: bool = True,               # Print status messages?
     **stats_kwargs: Any,                # Passed on to calculate_stats_for_iterable().
 ) -> Iterable[dnnlib.EasyDict]:
-    """``calculate_stats_for_iterable`` over image files, split across processes like sampling:
-    ``max((N-1)//(batch*world)+1, 1)*world`` near-equal consecutive batches, rank r taking every
-    world-th from r. The subset rule is ``ImageFolderDataset``'s ``max_size`` (seeded by ``seed``)."""
-    from training.dataset import ImageFolderDataset
-
-    if verbose:
-        dist.print0(f'Loading images from {image_path} ...')
-    try:
-        dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed, use_labels=False)
-    except Exception as e:
-        raise click.ClickException(f'Cannot read images from "{image_path}": {_one_line(e)}') from e
-    if num_images is not None and len(dataset) < num_images:
-        raise click.ClickException(f'Found {len(dataset)} images in "{image_path}", but expected at least {num_images}')
-    if len(dataset) < 2:
-        raise click.ClickException(f'Found {len(dataset)} images in "{image_path}", but need at least 2')
-
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    num_batches = max((len(dataset) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
-    rank_batches = np.array_split(np.arange(len(dataset)), num_batches)[rank::world_size]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b in rank_batches if len(b) > 0],
-                                         num_workers=num_workers,
-                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
-
-    class BatchIterable:  # one entry per batch of this rank; None where a batch is empty
-        def __len__(self) -> int:
-            return len(rank_batches)
-
-        def __iter__(self) -> Iterator[Any]:
-            loader_iter = iter(loader)
-            for batch in rank_batches:
-                yield next(loader_iter) if len(batch) > 0 else None
-
-    return calculate_stats_for_iterable(BatchIterable(), verbose=verbose, **stats_kwargs)
+    """``calculate_stats_for_iterable`` over the image files of a folder or ZIP."""
+    batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers, prefetch_factor, verbose)
+    return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
 
 
 def calculate_metrics_from_stats(
@@ -535,75 +484,12 @@ def calculate_metrics_from_stats(
             print(f'Calculating {metric}...')
         a, b = stats[metric], ref[metric]
         if np.shape(a['mu']) != np.shape(b['mu']):
-            raise click.ClickException(f'{metric}: the statistics have {np.shape(a["mu"])[0]} features, '
-                                       f'the reference {np.shape(b["mu"])[0]}')
+            raise ValueError(f'{metric}: the statistics have {np.shape(a["mu"])[0]} features, '
+                             f'the reference {np.shape(b["mu"])[0]}')
         results[metric] = calculate_fd(a['mu'], a['sigma'], b['mu'], b['sigma'])
         if verbose:
             print(f'{metric} = {results[metric]:g}')
     return results
-
-# ----------------------------------------------------------------------------
-# The three tasks of the command line, as library functions.
-
-
-def _run(stats_iter: Iterable[dnnlib.EasyDict], verbose: bool) -> dnnlib.EasyDict:
-    last = None
-    for r in tqdm.tqdm(stats_iter, unit='batch', disable=(not verbose or dist.get_rank() != 0)):
-        last = r
-    return last
-
-
-def calculate_metrics_for_files(
-    image_path: str, ref: Union[str, Mapping[str, Any]], metrics: Sequence[str] = ('fid', 'fd_dinov2'),
-    num_images: int = 50000, seed: int = 0, max_batch_size: int = 64, num_workers: int = 2,
-    verbose: bool = True, **stats_kwargs: Any,
-) -> Optional[Dict[str, float]]:
-    """``calc``: metrics of a random subset of ``num_images`` images against reference statistics.
-    The reference is loaded first, so a bad one fails before any work. Returns the results on
-    rank 0 (None on the others)."""
-    if isinstance(ref, str) and dist.get_rank() == 0:
-        ref = load_stats(ref, verbose=verbose)
-    stats_iter = calculate_stats_for_files(image_path=image_path, num_images=num_images, seed=seed,
-                                           max_batch_size=max_batch_size, num_workers=num_workers,
-                                           metrics=metrics, verbose=verbose, **stats_kwargs)
-    r = _run(stats_iter, verbose)
-    if dist.get_rank() != 0:
-        return None
-    return calculate_metrics_from_stats(r.stats, ref, metrics=metrics, verbose=verbose)
-
-
-def calculate_metrics_for_network(
-    net: Union[str, torch.nn.Module], ref: Union[str, Mapping[str, Any]],
-    metrics: Sequence[str] = ('fid', 'fd_dinov2'), num_images: int = 50000, seed: int = 0,
-    max_batch_size: int = 32, verbose: bool = True, device: Union[str, torch.device, None] = None,
-    detectors: Optional[Mapping[str, Union[Detector, torch.nn.Module]]] = None, **generate_kwargs: Any,
-) -> Optional[Dict[str, float]]:
-    """``gen``: metrics of images generated on the fly for seeds ``seed .. seed+num_images-1``
-    with the default sampler (``generate_kwargs`` go to ``generate_images``, e.g. ``gnet``,
-    ``guidance``, ``trust_embedded_code``). Returns the results on rank 0 (None on the others)."""
-    from generate_images import generate_images
-
-    if isinstance(ref, str) and dist.get_rank() == 0:
-        ref = load_stats(ref, verbose=verbose)
-    image_iter = generate_images(net=net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size,
-                                 verbose=verbose, device=device, **generate_kwargs)
-    stats_iter = calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, device=device,
-                                              detectors=detectors)
-    r = _run(stats_iter, verbose)
-    if dist.get_rank() != 0:
-        return None
-    return calculate_metrics_from_stats(r.stats, ref, metrics=metrics, verbose=verbose)
-
-
-def calculate_reference_stats(
-    image_path: str, dest_path: str, metrics: Sequence[str] = ('fid', 'fd_dinov2'), max_batch_size: int = 64,
-    num_workers: int = 2, verbose: bool = True, **stats_kwargs: Any,
-) -> dict:
-    """``ref``: statistics of every image of a dataset, saved to ``dest_path`` (by rank 0)."""
-    stats_iter = calculate_stats_for_files(image_path=image_path, max_batch_size=max_batch_size,
-                                           num_workers=num_workers, metrics=metrics, verbose=verbose,
-                                           dest_path=dest_path, **stats_kwargs)
-    return _run(stats_iter, verbose).stats
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -630,17 +516,27 @@ class MetricListParam(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def _cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report I/O failures during the run (e.g. an unreadable image) as one line, not a traceback."""
-    import functools
+@contextlib.contextmanager
+def _cli_errors() -> Iterator[None]:
+    """Library errors (bad input, unreadable files) become click's one-line error."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except OSError as e:
-            raise click.ClickException(_one_line(e)) from e
-    return wrapper
+
+def _load_ref(ref_path: str) -> Optional[dict]:
+    """The reference statistics (rank 0 only), loaded before any detector or network."""
+    return load_stats(ref_path) if dist.get_rank() == 0 else None
+
+
+def _run(stats_iter: Iterable[dnnlib.EasyDict], ref: Optional[dict] = None, metrics: Sequence[str] = ()) -> None:
+    """Compute the statistics; with ``ref``, print the metrics (rank 0)."""
+    for r in tqdm.tqdm(stats_iter, unit='batch', disable=(dist.get_rank() != 0)):
+        stats = r.stats  # set by the last batch
+    if ref is not None:
+        calculate_metrics_from_stats(stats, ref, metrics=metrics)
+    dist.barrier()
 
 
 @click.group()
@@ -674,34 +570,42 @@ def cmdline() -> None:
 
 @cmdline.command()
 @click.option('--images', 'image_path',    help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--ref', 'ref',              help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
+@click.option('--ref', 'ref_path',         help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
 @click.option('--num', 'num_images',       help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed',                    help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers',  help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
-@_cli_errors
-def calc(**opts: Any) -> None:
+def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a given set of images."""
-    dist.init()
-    calculate_metrics_for_files(**opts)
-    _barrier()
+    with _cli_errors():
+        dnnlib.util.check_input_file(ref_path, '--ref', what='feature statistics')
+        dist.init()
+        batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers)
+        ref = _load_ref(ref_path)
+        _run(calculate_stats_for_iterable(batches, metrics=metrics), ref, metrics)
 
 
 @cmdline.command()
 @click.option('--net',                     help='Network pickle filename or URL', metavar='PATH|URL', type=str, required=True)
-@click.option('--ref', 'ref',              help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
+@click.option('--ref', 'ref_path',         help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
 @click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
 @click.option('--num', 'num_images',       help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed',                    help='Random seed for the first image', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--trust-embedded-code',     help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
-@_cli_errors
-def gen(**opts: Any) -> None:
+def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code):
     """Calculate metrics for a given network pickle."""
-    dist.init()
-    calculate_metrics_for_network(**opts)
-    _barrier()
+    from generate_images import generate_images
+
+    with _cli_errors():
+        dnnlib.util.check_input_file(ref_path, '--ref', what='feature statistics')
+        dnnlib.util.check_input_file(net, '--net', what='network pickle')
+        dist.init()
+        ref = _load_ref(ref_path)
+        image_iter = generate_images(net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size,
+                                     trust_embedded_code=trust_embedded_code)
+        _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
 
 
 @cmdline.command()
@@ -710,12 +614,13 @@ def gen(**opts: Any) -> None:
 @click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers',  help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
-@_cli_errors
-def ref(**opts: Any) -> None:
+def ref(image_path, dest_path, metrics, max_batch_size, num_workers):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
-    dist.init()
-    calculate_reference_stats(**opts)
-    _barrier()
+    with _cli_errors():
+        dnnlib.util.check_output_file(dest_path, '--dest', what='statistics file')
+        dist.init()
+        batches = _image_file_batches(image_path, None, 0, max_batch_size, num_workers)
+        _run(calculate_stats_for_iterable(batches, metrics=metrics, dest_path=dest_path))
 
 # ----------------------------------------------------------------------------
 

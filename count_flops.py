@@ -1,9 +1,9 @@
-"""Count the parameters, flops and memory of one forward pass of an EDM2 network (spec §10).
+"""Count the parameters, flops and memory of one forward pass of an EDM2 network.
 
 The network runs once on a batch of one -- x zeros [1, C, H, W], σ zeros [1], class labels zeros
 [1, label_dim] -- under a dispatch mode that sees every ATen operation after autograd has
 decomposed the composite ones (so einsums arrive as the equivalent batched matmuls). Each op is
-weighted by the conventions of spec §10:
+weighted by these conventions (those of the flop figures in the paper's Table 2):
 
   convolution (also transposed)   output elements × product of the weight's dims after the first
   matmul / linear                 output elements × inner dimension
@@ -17,10 +17,10 @@ weighted by the conventions of spec §10:
   other element-wise ops          1 per output element
   shape, copy, dropout, creation  0
 
-Ops outside these classes are listed as unknown and counted 0. Multiply-adds count once, as in the
-paper's Table 2. Memory per sample is the peak of memory allocated during the pass beyond what
-existed before it (weights and inputs): the CUDA allocator's peak on a GPU, otherwise the peak of
-live tensor storage recorded by the same dispatch mode.
+Ops outside these classes are listed as unknown and counted 0. Multiply-adds count once. Memory
+per sample is the peak of memory allocated during the pass beyond what existed before it (weights
+and inputs): the CUDA allocator's peak on a GPU, otherwise the peak of live tensor storage
+recorded by the same dispatch mode.
 
 Without a GPU the pass runs by default on PyTorch's meta device: no arithmetic is done and no
 weights are allocated for training presets, so even the largest are sized in seconds, yet every op,
@@ -29,7 +29,6 @@ its flops and every allocation are the same as in a CPU pass (`--device=cpu` run
 
 import contextlib
 import os
-import pickle
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -62,7 +61,7 @@ def build_preset_network(preset: str, device: Union[str, torch.device] = "meta")
 
 
 # ----------------------------------------------------------------------------
-# Flop conventions of spec §10, keyed by ATen op name (in-place variants share their op's weight).
+# Flop conventions, keyed by ATen op name (in-place variants share their op's weight).
 
 _PER_OUTPUT_ELEMENT = {
     "silu": 3, "sigmoid": 3, "_softmax": 3, "softmax": 3,
@@ -112,7 +111,7 @@ def _tensors(tree: Any) -> List[torch.Tensor]:
 
 
 def op_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[int]:
-    """Flops of one ATen call by the §10 conventions; None for an op they do not cover."""
+    """Flops of one ATen call by the conventions above; None for an op they do not cover."""
     name = func.overloadpacket.__name__
     if name.endswith("_") and not name.endswith("__"):
         name = name[:-1]  # In-place variant (clamp_, add_, copy_, ...).
@@ -141,7 +140,7 @@ def op_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[int]:
 
 
 class FlopCounterMode(TorchDispatchMode):
-    """Counts flops per op (spec §10) and tracks the bytes of tensor storage allocated while active.
+    """Counts flops per op and tracks the bytes of tensor storage allocated while active.
 
     A storage counts from the op that creates it (an output storage shared with no input) until the
     last tensor using it dies; the peak of that live total approximates what an allocator would hold.
@@ -193,7 +192,7 @@ def _has_storage(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def _exact_math():
-    """TF32 and reduced-precision fp16 reductions off, cuDNN benchmark off (spec §14); restored after."""
+    """TF32 and reduced-precision fp16 reductions off, cuDNN benchmark off; restored after."""
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark)
     torch.backends.cudnn.allow_tf32 = False
@@ -224,35 +223,35 @@ def _weight_caches_disabled(net: torch.nn.Module):
 # The library function.
 
 
-def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = None,
-                inputs: Optional[Sequence[Any]] = None) -> dnnlib.EasyDict:
-    """Parameters, flops and memory of one forward pass ``net(x, σ, labels)`` with a batch of one.
+def count_flops(net: torch.nn.Module, net_args: Optional[Sequence[Any]] = None, net_kwargs: Optional[dict] = None,
+                verbose: bool = True, device: Union[str, torch.device, None] = None) -> dnnlib.EasyDict:
+    """Parameters, flops and memory of one forward pass ``net(*net_args, **net_kwargs)``, per sample.
 
-    ``net`` needs the attributes ``img_channels``, ``img_resolution`` and ``label_dim`` (a Precond),
-    unless ``inputs`` gives the positional arguments of the pass explicitly (e.g. for one Block);
-    their first dimension is then the batch size the totals are divided by.
+    ``net_args`` default to x zeros [1, C, H, W], σ zeros [1] and class labels zeros [1, label_dim]
+    (``net`` then needs ``img_channels``, ``img_resolution`` and ``label_dim``, as a Precond has);
+    the first argument's first dimension is the batch size the totals are divided by.
     ``device``: where the pass runs ('cuda', 'cpu' or 'meta'; default: the network's device). The
     network is moved there in place, as ``Module.to`` does (to meta, its weights are dropped), and
-    runs in eval mode (restored after) without autograd. Returns an EasyDict with
-    ``params``, ``flops`` and ``gflops`` (per sample), ``memory_bytes`` (per sample), ``device``,
-    ``ops`` (op name -> EasyDict(calls, flops), largest first) and ``unknown`` (op name -> calls).
+    runs in eval mode (restored after) without autograd. ``verbose`` prints ``format_report``.
+
+    Returns an EasyDict with the reference's fields ``total_params``, ``total_flops``,
+    ``mem_per_sample`` (bytes), ``op_count`` and ``op_flops`` (op name -> calls / flops), and
+    ``params``, ``flops``, ``gflops``, ``memory_bytes`` (the same totals), ``device``, ``ops`` (op
+    name -> EasyDict(calls, flops), largest first) and ``unknown`` (op name -> calls).
     """
-    if device is None:
-        device = next(iter(net.parameters()), torch.empty([])).device
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(iter(net.parameters()), torch.empty([])).device
     was_training = net.training
     net.eval()
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]) and device.type != "meta":
         net = net.to_empty(device=device)  # Sizes only: the values of the weights do not matter here.
     net = net.to(device)
-    if inputs is None:
-        # Spec §10: x zeros [1, C, H, W], σ zeros [1], class labels zeros [1, label_dim].
+    if net_args is None:
         x = torch.zeros([1, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        sigma = torch.zeros([1], device=device)
         labels = torch.zeros([1, net.label_dim], device=device) if net.label_dim else None
-        inputs = (x, sigma, labels)
-    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    batch = inputs[0].shape[0]
+        net_args = (x, torch.zeros([1], device=device), labels)
+    net_args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in net_args]
+    net_kwargs = {k: t.to(device) if isinstance(t, torch.Tensor) else t for k, t in (net_kwargs or {}).items()}
+    batch = net_args[0].shape[0]
 
     counter = FlopCounterMode()
     with _exact_math(), _weight_caches_disabled(net), torch.no_grad():
@@ -261,26 +260,24 @@ def count_flops(net: torch.nn.Module, device: Union[str, torch.device, None] = N
             torch.cuda.reset_peak_memory_stats(device)
             baseline = torch.cuda.memory_allocated(device)
         with counter:
-            net(*inputs)
+            net(*net_args, **net_kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             memory = torch.cuda.max_memory_allocated(device) - baseline
         else:
             memory = counter.peak_bytes
-
     net.train(was_training)
 
-    flops = sum(entry.flops for entry in counter.ops.values())
     ops = dict(sorted(counter.ops.items(), key=lambda item: (-item[1].flops, item[0])))
-    return dnnlib.EasyDict(
-        params=sum(p.numel() for p in net.parameters()),
-        flops=flops // batch,
-        gflops=flops / batch / 1e9,
-        memory_bytes=memory // batch,
-        device=str(device),
-        ops=ops,
-        unknown=dict(counter.unknown),
-    )
+    r = dnnlib.EasyDict(params=sum(p.numel() for p in net.parameters()), device=str(device), ops=ops,
+                        unknown=dict(counter.unknown), op_count={name: op.calls for name, op in ops.items()},
+                        op_flops={name: op.flops // batch for name, op in ops.items()})
+    flops = sum(op.flops for op in ops.values())
+    r.update(flops=flops // batch, gflops=flops / batch / 1e9, memory_bytes=memory // batch)
+    r.update(total_params=r.params, total_flops=r.flops, mem_per_sample=r.memory_bytes)
+    if verbose:
+        print(format_report(r))
+    return r
 
 
 def format_report(result: dnnlib.EasyDict) -> str:
@@ -315,27 +312,6 @@ def is_preset(source: str) -> bool:
     return source in PRESETS and not os.path.exists(source)
 
 
-def load_network(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> torch.nn.Module:
-    """The ``ema`` network of a network pickle (a path or a URL); a clear one-line error otherwise."""
-    if not dnnlib.util.is_url(source, allow_file_urls=True) and not os.path.isfile(source):
-        raise click.ClickException(f"{source!r} is not a network pickle, a URL or a training preset "
-                                   f"({', '.join(PRESETS)})")
-    try:
-        with dnnlib.util.open_url(source, verbose=verbose) as f:
-            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
-    except persistence.UnsafePickleError as e:
-        raise click.ClickException(f"{source}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise click.ClickException(f"{source} is not a network pickle ({reason})") from None
-    except OSError as e:
-        raise click.ClickException(f"cannot read {source}: {e.strerror or e}") from None
-    net = data.get("ema") if isinstance(data, dict) else None
-    if not isinstance(net, torch.nn.Module):
-        raise click.ClickException(f"{source} is not a network pickle (no 'ema' network in it)")
-    return net
-
-
 # ----------------------------------------------------------------------------
 # Command line.
 
@@ -365,15 +341,18 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "meta"
-    if is_preset(network):
-        net = build_preset_network(network, device=device)
-    else:
-        net = load_network(network, trust_embedded_code=trust_embedded_code)
-    result = count_flops(net, device=device)
-    click.echo(format_report(result))
-
+    device = device or ("cuda" if torch.cuda.is_available() else "meta")
+    try:
+        if is_preset(network):
+            net = build_preset_network(network, device=device)
+        elif dnnlib.util.is_url(network, allow_file_urls=True) or os.path.isfile(network):
+            net = persistence.load_network_pickle(network, trust_embedded_code=trust_embedded_code)["ema"]
+        else:
+            raise FileNotFoundError(f"{network!r} is not a network pickle, a URL or a training preset "
+                                    f"({', '.join(PRESETS)})")
+        count_flops(net, device=device, verbose=True)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 if __name__ == "__main__":
     main()

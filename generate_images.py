@@ -9,6 +9,7 @@ seed gives the same noise, class and churn noise whatever the batch it lands in 
 many processes share the work.
 """
 
+import contextlib
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
@@ -21,7 +22,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import persistence
+from torch_utils import misc, persistence
 
 # ----------------------------------------------------------------------------
 # Configuration presets: the published post-hoc reconstructions and the
@@ -107,12 +108,13 @@ def edm_sampler(
 
     ``net(x, sigma, labels)`` is the denoiser D(x; sigma); with ``guidance != 1`` the guiding
     network's estimate is extrapolated towards it: D = D_g + guidance * (D - D_g). With
-    ``guidance == 1`` the guiding network is never evaluated. ``randn_like`` supplies the
-    churn noise, which must come from each image's own generator for per-seed determinism.
+    ``guidance == 1``, or without a guiding network other than ``net`` (D_g = D gives D), the guiding
+    network is never evaluated. ``randn_like`` supplies the churn noise, which must come from each
+    image's own generator for per-seed determinism.
     """
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         Dx = net(x, t, labels).to(dtype)
-        if guidance == 1:
+        if guidance == 1 or gnet is None or gnet is net:
             return Dx
         ref_Dx = gnet(x, t, labels).to(dtype)
         return ref_Dx.lerp(Dx, guidance)
@@ -169,50 +171,9 @@ class StackedRandomGenerator:
         return torch.stack([torch.randint(*args, size=list(size[1:]), generator=gen, **kwargs) for gen in self.generators])
 
 # ----------------------------------------------------------------------------
-# Loading network pickles.
-
-
-def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:
-    """Load a network pickle (a snapshot dict with ``ema`` and optionally ``encoder``) from a
-    path or URL. Every failure is a ``click.ClickException`` with a one-line message."""
-    try:
-        f = dnnlib.util.open_url(source, verbose=verbose)
-    except Exception as e:  # OSError, requests errors, malformed URLs, ...
-        raise click.ClickException(f'Cannot open "{source}": {_one_line(e)}') from e
-    with f:
-        try:
-            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
-        except persistence.UnsafePickleError as e:
-            # The message names the offending global and the --trust-embedded-code option.
-            raise click.ClickException(f'Cannot load "{source}": {_one_line(e)}') from e
-        except Exception as e:  # a truncated or foreign file can fail in many ways
-            raise click.ClickException(f'"{source}" is not a network pickle: {_one_line(e)}') from e
-    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
-        raise click.ClickException(f'"{source}" is not a network pickle: expected a dict with a network under "ema"')
-    return data
-
-
-def _one_line(e: BaseException) -> str:
-    text = ' '.join(str(e).split())
-    return text if text else type(e).__name__
-
-
-def _prepare_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    # Sampling nets must be in eval mode: MPConv rewrites its weights in training mode.
-    # No dtype change: loaded networks run with their stored float16 parameters.
-    return net.eval().requires_grad_(False).to(device)
-
-# ----------------------------------------------------------------------------
 # Image generation (library function shared with calculate_metrics.py).
 
-
-def _default_device() -> torch.device:
-    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+load_network_pickle = persistence.load_network_pickle  # the name this module has always exported
 
 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
@@ -223,15 +184,83 @@ def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
 
 def save_image(image: np.ndarray, path: str) -> None:
     """Write an HWC uint8 image as PNG, atomically (temporary name, then rename)."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
+    mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}[image.shape[2]]
     try:
-        mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}[image.shape[2]]
-        PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
-        os.replace(tmp, path)
+        with dnnlib.util.atomic_path(path) as tmp:
+            PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
+    except OSError as err:
+        raise OSError(f'Cannot write "{path}": {err.strerror or dnnlib.util.one_line(err)}') from err
+
+
+def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, trust_embedded_code: bool,
+                   verbose: bool) -> tuple:
+    """The networks and the encoder, loaded where given as paths or URLs (the encoder defaults to the
+    one stored with ``net``). Rank 0 goes first, so that downloads happen once; if it fails it still
+    releases the others, which then fail the same way instead of hanging."""
+    rank = dist.get_rank()
+    def load(source: str, what: str) -> dict:
+        if verbose:
+            dist.print0(f'Loading {what} from {source} ...')
+        return load_network_pickle(source, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
+
+    if rank != 0:
+        dist.barrier()
+    try:
+        if isinstance(net, str):
+            data = load(net, 'network')
+            net = data['ema']
+            encoder = data.get('encoder', None) if encoder is None else encoder
+        if isinstance(gnet, str):
+            gnet = load(gnet, 'guiding network')['ema']
+        if net is None:
+            raise ValueError('generate_images() needs a network')
+        encoder = _check_encoder(net, encoder)
+        if hasattr(encoder, 'init'):
+            try:
+                encoder.init(device)  # e.g. fetch the VAE
+            except Exception as err:
+                raise OSError(f'Cannot set up the encoder {type(encoder).__name__}: {dnnlib.util.one_line(err)}') from err
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if rank == 0:
+            dist.barrier()
+    return net, gnet, encoder
+
+
+def _check_encoder(net: Any, encoder: Any) -> Any:
+    """The encoder that turns ``net``'s samples into images: pixel networks default to
+    StandardRGBEncoder; a latent network (not 1 or 3 channels) needs its own encoder."""
+    from training.encoders import StandardRGBEncoder
+    channels = getattr(net, 'img_channels', 3)
+    if (encoder is None or isinstance(encoder, StandardRGBEncoder)) and channels not in (1, 3):
+        raise ValueError(f'The network generates {channels}-channel latents: it needs the encoder that decodes them '
+                         f'(e.g. training.encoders.StabilityVAEEncoder), not {type(encoder).__name__ if encoder else "none"}')
+    return StandardRGBEncoder() if encoder is None else encoder
+
+
+def _device_of(net: Any) -> torch.device:
+    tensors = [*net.parameters(), *net.buffers()] if isinstance(net, torch.nn.Module) else []
+    return tensors[0].device if tensors else torch.device('cpu')
+
+
+@contextlib.contextmanager
+def _sampling_mode(net: Any, device: torch.device) -> Iterator[Any]:
+    """Use a network for sampling: on ``device``, in eval mode (MPConv rewrites its weights in
+    training mode) and without gradients. The caller's module is restored afterwards: its device,
+    training flags and requires_grad. No dtype change: float16 networks run as stored."""
+    if not isinstance(net, torch.nn.Module):
+        yield net
+        return
+    old_device = _device_of(net)
+    training = [(m, m.training) for m in net.modules()]
+    requires_grad = [(p, p.requires_grad) for p in net.parameters()]
+    try:
+        yield net.eval().requires_grad_(False).to(device)
+    finally:
+        net.to(old_device)
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
 
 
 def generate_images(
@@ -252,72 +281,30 @@ def generate_images(
 ) -> Iterable[dnnlib.EasyDict]:
     """Generate one image per seed, split over the processes of a distributed run.
 
-    ``net``/``gnet`` are modules or paths/URLs of network pickles; the encoder defaults to the
-    one stored with ``net`` (else ``StandardRGBEncoder``). Returns an iterable (with ``len``,
-    the number of batches of this process) that samples lazily and yields per batch an
-    EasyDict with ``images`` (uint8 NCHW), ``labels``, ``noise``, ``batch_idx``,
-    ``num_batches``, ``indices`` (into ``seeds``) and ``seeds``; with ``outdir`` the images
-    are also written as PNG files.
+    ``net``/``gnet`` are modules or paths/URLs of network pickles; ``gnet=None`` guides with the
+    main network itself (so guidance changes nothing). The encoder defaults to the one stored with
+    ``net`` (else ``StandardRGBEncoder``, for pixel networks only). Returns an iterable (with
+    ``len``, the number of batches of this process) that samples lazily and yields per batch an
+    EasyDict with ``images`` (uint8 NCHW), ``labels``, ``noise``, ``batch_idx``, ``num_batches``,
+    ``indices`` (into ``seeds``) and ``seeds``; with ``outdir`` the images are also written as PNG
+    files. Networks passed as modules are left as they were (device, mode, requires_grad).
     """
-    device = torch.device(device) if device is not None else _default_device()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-
-    # Load the networks, rank 0 first so that downloads happen once. If rank 0 fails it
-    # still releases the others, which then fail the same way instead of hanging.
-    if rank != 0:
-        _barrier()
-    try:
-        if isinstance(net, str):
-            if verbose:
-                dist.print0(f'Loading network from {net} ...')
-            data = load_network_pickle(net, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
-            net = data['ema']
-            if encoder is None:
-                encoder = data.get('encoder', None)
-        if isinstance(gnet, str):
-            if verbose:
-                dist.print0(f'Loading guiding network from {gnet} ...')
-            gnet = load_network_pickle(gnet, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))['ema']
-        if encoder is None:
-            from training.encoders import StandardRGBEncoder
-            encoder = StandardRGBEncoder()
-        if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
-            encoder.batch_size = encoder_batch_size
-        if hasattr(encoder, 'init'):
-            try:
-                encoder.init(device)  # e.g. fetch the VAE, also rank 0 first
-            except Exception as e:
-                raise click.ClickException(f'Cannot set up the encoder {type(encoder).__name__}: {_one_line(e)}') from e
-    finally:
-        if rank == 0:
-            _barrier()
-    if net is None:
-        raise ValueError('generate_images() needs a network')
-    net = _prepare_network(net, device)
-    if gnet is not None:
-        gnet = _prepare_network(gnet, device)
+    device = torch.device(device) if device is not None else misc.default_device()
+    net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose)
+    if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
+        encoder.batch_size = encoder_batch_size
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         what = 'the network is unconditional' if net.label_dim == 0 else f'the network has {net.label_dim} classes'
-        raise click.ClickException(f'Class index {class_idx} is out of range: {what}')
-    if outdir is not None:
-        try:
-            os.makedirs(outdir, exist_ok=True)
-        except OSError as e:
-            raise click.ClickException(f'Cannot create output directory "{outdir}": {e.strerror or _one_line(e)}') from e
-
-    # Cut the seeds into near-equal consecutive batches; rank r takes batches r, r+W, ...
-    # The batch count is a multiple of the world size, so every rank runs as many batches.
+        raise ValueError(f'Class index {class_idx} is out of range: {what}')
     sampler = dnnlib.util.get_obj_by_name(sampler_fn) if isinstance(sampler_fn, str) else sampler_fn
     seeds = list(seeds)
-    num_batches = max((len(seeds) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
-    rank_batches = np.array_split(np.arange(len(seeds)), num_batches)[rank::world_size]
+    batches = dist.rank_batches(len(seeds), max_batch_size)
     if verbose:
         dist.print0(f'Generating {len(seeds)} images...')
 
-    def run_batch(batch_idx: int, indices: np.ndarray) -> dnnlib.EasyDict:
-        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx,
-                            num_batches=len(rank_batches), indices=indices)
-        r.seeds = [seeds[idx] for idx in indices]
+    def run_batch(net: Any, gnet: Any, batch_idx: int, indices: np.ndarray) -> dnnlib.EasyDict:
+        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx, num_batches=len(batches),
+                            indices=indices, seeds=[seeds[idx] for idx in indices])
         if len(r.seeds) == 0:
             return r
 
@@ -327,33 +314,26 @@ def generate_images(
         if net.label_dim > 0:
             # Drawn even with class_idx, so that the churn noise does not depend on it.
             classes = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
-            r.labels = torch.eye(net.label_dim, device=device)[classes]
-            if class_idx is not None:
-                r.labels[:, :] = 0
-                r.labels[:, class_idx] = 1
+            r.labels = torch.eye(net.label_dim, device=device)[classes if class_idx is None else [class_idx] * len(r.seeds)]
 
         # No autograd: it would waste memory, and eval-mode networks cache work only without it.
         with torch.no_grad():
             latents = sampler(net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like,
                               **sampler_kwargs)
             r.images = encoder.decode(latents)
-
         if outdir is not None:
             for seed, image in zip(r.seeds, r.images.permute(0, 2, 3, 1).cpu().numpy()):
                 save_image(image, image_path(outdir, seed, subdirs))
         return r
 
-    class ImageIterable:
-        def __len__(self) -> int:
-            return len(rank_batches)
-
-        def __iter__(self) -> Iterator[dnnlib.EasyDict]:
-            for batch_idx, indices in enumerate(rank_batches):
-                r = run_batch(batch_idx, indices)
-                _barrier()  # keep the processes in step
+    def run() -> Iterator[dnnlib.EasyDict]:
+        with _sampling_mode(net, device) as main, _sampling_mode(gnet, device) as guide:
+            for batch_idx, indices in enumerate(batches):
+                r = run_batch(main, main if guide is None else guide, batch_idx, indices)
+                dist.barrier()  # keep the processes in step
                 yield r
 
-    return ImageIterable()
+    return dnnlib.util.SizedIterable(run, len(batches))
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -457,15 +437,16 @@ def cmdline(preset: Optional[str], **opts: Any) -> None:
         --preset=edm2-img512-s-guid-fid --outdir=out --subdirs --seeds=0-49999
     """
     opts = resolve_options(preset, **opts)
-    dist.init()
     try:
-        image_iter = generate_images(**opts)
-        for _r in tqdm.tqdm(image_iter, unit='batch', disable=(dist.get_rank() != 0)):
+        dnnlib.util.check_output_dir(opts.outdir, '--outdir')
+        for option in ('net', 'gnet'):
+            if opts[option] is not None:
+                dnnlib.util.check_input_file(opts[option], f'--{option}', what='network pickle')
+        dist.init()
+        for _r in tqdm.tqdm(generate_images(**opts), unit='batch', disable=(dist.get_rank() != 0)):
             pass
-    except OSError as e:
-        # E.g. a full disk or an output folder that became unwritable midway.
-        where = f' "{e.filename}"' if getattr(e, 'filename', None) else ''
-        raise click.ClickException(f'Cannot write output{where}: {e.strerror or _one_line(e)}') from e
+    except (ValueError, OSError) as err:  # e.g. a bad pickle, a full disk
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 # ----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Training stores, at regular times t_i, snapshots of a few power-function EMAs (s
 and 0.100 by default). Each is the trajectory of weights averaged with a known profile p_i.
 Any other profile p_o (sigma_rel, end time) is approximated by the least-squares combination
 sum_i X[i, o] p_i (training/phema.py), and since averaging is linear, the network with that EMA
-is sum_i X[i, o] w_i (spec §4.3 and §9, Algorithm 3 of Karras et al. 2024).
+is sum_i X[i, o] w_i (Algorithm 3 and Appendix C.2 of Karras et al. 2024).
 
 The inputs are streamed: a batch of outputs is accumulated in float32 while each input pickle
 is read once, so memory holds the batch's accumulators and one input at a time.
@@ -15,8 +15,7 @@ import math
 import os
 import pickle
 import re
-import tempfile
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import click
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import phema
 
@@ -135,9 +135,6 @@ def list_input_pickles(
     ignored. Two inputs with the same time and sigma_rel (e.g. from different prefixes) are an
     error, since their profiles would be identical.
     """
-    if not os.path.isdir(in_dir):
-        raise click.ClickException(f"Input directory '{in_dir}' does not exist" if not os.path.exists(in_dir)
-                                   else f"Input path '{in_dir}' is not a directory")
     wanted_std = None if in_std is None else [float(s) for s in in_std]
     pkls = []
     with os.scandir(in_dir) as entries:
@@ -159,128 +156,51 @@ def list_input_pickles(
     pkls.sort(key=lambda p: (p.nimg, p.std, p.path))
     for a, b in zip(pkls, pkls[1:]):
         if a.nimg == b.nimg and a.std == b.std:
-            raise click.ClickException(
-                f"Inputs {os.path.basename(a.path)} and {os.path.basename(b.path)} have the same time and sigma_rel; "
-                f"choose one set with --inprefix")
+            raise ValueError(f"Inputs {os.path.basename(a.path)} and {os.path.basename(b.path)} have the same time "
+                             f"and sigma_rel; choose one set with --inprefix")
     return pkls
 
 
 # ----------------------------------------------------------------------------
-# Reading and writing pickles.
+# The reconstruction: per batch of outputs, one pass over the inputs.
 
 
-def load_input(path: str, trust_embedded_code: bool = False) -> dict:
-    """Read one input snapshot; any failure becomes a one-line error naming the file."""
-    try:
-        with open(path, "rb") as f:
-            data = persistence.load_pickle(f, trust_embedded_code=trust_embedded_code)
-    except persistence.UnsafePickleError as e:
-        raise click.ClickException(f"Cannot load input pickle {path}: {e}") from None
-    except OSError as e:
-        raise click.ClickException(f"Cannot read input pickle {path}: {e.strerror or e}") from None
-    except Exception as e:  # A damaged pickle can fail in many ways (EOFError, UnpicklingError, ...).
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise click.ClickException(f"Cannot load input pickle {path}: {type(e).__name__}: {reason}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("ema"), torch.nn.Module):
-        raise click.ClickException(f"Input pickle {path} is not a network snapshot (no 'ema' network in it)")
-    return data
+def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trust_embedded_code: bool) -> Iterator:
+    """Read the inputs one at a time, adding ``coefs[i, o] * w_i`` into a float32 sum per output o.
 
-
-def save_pickle_atomic(data: Any, path: str) -> None:
-    """Pickle ``data`` to a temporary file next to ``path`` and rename it into place when complete."""
-    out_dir = os.path.dirname(path) or "."
-    fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(data, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-# ----------------------------------------------------------------------------
-# The reconstruction.
-
-
-class ReconstructionSteps:
-    """The steps of a reconstruction: iterate to run it (one step per input read), ``len()`` to count.
-
-    Each step yields an EasyDict with ``step``, ``num_steps``, ``batch_idx``, ``num_batches``,
-    ``in_pkl`` (the input just read), ``out_std`` (this batch's sigma_rel values) and
-    ``outputs``: empty until the last step of a batch, then one EasyDict(std, path, data) per
-    output of the batch (``path`` is None when no output directory was given; ``data`` is the
-    output dictionary with its float16 ``ema``).
+    Yields ``(in_pkl, None)`` after each input but the last, then ``(in_pkl, outputs)``: per output,
+    a copy of the first input's snapshot dict whose float16 ``ema`` holds the sums (buffers from
+    the last input).
     """
-
-    def __init__(self, in_pkls, out_nimg, batches, out_dir, out_prefix, trust_embedded_code):
-        self.in_pkls = in_pkls
-        self.out_nimg = out_nimg
-        self.batches = batches
-        self.out_dir = out_dir
-        self.out_prefix = out_prefix
-        self.trust_embedded_code = trust_embedded_code
-
-    def __len__(self) -> int:
-        return len(self.batches) * len(self.in_pkls)
-
-    def __iter__(self) -> Iterator[dnnlib.EasyDict]:
-        in_nimg = np.array([p.nimg for p in self.in_pkls], dtype=np.float64)
-        in_std = np.array([p.std for p in self.in_pkls], dtype=np.float64)
-        if self.out_dir is not None:
-            os.makedirs(self.out_dir, exist_ok=True)
-        step = 0
-        for batch_idx, out_std in enumerate(self.batches):
-            try:
-                coefs = phema.solve_posthoc_coefficients(in_nimg, in_std, self.out_nimg, out_std)
-            except np.linalg.LinAlgError as e:
-                raise click.ClickException(f"Cannot solve for the EMA coefficients: {e}") from None
-            accum = None  # accum[o][k]: float32 sum for output o, parameter k.
-            template = None  # The first input's dictionary: every output is a copy of it.
-            for i, in_pkl in enumerate(self.in_pkls):
-                data = load_input(in_pkl.path, self.trust_embedded_code)
-                params = [p.detach() for p in data["ema"].parameters()]
-                if template is None:
-                    template = data
-                    shapes = [p.shape for p in params]
-                    accum = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes] for _ in out_std]
-                elif [p.shape for p in params] != shapes:
-                    raise click.ClickException(f"Input pickle {in_pkl.path} holds a network with different parameters "
-                                               f"from {self.in_pkls[0].path}")
-                with torch.no_grad():
-                    for k, p in enumerate(params):
-                        p32 = p.to(device="cpu", dtype=torch.float32)  # One converted tensor at a time.
-                        for o in range(len(out_std)):
-                            accum[o][k].add_(p32, alpha=float(coefs[i, o]))
-                    del p32
-                last = i == len(self.in_pkls) - 1
-                buffers = [b.detach().clone() for b in data["ema"].buffers()] if last else None
-                if data is template:
-                    # Keep the first input's dictionary for the outputs, but not its weights:
-                    # _make_output swaps new tensors in for these empty placeholders.
-                    for p in template["ema"].parameters():
-                        p.data = torch.empty(0, dtype=p.dtype)
-                del data, params  # Only one input is in memory at a time.
-                outputs = []
-                if last:
-                    for o, std in enumerate(out_std):
-                        out_data = _make_output(template, accum[o], buffers)
-                        accum[o] = None  # Free the float32 sums as soon as they are stored.
-                        path = None
-                        if self.out_dir is not None:
-                            path = output_path(self.out_dir, self.out_prefix, self.out_nimg, std)
-                            try:
-                                save_pickle_atomic(out_data, path)
-                            except OSError as e:
-                                raise click.ClickException(f"Cannot write {path}: {e.strerror or e}") from None
-                        outputs.append(dnnlib.EasyDict(std=float(std), path=path, data=out_data))
-                    template = buffers = None
-                yield dnnlib.EasyDict(step=step, num_steps=len(self), batch_idx=batch_idx,
-                                      num_batches=len(self.batches), in_pkl=in_pkl, out_std=list(out_std),
-                                      outputs=outputs)
-                step += 1
-                del outputs
+    accum = template = shapes = None  # accum[o][k]: the sum for output o, parameter k
+    for i, in_pkl in enumerate(in_pkls):
+        data = persistence.load_network_pickle(in_pkl.path, trust_embedded_code=trust_embedded_code, verbose=False)
+        params = [p.detach() for p in data["ema"].parameters()]
+        if template is None:
+            template, shapes = data, [p.shape for p in params]
+            accum = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes] for _ in range(coefs.shape[1])]
+        elif [p.shape for p in params] != shapes:
+            raise ValueError(f"Input pickle {in_pkl.path} holds a network with different parameters "
+                             f"from {in_pkls[0].path}")
+        with torch.no_grad():
+            for k, p in enumerate(params):
+                p32 = p.to(device="cpu", dtype=torch.float32)  # One converted tensor at a time.
+                for o, out_sums in enumerate(accum):
+                    out_sums[k].add_(p32, alpha=float(coefs[i, o]))
+        if i < len(in_pkls) - 1:
+            if data is template:  # Keep its dictionary for the outputs, but not its weights.
+                for p in template["ema"].parameters():
+                    p.data = torch.empty(0, dtype=p.dtype)
+            del data, params  # Only one input is in memory at a time.
+            yield in_pkl, None
+            continue
+        buffers = [b.detach().clone() for b in data["ema"].buffers()]
+        del data, params
+        outputs = []
+        for o in range(len(accum)):
+            outputs.append(_make_output(template, accum[o], buffers))
+            accum[o] = None  # Free the float32 sums as soon as they are stored.
+        yield in_pkl, outputs
 
 
 def _make_output(template: dict, params: List[torch.Tensor], buffers: List[torch.Tensor]) -> dict:
@@ -303,76 +223,98 @@ def reconstruct_phema(
     out_nimg: Optional[int] = None,
     out_dir: Optional[str] = None,
     out_prefix: str = "phema",
-    batch: int = 8,
-    skip: bool = False,
-    trust_embedded_code: bool = False,
+    skip_existing: bool = False,
+    max_batch_size: int = 8,
     verbose: bool = True,
-) -> ReconstructionSteps:
+    trust_embedded_code: bool = False,
+) -> Iterable[dnnlib.EasyDict]:
     """Reconstruct power-function EMAs with the given sigma_rel values at time ``out_nimg``.
 
     ``in_pkls`` comes from ``list_input_pickles``; ``out_nimg`` must be one of their times
-    (default: the latest), and only inputs with 0 < nimg <= out_nimg are used. Outputs are
-    built ``batch`` at a time (``ceil(n / batch)`` near-equal groups), reading every input once
-    per group, and saved as ``{out_prefix}-{kimg:07d}-{std:.3f}.pkl`` in ``out_dir`` (if
-    given); ``skip`` leaves existing outputs alone. Input errors raise click.ClickException at
-    once; the work happens while iterating over the returned ReconstructionSteps.
+    (default: the latest), and only inputs with 0 < nimg <= out_nimg are used. Outputs are built
+    ``max_batch_size`` at a time (``ceil(n / max_batch_size)`` near-equal groups), reading every
+    input once per group, and saved as ``{out_prefix}-{kimg:07d}-{std:.3f}.pkl`` in ``out_dir``
+    (if given); ``skip_existing`` leaves existing outputs alone. Bad arguments raise ValueError at
+    once; the work happens while iterating over the returned iterable (it has a ``len``).
+
+    Each step (one input read) yields an EasyDict with the reference's ``step_idx``, ``num_steps``
+    and ``out`` (this batch's outputs: EasyDict(net, pkl_data, pkl_path, nimg, std), with ``net``
+    and ``pkl_data`` filled in at the batch's last step), and ``batch_idx``, ``num_batches``,
+    ``in_pkl`` (the input just read), ``out_std`` and ``outputs`` (``out`` at a batch's last step,
+    else empty; its entries also name ``pkl_path`` and ``pkl_data`` as ``path`` and ``data``).
     """
     in_pkls = sorted(in_pkls, key=lambda p: (p.nimg, p.std))
     if len(in_pkls) == 0:
-        raise click.ClickException("No input pickles to reconstruct from")
+        raise ValueError("No input pickles to reconstruct from")
     times = sorted({p.nimg for p in in_pkls})
     if out_nimg is None:
         out_nimg = times[-1]
     elif out_nimg not in times:
-        raise click.ClickException(f"Output time {out_nimg // 1000} kimg does not match any input snapshot "
-                                   f"(inputs exist at kimg {', '.join(str(t // 1000) for t in times)})")
+        raise ValueError(f"Output time {out_nimg // 1000} kimg does not match any input snapshot "
+                         f"(inputs exist at kimg {', '.join(str(t // 1000) for t in times)})")
     in_pkls = [p for p in in_pkls if 0 < p.nimg <= out_nimg]
     if len(in_pkls) == 0:
-        raise click.ClickException(f"No usable inputs: every snapshot up to {out_nimg // 1000} kimg is at time 0")
+        raise ValueError(f"No usable inputs: every snapshot up to {out_nimg // 1000} kimg is at time 0")
     try:
         out_std = parse_std_list(out_std)
     except ValueError as e:
-        raise click.ClickException(f"Invalid output sigma_rel: {e}") from None
-    if batch < 1:
-        raise click.ClickException("batch must be at least 1")
+        raise ValueError(f"Invalid output sigma_rel: {e}") from None
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be at least 1")
+    path_of = lambda std: None if out_dir is None else output_path(out_dir, out_prefix, out_nimg, std)
 
-    if skip and out_dir is not None:
-        existing = [s for s in out_std if os.path.isfile(output_path(out_dir, out_prefix, out_nimg, s))]
+    if skip_existing and out_dir is not None:
+        existing = [s for s in out_std if os.path.isfile(path_of(s))]
         if verbose and existing:
             print(f"Skipping {len(existing)} existing output(s): {', '.join(f'{s:.3f}' for s in existing)}")
         out_std = [s for s in out_std if s not in existing]
-    if out_dir is not None:
-        in_paths = {os.path.realpath(p.path) for p in in_pkls}
-        for s in out_std:
-            path = output_path(out_dir, out_prefix, out_nimg, s)
-            if os.path.realpath(path) in in_paths:
-                raise click.ClickException(f"Output {path} would overwrite one of the inputs; "
-                                           f"choose another --outprefix or --outdir")
-    num_batches = math.ceil(len(out_std) / batch)
+    in_paths = {os.path.realpath(p.path) for p in in_pkls}
+    for s in out_std:
+        if out_dir is not None and os.path.realpath(path_of(s)) in in_paths:
+            raise ValueError(f"Output {path_of(s)} would overwrite one of the inputs; choose another --outprefix or --outdir")
+    num_batches = math.ceil(len(out_std) / max_batch_size)
     batches = [list(b) for b in np.array_split(np.array(out_std, dtype=np.float64), num_batches)] if num_batches else []
-
     if verbose:
-        stds = sorted({p.std for p in in_pkls})
-        print(f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
-              f"sigma_rel {', '.join(f'{s:.3f}' for s in stds)}")
-        if out_std:
-            where = f" in {out_dir}" if out_dir is not None else ""
-            print(f"Outputs: {len(out_std)} at kimg {out_nimg // 1000}{where}, "
-                  f"{num_batches} pass(es) over the inputs: sigma_rel {', '.join(f'{s:.3f}' for s in out_std)}")
-        else:
-            print("Nothing to do: every output exists")
-    return ReconstructionSteps(in_pkls, out_nimg, batches, out_dir, out_prefix, trust_embedded_code)
+        _print_plan(in_pkls, out_nimg, out_std, out_dir, num_batches)
+
+    in_nimg = np.array([p.nimg for p in in_pkls], dtype=np.float64)
+    in_std = np.array([p.std for p in in_pkls], dtype=np.float64)
+    num_steps = len(batches) * len(in_pkls)
+
+    def run() -> Iterator[dnnlib.EasyDict]:
+        for batch_idx, batch_std in enumerate(batches):
+            coefs = phema.solve_posthoc_coefficients(in_nimg, in_std, out_nimg, batch_std)
+            out = [dnnlib.EasyDict(net=None, pkl_data=None, pkl_path=path_of(std), nimg=out_nimg, std=float(std))
+                   for std in batch_std]
+            for i, (in_pkl, outputs) in enumerate(_accumulate_pass(in_pkls, coefs, trust_embedded_code)):
+                for o, pkl_data in enumerate(outputs or []):
+                    out[o].update(net=pkl_data["ema"], pkl_data=pkl_data, data=pkl_data, path=out[o].pkl_path)
+                    if out[o].pkl_path is not None:
+                        with dnnlib.util.atomic_write(out[o].pkl_path) as f:
+                            pickle.dump(pkl_data, f)
+                yield dnnlib.EasyDict(step_idx=batch_idx * len(in_pkls) + i, num_steps=num_steps, out=out,
+                                      batch_idx=batch_idx, num_batches=len(batches), in_pkl=in_pkl,
+                                      out_std=list(batch_std), outputs=out if outputs else [])
+            out = outputs = None  # Hold no finished networks while the next pass reads its inputs.
+
+    return dnnlib.util.SizedIterable(run, num_steps)
+
+
+def _print_plan(in_pkls: Sequence[dnnlib.EasyDict], out_nimg: int, out_std: Sequence[float], out_dir: Optional[str],
+                num_batches: int) -> None:
+    stds = sorted({p.std for p in in_pkls})
+    print(f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
+          f"sigma_rel {', '.join(f'{s:.3f}' for s in stds)}")
+    if not out_std:
+        print("Nothing to do: every output exists")
+        return
+    where = f" in {out_dir}" if out_dir is not None else ""
+    print(f"Outputs: {len(out_std)} at kimg {out_nimg // 1000}{where}, "
+          f"{num_batches} pass(es) over the inputs: sigma_rel {', '.join(f'{s:.3f}' for s in out_std)}")
 
 
 # ----------------------------------------------------------------------------
 # Command line.
-
-
-def _refuse_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("RANK", "0")) != 0:
-            raise SystemExit(1)  # Rank 0 explains; the others just fail.
-        raise click.ClickException("reconstruct_phema.py runs as a single process; run it with python, not torchrun")
 
 
 @click.command()
@@ -410,22 +352,27 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs \\
         --outdir=out --outstd=0.150 --inprefix=network-snapshot
     """
-    _refuse_distributed()
-    in_pkls = list_input_pickles(indir, in_prefix=inprefix, in_std=instd, verbose=True)
-    if len(in_pkls) == 0:
-        filters = [f"prefix '{inprefix}'" if inprefix is not None else None,
-                   f"sigma_rel {', '.join(f'{s:.3f}' for s in instd)}" if instd is not None else None]
-        filters = " and ".join(f for f in filters if f)
-        raise click.ClickException(f"No input snapshots named PREFIX-KIMG-STD.pkl in '{indir}'"
-                                   + (f" with {filters}" if filters else ""))
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
     if out_nimg is not None and out_nimg // 1000 != outkimg:
         raise click.BadParameter(f"{outkimg} is not the time of a snapshot", param_hint="'--outkimg'")
-    steps = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
-                              batch=batch, skip=skip, trust_embedded_code=trust_embedded_code, verbose=True)
-    saved = []
-    for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):
-        saved += [out.path for out in step.outputs]
+    try:
+        dist.refuse_torchrun("reconstruct_phema.py")
+        dnnlib.util.check_input_dir(indir, "--indir")
+        dnnlib.util.check_output_dir(outdir, "--outdir")
+        in_pkls = list_input_pickles(indir, in_prefix=inprefix, in_std=instd, verbose=True)
+        if len(in_pkls) == 0:
+            filters = [f"prefix '{inprefix}'" if inprefix is not None else None,
+                       f"sigma_rel {', '.join(f'{s:.3f}' for s in instd)}" if instd is not None else None]
+            filters = " and ".join(f for f in filters if f)
+            raise FileNotFoundError(f"No input snapshots named PREFIX-KIMG-STD.pkl in '{indir}'"
+                                    + (f" with {filters}" if filters else ""))
+        steps = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
+                                  skip_existing=skip, max_batch_size=batch, trust_embedded_code=trust_embedded_code)
+        saved = []
+        for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):
+            saved += [out.pkl_path for out in step.outputs]
+    except (ValueError, OSError, dist.SingleProcessOnly) as err:
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
     for path in saved:
         print(f"Saved {path}")
     print("Done.")

@@ -39,7 +39,7 @@ def main() -> int:
     failures = 0
     for preset, (ref_params, ref_gflops) in REFERENCE.items():
         start = time.time()
-        result = count_flops.count_flops(count_flops.build_preset_network(preset, device="meta"))
+        result = count_flops.count_flops(count_flops.build_preset_network(preset, device="meta"), verbose=False)
         params, gflops = round(result.params / 1e6, 2), round(result.gflops, 2)
         ok = params == ref_params and gflops == ref_gflops and not result.unknown
         failures += not ok

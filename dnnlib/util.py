@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import IO, Any, BinaryIO, Iterator, Optional, TextIO, Union
+from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Optional, TextIO, Union
 
 
 class EasyDict(dict):
@@ -188,17 +188,32 @@ def get_obj_by_name(name: str) -> Any:
     raise ImportError(f"Cannot find '{name}': no module named '{parts[0]}'")
 
 
-def call_func_by_name(*args: Any, func_name: str, **kwargs: Any) -> Any:
-    """Look a callable up by name and call it with the given arguments."""
-    func_obj = get_obj_by_name(func_name)
+def call_func_by_name(*args: Any, func_name: Union[str, Callable], **kwargs: Any) -> Any:
+    """Call ``func_name`` (a callable, or the dotted name of one) with the given arguments."""
+    func_obj = get_obj_by_name(func_name) if isinstance(func_name, str) else func_name
     if not callable(func_obj):
         raise TypeError(f"'{func_name}' is not callable")
     return func_obj(*args, **kwargs)
 
 
-def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
-    """Look a class up by name and instantiate it with the given arguments."""
+def construct_class_by_name(*args: Any, class_name: Union[str, type], **kwargs: Any) -> Any:
+    """Instantiate ``class_name`` (a class, or the dotted name of one) with the given arguments."""
     return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+class SizedIterable:
+    """An iterable with a length known in advance: ``len()`` is ``length`` and every ``iter()``
+    runs ``make_iter()`` afresh. The tools return their lazily computed batches this way."""
+
+    def __init__(self, make_iter: Callable[[], Iterable], length: int):
+        self._make_iter = make_iter
+        self._length = int(length)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator:
+        return iter(self._make_iter())
 
 
 # ----------------------------------------------------------------------------
@@ -289,11 +304,75 @@ def remove_stale_temp_files(folder: str) -> list:
 def one_line(err: BaseException) -> str:
     """An exception as one line of text: its message with white space folded, else its type name.
 
-    The command-line tools show library errors this way (as click's one-line ``Error: ...``)."""
-    text = " ".join(str(err).split())
+    The command-line tools show library errors this way (as click's one-line ``Error: ...``). An
+    error re-raised from a data-loader worker carries the worker's traceback; of that, only the
+    last line is kept, without its ``SomeError:`` prefix."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1])
+    text = " ".join(text.split())
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.strerror}: {err.filename}"
     return text or type(err).__name__
+
+
+# ----------------------------------------------------------------------------
+# Checks of command-line arguments, made before any expensive work. Each raises ValueError (or
+# FileNotFoundError / PermissionError) with a one-line message naming the option.
+
+
+def _local_path(path: str) -> Optional[str]:
+    """The local path of a path or ``file://`` URL; None for other URLs (checked when opened)."""
+    if path.startswith("file://"):
+        return _file_url_to_path(path)
+    return None if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) else path
+
+
+def check_input_file(path: str, option: str, what: str = "input file", allow_dir: bool = False) -> None:
+    """Fail unless the local file ``path`` exists (URLs other than ``file://`` pass unchecked);
+    ``allow_dir`` also accepts a folder."""
+    local = _local_path(path)
+    if local is None:
+        return
+    if not os.path.exists(local):
+        raise FileNotFoundError(f'Cannot open {what} "{path}" ({option}): it does not exist')
+    if os.path.isdir(local) and not allow_dir:
+        raise ValueError(f'Cannot open {what} "{path}" ({option}): it is a folder, not a file')
+
+
+def check_input_dir(path: str, option: str, what: str = "input directory") -> None:
+    """Fail unless the folder ``path`` exists."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'Cannot open {what} "{path}" ({option}): it does not exist')
+    if not os.path.isdir(path):
+        raise ValueError(f'Cannot open {what} "{path}" ({option}): it is a file, not a folder')
+
+
+def _unwritable_reason(folder: str, target: str) -> Optional[str]:
+    """Why ``folder`` could not be created or written to, for writing ``target`` (None if it can)."""
+    folder = os.path.abspath(folder)
+    while not os.path.lexists(folder):  # nothing is created: look at the nearest existing ancestor
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return "it is a file" if folder == os.path.abspath(target) else f'"{folder}" is a file'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'no permission to write in "{folder}"'
+    return None
+
+
+def check_output_dir(path: str, option: str, what: str = "output directory") -> None:
+    """Fail unless ``path`` is a folder that exists or can be created, and can be written to."""
+    reason = _unwritable_reason(path, path)
+    if reason is not None:
+        raise ValueError(f'Cannot create {what} "{path}" ({option}): {reason}')
+
+
+def check_output_file(path: str, option: str, what: str = "output file") -> None:
+    """Fail unless ``path`` can be written as a file: not a folder, in a folder that can be written."""
+    reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)), path)
+    if reason is not None:
+        raise ValueError(f'Cannot write {what} "{path}" ({option}): {reason}')
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +403,7 @@ def _file_url_to_path(url: str) -> str:
 
 
 def cache_file_name(url: str, content_disposition: Optional[str] = None) -> str:
-    """The download cache's file name for ``url`` (spec §14): ``{md5(url)}_{safe name}``.
+    """The download cache's file name for ``url``: ``{md5(url)}_{safe name}``, as the reference names it.
 
     The name is the server's Content-Disposition filename, else the URL itself, with every
     character outside ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters.

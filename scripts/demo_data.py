@@ -13,11 +13,15 @@ import gzip
 import os
 import shutil
 import struct
+import sys
 from typing import List, Tuple
 
 import click
 import numpy as np
 import PIL.Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import dnnlib  # noqa: E402  (the repository root is on the path only from here on)
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ['tshirt', 'trouser', 'pullover', 'dress', 'coat',
@@ -68,12 +72,6 @@ def load_digits() -> Tuple[np.ndarray, np.ndarray, List[str]]:
     return images, digits.target.astype(np.int64), DIGITS_CLASSES
 
 
-def resolve_data(data: str, fashion_root: str = FASHION_MNIST_DIR) -> str:
-    """'auto' means Fashion-MNIST where it is installed, else the digits."""
-    if data == 'auto':
-        return 'fashion-mnist' if fashion_mnist_available(fashion_root) else 'digits'
-    return data
-
 # ----------------------------------------------------------------------------
 
 
@@ -96,18 +94,16 @@ def class_folder_names(class_names: List[str]) -> List[str]:
 def write_image_tree(dest: str, images: np.ndarray, labels: np.ndarray, class_names: List[str]) -> List[str]:
     """Write ``dest/<class folder>/<index>.png`` for every image; return the folder names.
 
-    Written into a temporary sibling folder that is renamed when complete, so an interrupted run
-    never leaves a half-written tree under ``dest``.
+    Written into a temporary sibling folder that replaces ``dest`` when complete, so an
+    interrupted run never leaves a half-written tree under ``dest``.
     """
     folders = class_folder_names(class_names)
-    tmp = dest.rstrip('/\\') + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    for folder in folders:
-        os.makedirs(os.path.join(tmp, folder))
-    for i, (image, label) in enumerate(zip(images, labels)):
-        PIL.Image.fromarray(image, 'L').save(os.path.join(tmp, folders[label], f'{i:05d}.png'))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with dnnlib.util.atomic_path(dest.rstrip('/\\')) as tmp:
+        for folder in folders:
+            os.makedirs(os.path.join(tmp, folder))
+        for i, (image, label) in enumerate(zip(images, labels)):
+            PIL.Image.fromarray(image, 'L').save(os.path.join(tmp, folders[label], f'{i:05d}.png'))
+        shutil.rmtree(dest, ignore_errors=True)  # the rename replaces only an empty folder
     return folders
 
 
@@ -115,7 +111,8 @@ def make_demo_images(dest: str, data: str = 'auto', per_class: int = 600, seed: 
                      fashion_root: str = FASHION_MNIST_DIR) -> dict:
     """Write the demo's labelled image tree; return what was used (``data``, ``classes``,
     ``num_images``, ``resolution``)."""
-    data = resolve_data(data, fashion_root)
+    if data == 'auto':  # Fashion-MNIST where it is installed, else the digits
+        data = 'fashion-mnist' if fashion_mnist_available(fashion_root) else 'digits'
     if data == 'fashion-mnist':
         if not fashion_mnist_available(fashion_root):
             raise FileNotFoundError(f'Fashion-MNIST is not installed in {fashion_root} '
@@ -142,11 +139,12 @@ def make_demo_images(dest: str, data: str = 'auto', per_class: int = 600, seed: 
 def main(dest: str, data: str, per_class: int, seed: int, fashion_root: str) -> None:
     """Write a labelled folder of PNGs (one folder per class) for the demo."""
     try:
+        dnnlib.util.check_output_dir(dest, '--dest')
         info = make_demo_images(dest, data=data, per_class=per_class, seed=seed, fashion_root=fashion_root)
     except ImportError as err:
         raise click.ClickException(f'The digits need scikit-learn: {err}') from None
     except (OSError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
     label = {'fashion-mnist': f'Fashion-MNIST (from {fashion_root})',
              'digits': 'scikit-learn digits (fallback: Fashion-MNIST is not installed)' if data == 'auto'
              else 'scikit-learn digits'}[info['data']]

@@ -24,7 +24,9 @@ import PIL.ImageFont
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import generate_images  # noqa: E402  (the repository root is on the path only from here on)
+import dnnlib  # noqa: E402  (the repository root is on the path only from here on)
+import generate_images  # noqa: E402
+from torch_utils import persistence  # noqa: E402
 
 # ----------------------------------------------------------------------------
 
@@ -82,25 +84,19 @@ def make_grid(net_path: str, out: str, class_names: Optional[Sequence[str]] = No
               device: Optional[torch.device] = None, **sampler_kwargs: Any) -> Tuple[int, int]:
     """Load a network pickle, sample one row per class and write the grid PNG atomically.
     Returns the grid's (width, height)."""
-    data = generate_images.load_network_pickle(net_path, verbose=False)
+    data = persistence.load_network_pickle(net_path, verbose=False)
     net = data['ema']
     if net.label_dim == 0:
-        raise click.ClickException(f'{net_path} holds an unconditional network; the grid needs classes')
+        raise ValueError(f'{net_path} holds an unconditional network; the grid needs classes')
     if class_names is None:
         class_names = [str(c) for c in range(net.label_dim)]
     if len(class_names) != net.label_dim:
-        raise click.ClickException(f'{len(class_names)} class names given, but the network has {net.label_dim} classes')
+        raise ValueError(f'{len(class_names)} class names given, but the network has {net.label_dim} classes')
     rows = sample_rows(net, net.label_dim, range(seed, seed + num_cols), encoder=data.get('encoder'),
                        device=device, **sampler_kwargs)
     grid = tile_grid(rows, class_names, scale=scale, pad=pad, label_width=label_width)
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    tmp = f'{out}.{os.getpid()}.tmp'
-    try:
+    with dnnlib.util.atomic_path(out) as tmp:
         grid.save(tmp, format='PNG')
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return grid.size
 
 # ----------------------------------------------------------------------------
@@ -121,10 +117,12 @@ def make_grid(net_path: str, out: str, class_names: Optional[Sequence[str]] = No
 def main(net: str, out: str, classes: Optional[str], cols: int, seed: int, scale: int, steps: int) -> None:
     """Sample a class-conditional grid (one row per class) into a PNG."""
     try:
+        dnnlib.util.check_output_file(out, '--out', what='grid')
+        dnnlib.util.check_input_file(net, '--net', what='network pickle')
         names = class_names_from(classes) if classes is not None else None
+        size = make_grid(net, out, class_names=names, num_cols=cols, seed=seed, scale=scale, num_steps=steps)
     except (OSError, ValueError) as err:
-        raise click.ClickException(f'--classes: {err}') from None
-    size = make_grid(net, out, class_names=names, num_cols=cols, seed=seed, scale=scale, num_steps=steps)
+        raise click.ClickException(dnnlib.util.one_line(err)) from None
     print(f'Wrote a {size[0]}x{size[1]} grid to {out}')
 
 

@@ -108,7 +108,7 @@ def printed_metrics(output):
 
 
 def subset(num_total, num, seed):
-    """Spec §14: a legacy RandomState(seed) shuffle of all indices, the first num, in file order."""
+    """The reference's subset rule: a legacy RandomState(seed) shuffle of all indices, the first num, in file order."""
     idx = np.arange(num_total)
     np.random.RandomState(seed % (1 << 31)).shuffle(idx)
     return np.sort(idx[:num])
@@ -224,6 +224,36 @@ def test_reference_fails_before_any_work(data, detectors, run_cli, tmp_path):
     result = run_cli('gen', '--net', tmp_path / 'no-net.pkl', '--ref', missing, '--num', 2)
     assert_one_line_error(result, 'Cannot open feature statistics')
     assert detectors.fd_dinov2.calls == 0
+
+
+def closed_port_url(path):
+    """A URL nobody answers: fetching it would fail (and print 'Downloading')."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}/{path}'
+
+
+def test_bad_destination_fails_before_any_work(data, run_cli, tmp_path, monkeypatch, cache_dir):
+    # No detectors registered: setting one up would try the unreachable URL.
+    monkeypatch.setattr(cm, '_detector_cache', {})
+    monkeypatch.setattr(cm, 'INCEPTION_URL', closed_port_url('inception.pkl'))
+    monkeypatch.delenv('EDM2_INCEPTION_PKL', raising=False)
+    (tmp_path / 'folder.pkl').mkdir()
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('not a folder')
+    for dest, reason in [(tmp_path / 'folder.pkl', 'it is a folder'), (blocker / 'refs' / 'x.pkl', 'is a file')]:
+        result = run_cli('ref', '--data', data.zip, '--dest', dest, '--metrics', 'fid', '--workers', 0)
+        assert_one_line_error(result, 'Cannot write statistics file', '--dest', reason)
+        assert 'Downloading' not in result.output and 'Setting up' not in result.output
+    # calc: the images are listed before the reference statistics are downloaded.
+    result = run_cli('calc', '--images', tmp_path / 'nowhere', '--ref', closed_port_url('ref.pkl'), '--workers', 0)
+    assert_one_line_error(result, 'Cannot read images', 'nowhere')
+    assert 'Downloading' not in result.output
+    # gen: a missing local network pickle fails before the reference statistics are downloaded.
+    result = run_cli('gen', '--net', tmp_path / 'no-net.pkl', '--ref', closed_port_url('ref.pkl'))
+    assert_one_line_error(result, 'Cannot open network pickle', '--net', 'does not exist')
+    assert 'Downloading' not in result.output
 
 
 def test_num_larger_than_available(data, detectors, run_cli, tmp_path):

@@ -1,7 +1,7 @@
-"""count_flops.py: hand-derived flop totals, the spec §3.5 preset table, memory, pickles, URLs, errors.
+"""count_flops.py: hand-derived flop totals, the paper's preset table, memory, pickles, URLs, errors.
 
-The expected totals below are derived by hand from the counting conventions of spec §10 applied to
-the forward passes of spec §3, op by op, and written as formulas; they are never read back from the
+The expected totals below are derived by hand from the counting conventions of count_flops.py applied
+to the forward passes of training/networks_edm2.py, op by op, and written as formulas; they are never read back from the
 code under test. Conventions used (per output element unless said otherwise):
 
     conv        output elements × (product of weight dims after the first)
@@ -27,7 +27,7 @@ from training import networks_edm2 as net_module
 
 
 def mpconv_flops(cin: int, cout: int, k: int, hw: int, tensor_gain: bool = False) -> int:
-    """MPConv in eval mode (spec §3.1) on [1, cin, H, W] (hw = H·W), or on [1, cin] when k == 0.
+    """MPConv in eval mode on [1, cin, H, W] (hw = H·W), or on [1, cin] when k == 0.
 
     Weight path, on the weight's n = cout·cin·k² elements (k² → 1 for a linear layer):
       normalize(w):   vector_norm n (input elements) + add(eps, norm, alpha) cout + div n
@@ -45,12 +45,12 @@ def mpconv_flops(cin: int, cout: int, k: int, hw: int, tensor_gain: bool = False
 
 def block_flops(cin: int, cout: int, emb: int, hw_in: int, flavor: str, resample: str = "keep",
                 heads: int = 0) -> int:
-    """Block.forward in eval mode (spec §3.2) on x [1, cin, H, W] with hw_in = H·W, emb [1, emb]."""
+    """Block.forward in eval mode on x [1, cin, H, W] with hw_in = H·W, emb [1, emb]."""
     C = cout
     total = 0
     # 1. resample: 'down' = depthwise conv, weight [cin, 1, 2, 2] -> 4 per output element;
     #    'up' = f * 4 on the 2×2 filter (4 muls), then the depthwise transposed conv with weight
-    #    [cin, 1, 2, 2]: output elements × 4 (the §10 rule: output × weight dims after the first).
+    #    [cin, 1, 2, 2]: output elements × 4 (the convolution rule: output × weight dims after the first).
     hw = hw_in
     if resample == "down":
         hw = hw_in // 4
@@ -103,7 +103,7 @@ def block_flops(cin: int, cout: int, emb: int, hw_in: int, flavor: str, resample
 
 def two_level_precond_flops() -> int:
     """Precond(img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1,2],
-    num_blocks=1, attn_resolutions=[4], channels_per_head=16), derived from spec §3.3 and §3.4.
+    num_blocks=1, attn_resolutions=[4], channels_per_head=16), derived from UNet and Precond.
 
     cblock = [16, 32], cnoise = 16, cemb = 32. Heads at 4×4 with 32 channels: 32/16 = 2.
     """
@@ -166,34 +166,51 @@ def two_level_params() -> int:
 
 
 # ----------------------------------------------------------------------------
-# Done-when 1: small configurations equal their hand-derived totals.
+# Small configurations equal their hand-derived totals.
 
 
 def test_one_mpconv_layer():
     torch.manual_seed(0)
     conv = net_module.MPConv(4, 8, kernel=[3, 3])
-    result = cf.count_flops(conv, device="cpu", inputs=(torch.randn(1, 4, 8, 8),))
+    result = cf.count_flops(conv, device="cpu", net_args=(torch.randn(1, 4, 8, 8),))
     # Weight path 3·(8·4·9) + 8 = 872; conv 8·64 outputs × 4·9 = 18432.
     assert result.flops == 3 * 8 * 4 * 9 + 8 + 8 * 64 * 36 == mpconv_flops(4, 8, 3, 64) == 19304
     assert result.params == 8 * 4 * 9
     assert result.unknown == {}
 
     linear = net_module.MPConv(12, 5, kernel=[])
-    result = cf.count_flops(linear, device="cpu", inputs=(torch.randn(1, 12),))
+    result = cf.count_flops(linear, device="cpu", net_args=(torch.randn(1, 12),))
     assert result.flops == 4 * 5 * 12 + 5 == mpconv_flops(12, 5, 0, 1)
+
+
+def test_reference_signature_and_fields(capsys):
+    # count_flops(net, net_args=None, net_kwargs={}, verbose=True, device=...), as the reference's.
+    torch.manual_seed(0)
+    net = net_module.Precond(**TWO_LEVEL_KWARGS)
+    result = cf.count_flops(net, None, {}, True, "cpu")
+    assert "Gflops per sample:" in capsys.readouterr().out  # verbose prints the report
+    assert result.total_params == two_level_params() and result.total_flops == two_level_precond_flops()
+    assert result.mem_per_sample == result.memory_bytes > 0
+    assert result.op_flops["convolution"] == result.ops["convolution"].flops
+    assert sum(result.op_flops.values()) == result.total_flops and result.op_count["bmm"] == 4 * 2
+    # Keyword arguments of the pass go through net_kwargs.
+    x, sigma, labels = torch.zeros(1, 3, 8, 8), torch.zeros(1), torch.zeros(1, 10)
+    by_kwargs = cf.count_flops(net, net_args=(x, sigma), net_kwargs=dict(class_labels=labels), verbose=False)
+    assert by_kwargs.total_flops == result.total_flops
+    assert capsys.readouterr().out == ""
 
 
 def test_mpconv_counts_per_sample():
     conv = net_module.MPConv(4, 8, kernel=[3, 3])
     # Batch of 4: the weight path runs once, the conv four times; totals are per sample.
-    result = cf.count_flops(conv, device="cpu", inputs=(torch.randn(4, 4, 8, 8),))
+    result = cf.count_flops(conv, device="cpu", net_args=(torch.randn(4, 4, 8, 8),))
     assert result.flops == (3 * 8 * 4 * 9 + 8 + 4 * 8 * 64 * 36) // 4
 
 
 def test_block_without_attention():
     # enc flavour, 8 -> 16 channels (so conv_skip is used), downsampling 8×8 -> 4×4.
     block = net_module.Block(8, 16, 24, flavor="enc", resample_mode="down")
-    result = cf.count_flops(block, device="cpu", inputs=(torch.randn(1, 8, 8, 8), torch.randn(1, 24)))
+    result = cf.count_flops(block, device="cpu", net_args=(torch.randn(1, 8, 8, 8), torch.randn(1, 24)))
     assert result.flops == block_flops(8, 16, 24, 64, "enc", resample="down")
     assert result.unknown == {}
 
@@ -201,13 +218,13 @@ def test_block_without_attention():
 def test_block_with_attention():
     # dec flavour, 24 -> 16 channels (conv_skip after the residual), 16/8 = 2 heads at 4×4.
     block = net_module.Block(24, 16, 20, flavor="dec", attention=True, channels_per_head=8)
-    result = cf.count_flops(block, device="cpu", inputs=(torch.randn(1, 24, 4, 4), torch.randn(1, 20)))
+    result = cf.count_flops(block, device="cpu", net_args=(torch.randn(1, 24, 4, 4), torch.randn(1, 20)))
     assert result.flops == block_flops(24, 16, 20, 16, "dec", heads=2)
     assert result.ops["bmm"].flops == 2 * 16 * 16 * 16  # the two einsums: 2 · C·L², C=16, L=16
     assert result.ops["_softmax"].flops == 3 * 2 * 16 * 16
     # Upsampling block: the transposed-conv convention (output elements × 1·2·2).
     block = net_module.Block(16, 16, 20, flavor="dec", resample_mode="up")
-    result = cf.count_flops(block, device="cpu", inputs=(torch.randn(1, 16, 4, 4), torch.randn(1, 20)))
+    result = cf.count_flops(block, device="cpu", net_args=(torch.randn(1, 16, 4, 4), torch.randn(1, 20)))
     assert result.flops == block_flops(16, 16, 20, 16, "dec", resample="up")
 
 
@@ -227,7 +244,7 @@ def test_two_level_unet():
 
 
 # ----------------------------------------------------------------------------
-# Done-when 2: the spec §3.5 table (params to 0.01 M, Gflops to 0.01), on the meta device.
+# The paper's preset table (params to 0.01 M, Gflops to 0.01), on the meta device.
 
 
 @pytest.mark.parametrize("preset,params_m,gflops", [
@@ -269,7 +286,7 @@ class _Toy(torch.nn.Module):
         del big                              # 64 live
         out = torch.cat([small] * 4, dim=1)  # new: 256 bytes -> 320 live
         if self.unknown_op:
-            out = out.cumsum(dim=1)          # not covered by §10: listed, counted 0
+            out = out.cumsum(dim=1)          # not covered by the conventions: listed, counted 0
         return out
 
 
@@ -308,7 +325,7 @@ def test_weight_cache_does_not_hide_ops():
 
 
 # ----------------------------------------------------------------------------
-# Done-when 3: pickles written by this project, URLs, and files that are not network pickles.
+# Pickles written by this project, URLs, and files that are not network pickles.
 
 
 def _write_snapshot(path) -> None:

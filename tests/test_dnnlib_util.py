@@ -21,7 +21,7 @@ def _md5(url: str) -> str:
 
 
 def _spec_name(url: str, name: str) -> str:
-    # Spec §14 written out independently: keep [0-9a-zA-Z-._], replace the rest, cut to 128.
+    # The reference's cache naming written out independently: keep [0-9a-zA-Z-._], replace the rest, cut to 128.
     allowed = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-._")
     safe = "".join(c if c in allowed else "_" for c in name)[:128]
     return _md5(url) + "_" + safe
@@ -50,6 +50,86 @@ def test_construct_and_call_by_name():
     assert util.get_obj_by_name("os.path.join") is os.path.join
     assert util.get_obj_by_name("dnnlib.util.EasyDict") is dnnlib.EasyDict
     assert util.get_obj_by_name("torch.nn.Linear").__name__ == "Linear"  # class attribute of a package
+
+
+def test_call_and_construct_accept_objects():
+    import collections
+    import math
+
+    assert util.call_func_by_name(3, 4, func_name=math.hypot) == 5.0
+    od = util.construct_class_by_name([("x", 1)], class_name=collections.OrderedDict)
+    assert type(od) is collections.OrderedDict and od["x"] == 1
+    with pytest.raises(TypeError, match="not callable"):
+        util.call_func_by_name(func_name=3.0)
+
+
+def test_sized_iterable_is_lazy_and_reiterable():
+    calls = []
+
+    def make():
+        calls.append(1)
+        yield from range(3)
+
+    it = util.SizedIterable(make, 3)
+    assert len(it) == 3 and calls == []  # nothing runs before iteration
+    assert list(it) == [0, 1, 2] and list(it) == [0, 1, 2] and len(calls) == 2
+
+
+def test_one_line():
+    assert util.one_line(ValueError("two\n  lines")) == "two lines"
+    assert util.one_line(KeyError()) == "KeyError"
+    assert util.one_line(FileNotFoundError(2, "No such file or directory", "/x/y")) == "No such file or directory: /x/y"
+    # An error re-raised from a data-loader worker: the last line of its traceback, without the type.
+    worker = OSError('Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n'
+                     '  File "x.py", line 1, in f\n    g()\nOSError: Cannot read 1.png in data: truncated\n')
+    assert util.one_line(worker) == "Cannot read 1.png in data: truncated"
+
+
+def test_checks_of_inputs(tmp_path):
+    (tmp_path / "file.pkl").write_bytes(b"")
+    util.check_input_file(str(tmp_path / "file.pkl"), "--net")
+    util.check_input_file((tmp_path / "file.pkl").as_uri(), "--net")
+    util.check_input_file("http://127.0.0.1:9/missing.pkl", "--net")  # URLs are checked when opened
+    util.check_input_file(str(tmp_path), "--data", allow_dir=True)
+    with pytest.raises(FileNotFoundError, match=r'Cannot open network pickle ".*missing.pkl" \(--net\): it does not exist'):
+        util.check_input_file(str(tmp_path / "missing.pkl"), "--net", what="network pickle")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        util.check_input_file((tmp_path / "missing.pkl").as_uri(), "--net")
+    with pytest.raises(ValueError, match=r"\(--net\): it is a folder, not a file"):
+        util.check_input_file(str(tmp_path), "--net")
+    util.check_input_dir(str(tmp_path), "--indir")
+    with pytest.raises(FileNotFoundError, match=r"\(--indir\): it does not exist"):
+        util.check_input_dir(str(tmp_path / "nope"), "--indir")
+    with pytest.raises(ValueError, match=r"\(--indir\): it is a file, not a folder"):
+        util.check_input_dir(str(tmp_path / "file.pkl"), "--indir")
+
+
+def test_checks_of_outputs(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    util.check_output_dir(str(tmp_path / "new" / "deeper"), "--outdir")  # can be created
+    util.check_output_file(str(tmp_path / "new" / "x.pkl"), "--dest")
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]  # nothing was created
+    with pytest.raises(ValueError, match=r'Cannot create output directory ".*file.txt" \(--outdir\): it is a file'):
+        util.check_output_dir(str(blocker), "--outdir")
+    with pytest.raises(ValueError, match=r'\(--outdir\): ".*file.txt" is a file'):
+        util.check_output_dir(str(blocker / "sub"), "--outdir")
+    with pytest.raises(ValueError, match=r'Cannot write output file ".*" \(--dest\): it is a folder'):
+        util.check_output_file(str(tmp_path), "--dest")
+    with pytest.raises(ValueError, match=r'\(--dest\): ".*file.txt" is a file'):
+        util.check_output_file(str(blocker / "x.pkl"), "--dest")
+
+
+def test_check_of_unwritable_folder(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    # As root every folder is writable, so the permission is denied by a stand-in for os.access.
+    monkeypatch.setattr(util.os, "access", lambda path, mode: real_access(path, mode) and "locked" not in str(path))
+    with pytest.raises(ValueError, match=r'no permission to write in ".*locked"'):
+        util.check_output_dir(str(tmp_path / "locked" / "out"), "--outdir")
+    with pytest.raises(ValueError, match=r"\(--dest\): no permission to write"):
+        util.check_output_file(str(tmp_path / "locked" / "x.pkl"), "--dest")
+    util.check_output_dir(str(tmp_path / "free"), "--outdir")
 
 
 def test_get_obj_by_name_errors():

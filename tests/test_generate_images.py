@@ -1,7 +1,8 @@
 """Tests of generate_images.py: presets, the command line, per-seed determinism across batches and
 processes, loading from paths and URLs, error messages, and the eval-mode inference cache.
 
-Networks are tiny randomly initialised ``Precond`` models pickled in the snapshot layout of spec §2.
+Networks are tiny randomly initialised ``Precond`` models pickled in the snapshot layout of the
+reference's network pickles.
 """
 
 import importlib.util
@@ -27,7 +28,7 @@ from training.training_loop import EDM2Loss
 
 ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 
-# Spec §7, transcribed: preset -> (net, gnet, guidance).
+# The presets of the two papers, transcribed: preset -> (net, gnet, guidance).
 SPEC_PRESETS = {
     'edm2-img512-xs-fid': ('edm2-img512-xs-2147483-0.135', None, None),
     'edm2-img512-xs-dino': ('edm2-img512-xs-2147483-0.200', None, None),
@@ -245,6 +246,22 @@ def test_load_errors(run_cli, tmp_path, http_server, cache_dir):
     assert not out.exists()
 
 
+def test_network_pickle_loader(nets, tmp_path):
+    from torch_utils import persistence
+    assert gi.load_network_pickle is persistence.load_network_pickle  # one loader for every tool
+    data = gi.load_network_pickle(nets.cond, verbose=False)
+    assert isinstance(data['ema'], Precond) and isinstance(data['encoder'], StandardRGBEncoder)
+    (tmp_path / 'list.pkl').write_bytes(pickle.dumps([1, 2]))
+    (tmp_path / 'noise.pkl').write_bytes(os.urandom(100))
+    for source, fragment in [(str(tmp_path / 'missing.pkl'), 'Cannot open network pickle'),
+                             (str(tmp_path / 'list.pkl'), "no 'ema' network"),
+                             (str(tmp_path / 'noise.pkl'), 'is not a network pickle')]:
+        with pytest.raises(persistence.NetworkPickleError) as info:
+            gi.load_network_pickle(source, verbose=False)
+        assert isinstance(info.value, ValueError) and fragment in str(info.value) and source in str(info.value)
+        assert '\n' not in str(info.value)
+
+
 def test_unwritable_output(run_cli, tmp_path, nets):
     blocker = tmp_path / 'file.txt'
     blocker.write_text('not a folder')
@@ -393,8 +410,64 @@ def test_library_iterable(nets):
         assert r.images.dtype == torch.uint8 and r.images.shape == (len(r.seeds), 3, 8, 8)
         assert r.noise.shape == (len(r.seeds), 3, 8, 8)
         assert torch.equal(r.labels, torch.eye(4)[[3] * len(r.seeds)])
-    # The module was put in eval mode, so MPConv did not rewrite its weights.
-    assert not net.training and all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+    # The module ran in eval mode, so MPConv did not rewrite its weights; then its mode was restored.
+    assert net.training and all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+
+
+def test_caller_network_is_restored():
+    net = make_net(label_dim=4, seed=1).float().train().requires_grad_(True)
+    net.unet.out_gain.requires_grad_(False)
+    net.unet.enc['8x8_block0'].eval()
+    modes = [m.training for m in net.modules()]
+    grads = [p.requires_grad for p in net.parameters()]
+    seen = []
+
+    def sampler(net, noise, gnet, **kwargs):
+        seen.append((net.training, any(p.requires_grad for p in net.parameters()), gnet is net))
+        return noise
+    for _ in gi.generate_images(net, seeds=[1, 2], sampler_fn=sampler, verbose=False, device='cpu'):
+        pass
+    assert seen == [(False, False, True)]  # sampled in eval mode, without gradients, guided by itself
+    assert [m.training for m in net.modules()] == modes and [p.requires_grad for p in net.parameters()] == grads
+    # Also when sampling fails midway.
+    with pytest.raises(ZeroDivisionError):
+        for _ in gi.generate_images(net, seeds=[1], sampler_fn=lambda **kwargs: 1 / 0, verbose=False, device='cpu'):
+            pass
+    assert [m.training for m in net.modules()] == modes and [p.requires_grad for p in net.parameters()] == grads
+
+
+def test_no_guiding_network_means_self_guidance():
+    # The reference guides with the main network when gnet is None: D_g = D, so guidance changes nothing.
+    net = make_net(label_dim=4, seed=1)
+    run = lambda **kwargs: torch.cat([r.images for r in gi.generate_images(
+        net, seeds=[3, 4], num_steps=3, verbose=False, device='cpu', **kwargs)])
+    unguided = run()
+    assert torch.equal(run(guidance=2.5), unguided)
+    assert torch.equal(run(gnet=net, guidance=2.5), unguided)
+    assert not torch.equal(run(gnet=make_net(label_dim=4, seed=2), guidance=2.5), unguided)
+
+
+def test_latent_network_needs_its_encoder():
+    net = make_net(img_channels=4, seed=3)
+    with pytest.raises(ValueError, match='4-channel latents.*StabilityVAEEncoder'):
+        gi.generate_images(net, seeds=[0], verbose=False, device='cpu')
+    with pytest.raises(ValueError, match='4-channel latents'):
+        gi.generate_images(net, encoder=StandardRGBEncoder(), seeds=[0], verbose=False, device='cpu')
+
+
+def test_bad_destination_fails_before_loading(run_cli, tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    url = f'http://127.0.0.1:{port}/net.pkl'  # loading it would fail with "Cannot open"
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('not a folder')
+    result = run_cli('--net', url, '--outdir', blocker, '--steps', 2)
+    assert_one_line_error(result, 'Cannot create output directory', '--outdir', 'it is a file')
+    assert 'Downloading' not in result.output and 'Loading' not in result.output
+    result = run_cli('--net', url, '--gnet', tmp_path / 'missing.pkl', '--guidance', 2, '--outdir', tmp_path / 'out')
+    assert_one_line_error(result, 'Cannot open network pickle', '--gnet', 'does not exist')
+    assert 'Downloading' not in result.output and not (tmp_path / 'out').exists()
 
 # ----------------------------------------------------------------------------
 # The eval-mode inference cache of MPConv.

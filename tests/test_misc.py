@@ -81,7 +81,7 @@ def test_set_random_seed_uses_tuple_hash():
 
 
 def _reference_indices(n, seed, start, stride, count):
-    """Spec §14 written out the slow way."""
+    """The reference's rule written out the slow way."""
     perms = {}  # epoch -> permutation
     out = []
     idx = start
@@ -202,3 +202,51 @@ def test_print_module_summary_skips_redundant_rows(capsys):
     misc.print_module_summary(torch.nn.Sequential(net), [x], max_nesting=1, skip_redundant=False)
     rows = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[2:]]
     assert rows == ["0", "<top-level>", "---", "Total"]
+
+
+# ----------------------------------------------------------------------------
+# Helpers of the reference's misc module that user scripts call.
+
+
+def test_assert_shape():
+    x = torch.zeros(2, 3, 4)
+    misc.assert_shape(x, [2, 3, 4])
+    misc.assert_shape(x, [None, 3, None])  # None matches any size
+    with pytest.raises(AssertionError, match="number of dimensions: got 3, expected 2"):
+        misc.assert_shape(x, [2, 3])
+    with pytest.raises(AssertionError, match="dimension 1: got 3, expected 5"):
+        misc.assert_shape(x, [None, 5, 4])
+
+
+def test_tile_images_places_image_n_at_row_n_div_w():
+    n, c, h_img, w_img, w, h = 6, 2, 3, 4, 3, 2
+    x = torch.arange(n * c * h_img * w_img).reshape(n, c, h_img, w_img)
+    grid = misc.tile_images(x, w, h)
+    assert grid.shape == (c, h * h_img, w * w_img)
+    for idx in range(n):
+        row, col = divmod(idx, w)  # row by row, as the reference lays them out
+        assert torch.equal(grid[:, row * h_img:(row + 1) * h_img, col * w_img:(col + 1) * w_img], x[idx])
+    with pytest.raises(AssertionError):
+        misc.tile_images(x, 4, 2)
+
+
+def test_suppress_tracer_warnings():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with misc.suppress_tracer_warnings():
+            warnings.warn("hidden", torch.jit.TracerWarning)
+        warnings.warn("shown", UserWarning)
+    assert [str(w.message) for w in caught] == ["shown"]
+
+
+def test_profiled_function_records_a_range():
+    @misc.profiled_function
+    def scaled_sum(x, scale=2):
+        return (x * scale).sum()
+
+    assert scaled_sum.__name__ == "scaled_sum"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert scaled_sum(torch.ones(3), scale=3).item() == 9
+    assert "scaled_sum" in [event.name for event in prof.events()]

@@ -1,4 +1,4 @@
-"""Tests for reconstruct_phema.py (issue 7).
+"""Tests for reconstruct_phema.py.
 
 The snapshots are tiny EDM2 networks (``training.networks_edm2.Precond``) whose parameters are
 set by hand to the *analytic* power-function EMA of a known training trajectory, so the right
@@ -28,7 +28,7 @@ T = 64 * 1024  # Final training time (images): snapshot times are multiples of 1
 KS = np.array([0.5, 1.0, 2.0, 3.0, 6.0])  # Trajectory exponents: w_e(tau) = a_e (tau / T)^k_e.
 
 # ----------------------------------------------------------------------------
-# Independent reference math (spec §4.3), written without training/phema.py.
+# Independent reference math (the paper's Appendix C.2), written without training/phema.py.
 
 
 def std_to_exp(std):
@@ -151,15 +151,17 @@ def snapshots32(tmp_path_factory):
 
 
 class OpenCounter:
-    """Wraps ``open`` inside reconstruct_phema to count how often each input file is opened."""
+    """Wraps ``dnnlib.util.open_url`` (through which the inputs are read) to count how often each
+    input file is opened."""
 
     def __init__(self, monkeypatch):
         self.counts = {}
-        monkeypatch.setattr(reconstruct_phema, "open", self, raising=False)
+        self.open_url = dnnlib.util.open_url
+        monkeypatch.setattr(dnnlib.util, "open_url", self)
 
     def __call__(self, path, *args, **kwargs):
         self.counts[os.path.basename(path)] = self.counts.get(os.path.basename(path), 0) + 1
-        return open(path, *args, **kwargs)
+        return self.open_url(path, *args, **kwargs)
 
 
 def run_cli(*args):
@@ -403,7 +405,8 @@ def test_each_input_read_once_per_batch(snapshots, tmp_path, monkeypatch):
     pkls = [p for p in reconstruct_phema.list_input_pickles(snapshots.folder) if p.nimg % (T // 4) == 0 and p.nimg > 0]
     counter = OpenCounter(monkeypatch)
     out_stds = [0.02, 0.05, 0.08, 0.11, 0.14]
-    steps = reconstruct_phema.reconstruct_phema(pkls, out_std=out_stds, out_dir=str(tmp_path), batch=2, verbose=False)
+    steps = reconstruct_phema.reconstruct_phema(pkls, out_std=out_stds, out_dir=str(tmp_path), max_batch_size=2,
+                                                verbose=False)
     seen = []
     for step in steps:
         seen.append((step.batch_idx, os.path.basename(step.in_pkl.path), tuple(step.out_std), len(step.outputs)))
@@ -417,6 +420,29 @@ def test_each_input_read_once_per_batch(snapshots, tmp_path, monkeypatch):
     # In-memory use from Python: no output directory, results in the steps.
     outs = [o for step in reconstruct_phema.reconstruct_phema(pkls, out_std=0.1, verbose=False) for o in step.outputs]
     assert len(outs) == 1 and outs[0].path is None and outs[0].data.ema.unet.out_gain.dtype == torch.float16
+
+
+def test_reference_signatures(snapshots, tmp_path):
+    # list_input_pickles(in_dir, in_prefix=None, in_std=None) and reconstruct_phema(in_pkls, out_std,
+    # out_nimg=None, out_dir=None, out_prefix='phema', skip_existing=False, max_batch_size=8, verbose=True).
+    pkls = reconstruct_phema.list_input_pickles(snapshots.folder, "network-snapshot", [0.05, 0.1])
+    assert [(p.nimg, p.std) for p in pkls] == sorted((p.nimg, p.std) for p in pkls) and len(pkls) == 18
+    pkls = [p for p in pkls if p.nimg in (T // 2, T)]
+    steps, finished = [], []
+    for step in reconstruct_phema.reconstruct_phema(pkls, [0.07, 0.15], T, str(tmp_path), "ref", False, 1, False):
+        steps.append(step)
+        finished.append(step.out[0].net is not None)
+    assert finished == [False, False, False, True] * 2  # a pass's networks are ready at its last step
+    assert [(s.step_idx, s.num_steps) for s in steps] == [(i, 8) for i in range(8)]
+    finals = [steps[3], steps[7]]  # the last step of each of the two passes
+    W = stored_inputs([p.path for p in pkls])
+    for step, std in zip(finals, [0.07, 0.15]):
+        (out,) = step.out
+        assert (out.std, out.nimg) == (std, T) and out.net is out.pkl_data["ema"]
+        assert out.pkl_path == str(tmp_path / f"ref-{T // 1000:07d}-{std:.3f}.pkl") and os.path.isfile(out.pkl_path)
+        X, _ = reference_coefficients([p.nimg for p in pkls], [p.std for p in pkls], T, [std])
+        expected = X[:, 0] @ W
+        assert np.all(np.abs(flat_params(out.net) - expected) <= 2**-11 * np.abs(expected) + 1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -463,6 +489,18 @@ def test_corrupt_input_names_file_and_leaves_nothing(snapshots, tmp_path, damage
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_bad_destination_fails_before_reading(snapshots, tmp_path, monkeypatch):
+    counter = OpenCounter(monkeypatch)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for outdir in (blocker, blocker / "sub"):
+        res = run_cli("--indir", snapshots.folder, "--outdir", outdir, "--outstd", "0.1")
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        lines = error_lines(res.output)
+        assert len(lines) == 1 and "Cannot create output directory" in lines[0] and "--outdir" in lines[0], res.output
+    assert counter.counts == {}
+
+
 def test_refuses_to_overwrite_an_input(snapshots, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -485,7 +523,7 @@ def test_failed_write_leaves_no_partial_file(snapshots, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(reconstruct_phema.pickle, "dump", failing_dump)
-    with pytest.raises(click.ClickException, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):
         for _ in reconstruct_phema.reconstruct_phema(pkls, out_std=0.1, out_dir=str(tmp_path), verbose=False):
             pass
     assert os.listdir(tmp_path) == []

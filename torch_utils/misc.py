@@ -7,8 +7,10 @@ imports are limited to the standard library, numpy, torch and dnnlib for the sam
 """
 
 import contextlib
+import functools
 import re
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -264,3 +266,44 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
         print("  ".join(cell + " " * (width - len(cell)) for cell, width in zip(row, widths)).rstrip())
     print()
     return outputs
+
+
+# ----------------------------------------------------------------------------
+# Helpers of the reference's misc module that user scripts call.
+
+
+class suppress_tracer_warnings(warnings.catch_warnings):
+    """Context manager that hides ``torch.jit.TracerWarning`` (e.g. around shape checks while tracing)."""
+
+    def __enter__(self) -> "suppress_tracer_warnings":
+        super().__enter__()
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        return self
+
+
+def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
+    """Raise AssertionError unless ``tensor`` has ``ref_shape``; None entries match any size."""
+    if tensor.ndim != len(ref_shape):
+        raise AssertionError(f"Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}")
+    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
+        if ref_size is not None and int(size) != int(ref_size):
+            raise AssertionError(f"Wrong size for dimension {idx}: got {int(size)}, expected {int(ref_size)}")
+
+
+def tile_images(x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+    """Tile a batch [N, C, H, W] with N = w * h into one image [C, h * H, w * W], row by row."""
+    assert x.ndim == 4, "tile_images expects NCHW"
+    n, c, height, width = x.shape
+    assert n == w * h, f"tile_images: {n} images do not fill a {w}x{h} grid"
+    return x.reshape(h, w, c, height, width).permute(2, 0, 3, 1, 4).reshape(c, h * height, w * width)
+
+
+def profiled_function(fn: Callable) -> Callable:
+    """Decorator: each call of ``fn`` is a named range (its function name) in the torch profiler."""
+
+    @functools.wraps(fn)
+    def decorator(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.profiler.record_function(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return decorator

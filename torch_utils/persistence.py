@@ -467,3 +467,35 @@ def load_pickle(file: Union[str, os.PathLike, BinaryIO], trust_embedded_code: bo
         with open(file, "rb") as f:
             return pickle.load(f)
     return pickle.load(file)
+
+
+# ----------------------------------------------------------------------------
+# Network pickles as the tools open them: one loader, one error type.
+
+
+class NetworkPickleError(ValueError):
+    """A network pickle that could not be opened, was refused, or holds no network; the message is
+    one line naming the source and the reason."""
+
+
+def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:
+    """Load a network pickle (a snapshot dict with a ``torch.nn.Module`` under ``ema``) from a path,
+    a ``file://`` URL or an http(s) URL (downloaded once into the dnnlib cache).
+
+    Safe by default (``load_pickle``); ``trust_embedded_code`` runs the code the pickle carries.
+    Every failure raises NetworkPickleError.
+    """
+    try:
+        f = dnnlib.util.open_url(source, verbose=verbose)
+    except Exception as err:  # OSError, requests errors, malformed URLs, ...
+        raise NetworkPickleError(f'Cannot open network pickle "{source}": {dnnlib.util.one_line(err)}') from err
+    with f:
+        try:
+            data = load_pickle(f, trust_embedded_code=trust_embedded_code)
+        except UnsafePickleError as err:  # names the refused global and the --trust-embedded-code option
+            raise NetworkPickleError(f'Cannot load network pickle "{source}": {dnnlib.util.one_line(err)}') from err
+        except Exception as err:  # a truncated or foreign file fails in many ways
+            raise NetworkPickleError(f'"{source}" is not a network pickle: {dnnlib.util.one_line(err)}') from err
+    if not isinstance(data, dict) or not isinstance(data.get("ema"), torch.nn.Module):
+        raise NetworkPickleError(f"\"{source}\" is not a network pickle: there is no 'ema' network in it")
+    return data
