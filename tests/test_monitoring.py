@@ -5,6 +5,7 @@ snapshot, and which go on when a detector is unavailable. Monitoring never chang
 
 import json
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -99,6 +100,7 @@ def tiny_data(tmp_path_factory):
 def run_kwargs(run_dir, data, monitor=None, **overrides):
     kwargs = dict(
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data), use_labels=True),
+        encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
         data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
         network_kwargs=TINY_NET,
         loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=-0.8, P_std=1.6),
@@ -167,7 +169,7 @@ def test_run_tensorboard_grids_and_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_monitoring_changes_nothing_and_metrics_match_gen(tiny_data, tmp_path, monkeypatch):
+def test_monitoring_changes_nothing_and_metrics_match_gen(tiny_data, tmp_path, monkeypatch, single_process_cli):
     """Monitoring with metrics (fid by a stand-in detector, fd_dinov2 unavailable) against a run
     without monitoring: the same snapshots and losses; one line about fd_dinov2; fid per snapshot
     equal to calculate_metrics gen on that snapshot file."""
@@ -176,7 +178,8 @@ def test_monitoring_changes_nothing_and_metrics_match_gen(tiny_data, tmp_path, m
     monkeypatch.setenv('EDM2_DINOV2_REPO', str(tmp_path / 'no-such-repo'))
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     ref_path = str(tmp_path / 'ref.pkl')
-    cm.calculate_reference_stats(tiny_data, ref_path, metrics=['fid'], num_workers=0, verbose=False)
+    for _ in cm.calculate_stats_for_files(tiny_data, metrics=['fid'], num_workers=0, verbose=False, dest_path=ref_path):
+        pass
 
     plain, watched = tmp_path / 'plain', tmp_path / 'watched'
     tl.training_loop(**run_kwargs(plain, tiny_data, total_nimg=1024))
@@ -198,8 +201,11 @@ def test_monitoring_changes_nothing_and_metrics_match_gen(tiny_data, tmp_path, m
     for kimg in [0, 1]:
         records = [json.loads(line) for line in (watched / f'metrics-{kimg:07d}.jsonl').read_text().splitlines()]
         assert len(records) == 1 and list(records[0]['results']) == ['fid'] and records[0]['num_images'] == 6
-        expected = cm.calculate_metrics_for_network(str(watched / f'network-snapshot-{kimg:07d}-0.050.pkl'), ref_path,
-                                                    metrics=['fid'], num_images=6, seed=0, max_batch_size=4, verbose=False)
-        assert records[0]['results']['fid'] == pytest.approx(expected['fid'], rel=1e-9, abs=1e-9)
+        # What `calculate_metrics.py gen` prints for that snapshot (as '%g', so to 6 digits).
+        result = single_process_cli(cm.cmdline, 'gen', '--net', watched / f'network-snapshot-{kimg:07d}-0.050.pkl',
+                                    '--ref', ref_path, '--metrics=fid', '--num=6', '--seed=0', '--batch=4')
+        assert result.exit_code == 0, result.output
+        expected = float(re.search(r'^fid = (\S+)$', result.output, re.M).group(1))
+        assert records[0]['results']['fid'] == pytest.approx(expected, rel=1e-5, abs=1e-9)
     metrics, _ = read_scalars(watched, 'Metrics/fid')
     assert [step for step, _ in metrics] == [0, 1]
