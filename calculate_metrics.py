@@ -696,6 +696,7 @@ def calc(**opts: Any) -> None:
 @click.option('--seed',                    help='Random seed for the first image', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--trust-embedded-code',     help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
+@click.option('--compile',                 help='torch.compile the network: faster steps after a one-time cost of tens of seconds  [default: off]', is_flag=True)
 @_cli_errors
 def gen(**opts: Any) -> None:
     """Calculate metrics for a given network pickle."""

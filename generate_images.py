@@ -202,6 +202,28 @@ def _prepare_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     # No dtype change: loaded networks run with their stored float16 parameters.
     return net.eval().requires_grad_(False).to(device)
 
+
+class CompiledNetwork:
+    """A network run through ``torch.compile(fullgraph=True)``, falling back to the eager network
+    (with one printed line) if compiling fails, e.g. without a C compiler. Attributes are the
+    network's. The network itself is not modified, and it is compiled lazily on the first call."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.fn: Callable = torch.compile(net, fullgraph=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__['net'], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is not self.net:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as e:  # compiler missing, unsupported platform or op, ...
+                print(f'torch.compile failed, running eagerly instead: {_one_line(e)}', flush=True)
+                self.fn = self.net
+        return self.net(*args, **kwargs)
+
 # ----------------------------------------------------------------------------
 # Image generation (library function shared with calculate_metrics.py).
 
@@ -248,6 +270,7 @@ def generate_images(
     device: Union[str, torch.device, None] = None,
     sampler_fn: Union[str, Callable] = edm_sampler,
     trust_embedded_code: bool = False,
+    compile: bool = False,
     **sampler_kwargs: Any,
 ) -> Iterable[dnnlib.EasyDict]:
     """Generate one image per seed, split over the processes of a distributed run.
@@ -257,7 +280,8 @@ def generate_images(
     the number of batches of this process) that samples lazily and yields per batch an
     EasyDict with ``images`` (uint8 NCHW), ``labels``, ``noise``, ``batch_idx``,
     ``num_batches``, ``indices`` (into ``seeds``) and ``seeds``; with ``outdir`` the images
-    are also written as PNG files.
+    are also written as PNG files. ``compile`` runs the networks through ``torch.compile``
+    (see ``CompiledNetwork``): faster per step, after a one-time cost of tens of seconds.
     """
     device = torch.device(device) if device is not None else _default_device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -296,6 +320,9 @@ def generate_images(
     net = _prepare_network(net, device)
     if gnet is not None:
         gnet = _prepare_network(gnet, device)
+    if compile:
+        net = CompiledNetwork(net)
+        gnet = CompiledNetwork(gnet) if gnet is not None else None
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         what = 'the network is unconditional' if net.label_dim == 0 else f'the network has {net.label_dim} classes'
         raise click.ClickException(f'Class index {class_idx} is out of range: {what}')
@@ -442,6 +469,7 @@ Presets (see config_presets for the exact models and guidance):
 @click.option('--S_max', 'S_max',        help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
 @click.option('--S_noise', 'S_noise',    help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
 @click.option('--trust-embedded-code',   help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
+@click.option('--compile',               help='torch.compile the networks: faster steps after a one-time cost of tens of seconds  [default: off]', is_flag=True)
 def cmdline(preset: Optional[str], **opts: Any) -> None:
     """Generate random images using the given model.
 
