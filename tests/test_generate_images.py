@@ -1,5 +1,5 @@
 """Tests of generate_images.py: presets, the command line, per-seed determinism across batches and
-processes, loading from paths and URLs, error messages, and the eval-mode inference cache.
+processes, loading from paths and URLs and error messages.
 
 Networks are tiny randomly initialised ``Precond`` models pickled in the snapshot layout of spec §2.
 """
