@@ -119,3 +119,14 @@ def test_compiled_sampling_matches_eager_across_batches():
     for batch in (3, 2):
         images = _images(net, compile=True, max_batch_size=batch)
         assert (images.int() - expected.int()).abs().max() <= 1  # uint8 rounding of fp32-close outputs
+
+
+def test_gpu_check_without_gpu_says_so_and_exits_0():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present')
+    proc = subprocess.run([sys.executable, 'benchmarks/gpu_check.py'], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and 'No GPU is present' in proc.stdout
