@@ -594,7 +594,8 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 @click.option('--seed',                    help='Random seed for the first image', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--trust-embedded-code',     help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
-def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code):
+@click.option('--compile',                 help='torch.compile the network: faster steps after a one-time compile  [default: off]', is_flag=True)
+def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile):
     """Calculate metrics for a given network pickle."""
     from generate_images import generate_images
 
@@ -604,7 +605,7 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
         dist.init()
         ref = _load_ref(ref_path)
         image_iter = generate_images(net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size,
-                                     trust_embedded_code=trust_embedded_code)
+                                     trust_embedded_code=trust_embedded_code, compile=compile)
         _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
 
 

@@ -29,7 +29,6 @@ its flops and every allocation are the same as in a CPU pass (`--device=cpu` run
 
 import contextlib
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import click
@@ -206,19 +205,6 @@ def _exact_math():
          torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark) = saved
 
 
-@contextlib.contextmanager
-def _weight_caches_disabled(net: torch.nn.Module):
-    """Turn off eval-mode weight caches (this project's MPConv has one) so every op of the pass runs."""
-    modules = {sys.modules.get(type(m).__module__) for m in net.modules()}
-    switches = [m.set_inference_cache for m in modules if callable(getattr(m, "set_inference_cache", None))]
-    saved = [switch(False) for switch in switches]
-    try:
-        yield
-    finally:
-        for switch, old in zip(switches, saved):
-            switch(old)
-
-
 # ----------------------------------------------------------------------------
 # The library function.
 
@@ -254,7 +240,7 @@ def count_flops(net: torch.nn.Module, net_args: Optional[Sequence[Any]] = None, 
     batch = net_args[0].shape[0]
 
     counter = FlopCounterMode()
-    with _exact_math(), _weight_caches_disabled(net), torch.no_grad():
+    with _exact_math(), torch.no_grad():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

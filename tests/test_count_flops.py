@@ -315,9 +315,9 @@ def test_counting_leaves_settings_and_mode_as_they_were():
             torch.backends.cudnn.benchmark) == before
 
 
-def test_weight_cache_does_not_hide_ops():
-    # This project's MPConv caches its normalised weight in eval mode; a second count of the same
-    # network must still see the weight path.
+def test_second_count_sees_every_op():
+    # A network that was already run (in eval mode, without autograd) counts the same: no state
+    # carried between calls (such as a cached normalised weight) may hide the weight path.
     net = net_module.Precond(**TWO_LEVEL_KWARGS).eval()
     with torch.no_grad():
         net(torch.zeros(1, 3, 8, 8), torch.ones(1), torch.zeros(1, 10))  # fills the cache, if enabled

@@ -1,5 +1,5 @@
 """Tests of generate_images.py: presets, the command line, per-seed determinism across batches and
-processes, loading from paths and URLs, error messages, and the eval-mode inference cache.
+processes, loading from paths and URLs and error messages.
 
 Networks are tiny randomly initialised ``Precond`` models pickled in the snapshot layout of the
 reference's network pickles.
@@ -21,7 +21,6 @@ import torch
 import dnnlib
 import generate_images as gi
 from tests.conftest import REPO_ROOT, assert_ok, assert_one_line_error, subprocess_env
-from training import networks_edm2
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from training.networks_edm2 import Precond
 from training.training_loop import EDM2Loss
@@ -468,67 +467,3 @@ def test_bad_destination_fails_before_loading(run_cli, tmp_path):
     result = run_cli('--net', url, '--gnet', tmp_path / 'missing.pkl', '--guidance', 2, '--outdir', tmp_path / 'out')
     assert_one_line_error(result, 'Cannot open network pickle', '--gnet', 'does not exist')
     assert 'Downloading' not in result.output and not (tmp_path / 'out').exists()
-
-# ----------------------------------------------------------------------------
-# The eval-mode inference cache of MPConv.
-
-
-def test_inference_cache_matches_plain_path():
-    net = make_net(label_dim=4, seed=4)
-    x, sigma, labels = torch.randn([3, 3, 8, 8]), torch.tensor(0.7), torch.eye(4)[[0, 1, 3]]
-    calls = []
-    normalize = networks_edm2.normalize
-
-    def counting_normalize(*args, **kwargs):
-        calls.append(1)
-        return normalize(*args, **kwargs)
-
-    old = networks_edm2.set_inference_cache(False)
-    try:
-        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(networks_edm2, 'normalize', counting_normalize)
-            plain = net(x, sigma, labels)
-            plain_calls = len(calls)
-            networks_edm2.set_inference_cache(True)
-            first = net(x, sigma, labels)
-            calls.clear()
-            cached = net(x, sigma, labels)
-            cached_calls = len(calls)
-        assert cached_calls < plain_calls  # weight normalisation is reused, activations still normalised
-        torch.testing.assert_close(first, plain, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(cached, plain, rtol=1e-6, atol=1e-6)
-
-        # An in-place edit of a weight is seen by the next call.
-        with torch.no_grad():
-            net.unet.out_conv.weight.mul_(-1)
-            edited = net(x, sigma, labels)
-            networks_edm2.set_inference_cache(False)
-            edited_plain = net(x, sigma, labels)
-        torch.testing.assert_close(edited, edited_plain, rtol=1e-6, atol=1e-6)
-        assert (edited - cached).abs().max() > 1e-2
-
-        # Training mode and autograd bypass the cache (gradients flow as usual).
-        networks_edm2.set_inference_cache(True)
-        with torch.no_grad():
-            net(x, sigma, labels)
-        net.requires_grad_(True)
-        y = net(x, sigma, labels)
-        y.sum().backward()
-        assert net.unet.out_conv.weight.grad is not None
-        torch.testing.assert_close(y.detach(), edited_plain, rtol=1e-6, atol=1e-6)
-    finally:
-        networks_edm2.set_inference_cache(old)
-
-
-def test_inference_cache_images_unchanged(nets):
-    outputs = {}
-    old = networks_edm2.set_inference_cache(True)
-    try:
-        for enabled in (True, False):
-            networks_edm2.set_inference_cache(enabled)
-            outputs[enabled] = [r.images for r in gi.generate_images(nets.cond, seeds=[1, 2, 3], num_steps=3,
-                                                                     verbose=False, device='cpu')]
-    finally:
-        networks_edm2.set_inference_cache(old)
-    for a, b in zip(outputs[True], outputs[False]):
-        assert (a.int() - b.int()).abs().max() <= 1

@@ -39,7 +39,14 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
 
     Repeated calls with the same value, shape, dtype, device and memory format return the same
     tensor, so hot loops do not allocate (or copy host-to-device) the same constant again.
+    While ``torch.compile`` traces a function the cache is bypassed: the constant becomes part of
+    the compiled graph (which folds it once), and the dictionary lookup would break the graph.
     """
+    if torch.compiler.is_compiling():
+        tensor = torch.as_tensor(value, dtype=torch.get_default_dtype() if dtype is None else dtype, device=device)
+        if shape is not None:
+            tensor = tensor.broadcast_to(tuple(shape))
+        return tensor.contiguous(memory_format=torch.contiguous_format if memory_format is None else memory_format)
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
     dtype = torch.get_default_dtype() if dtype is None else dtype

@@ -6,8 +6,6 @@ in every network pickle and executed by whoever loads it -- including the refere
 imports only numpy, torch and torch_utils.{persistence, misc}.
 """
 
-import weakref
-
 import numpy as np
 import torch
 
@@ -80,34 +78,6 @@ class MPFourier(torch.nn.Module):
         return y.to(x.dtype)
 
 
-# ----------------------------------------------------------------------------
-# Inference cache for MPConv.
-#
-# In eval mode the normalised, gain-scaled weight depends only on the stored weight, the gain and the
-# activation dtype, so it can be computed once and reused across sampler steps. The cache lives
-# outside the module (never pickled, never deep-copied) and is keyed on the tensors' version counters
-# and storage, so in-place edits (load_state_dict, copy_, optimizer steps, EMA updates) invalidate it.
-# It is used only with autograd off, so gradients through an eval-mode network stay exact.
-
-_inference_cache = weakref.WeakKeyDictionary()
-_inference_cache_enabled = True
-
-
-def set_inference_cache(enabled: bool) -> bool:
-    """Turn the eval-mode weight cache on or off (e.g. off to count every op); returns the old setting."""
-    global _inference_cache_enabled
-    old = _inference_cache_enabled
-    _inference_cache_enabled = bool(enabled)
-    _inference_cache.clear()
-    return old
-
-
-def _tensor_key(t):
-    if isinstance(t, torch.Tensor):
-        return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
-    return t
-
-
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
     """Magnitude-preserving convolution (4-D weight) or fully-connected layer (2-D weight), no bias."""
@@ -117,7 +87,7 @@ class MPConv(torch.nn.Module):
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
-    def _effective_weight(self, gain, dtype):
+    def forward(self, x, gain=1):
         # For a float32 weight, .to() returns the parameter itself, so after the in-place update
         # below `w` already holds the force-normalised weight and is normalised a second time (spec §14).
         w = self.weight.to(torch.float32)
@@ -126,21 +96,7 @@ class MPConv(torch.nn.Module):
                 self.weight.copy_(normalize(w))  # Forced weight normalisation (Sec. 2.3 of the paper).
         w = normalize(w)  # Traditional weight normalisation, differentiable.
         w = w * (gain / np.sqrt(w[0].numel()))  # Magnitude-preserving scaling by 1/sqrt(fan_in).
-        return w.to(dtype)
-
-    def forward(self, x, gain=1):
-        use_cache = (_inference_cache_enabled and not self.training and not torch.is_grad_enabled()
-                     and self.weight.device.type != "meta")
-        if use_cache:
-            key = (_tensor_key(self.weight), _tensor_key(gain), x.dtype)
-            entry = _inference_cache.get(self)
-            if entry is not None and entry[0] == key:
-                w = entry[1]
-            else:
-                w = self._effective_weight(gain, x.dtype)
-                _inference_cache[self] = (key, w)
-        else:
-            w = self._effective_weight(gain, x.dtype)
+        w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         assert w.ndim == 4

@@ -1,0 +1,149 @@
+"""One short check of the GPU paths (a few minutes on one GPU): prints one table, writes JSON.
+
+  (a) training steps of a small network and of edm2-img512-xs at batch 32 in fp32, fp16
+      (the network's use_fp16) and bf16 (autocast around the forward pass): images/s, peak memory
+      and the loss relative to fp32, eager and compiled;
+  (b) sampling with edm2-img512-xs-sized random weights at batch 32, fp32 and fp16, eager and
+      compiled: images/s and the largest difference from the fp32 eager images;
+  (c) a one-process NCCL group through torch_utils.distributed.init();
+  (d) count_flops on CUDA (memory per sample).
+
+On a machine without CUDA it says so and exits 0.
+
+    python benchmarks/gpu_check.py --out=gpu_check.json
+"""
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NETS = {  # name: Precond keyword arguments
+    'small': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2, 2],
+                  num_blocks=2, attn_resolutions=[16, 8]),
+    'edm2-img512-xs': dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=128),
+}
+
+
+def build(name: str, precision: str, device: torch.device) -> torch.nn.Module:
+    from training import networks_edm2
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(**NETS[name], use_fp16=(precision == 'fp16')).to(device)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == 'bf16':
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn, device: torch.device, repeats: int):
+    fn()  # warm-up (compiles, if compiled)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats, out, torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def train_row(name: str, precision: str, compiled: bool, device: torch.device, batch: int = 32) -> dict:
+    from training.training_loop import EDM2Loss
+    net = build(name, precision, device).train()
+    fn_net = torch.compile(net) if compiled else net
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    gen = torch.Generator(device).manual_seed(1)
+    k = NETS[name]
+    images = torch.randn([batch, k['img_channels'], k['img_resolution'], k['img_resolution']], device=device, generator=gen)
+    labels = torch.eye(k['label_dim'], device=device)[torch.arange(batch, device=device) % k['label_dim']]
+    loss_fn = EDM2Loss()
+
+    def step():
+        torch.manual_seed(2)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = loss_fn(fn_net, images, labels).sum() / batch
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    seconds, loss, peak = timed(step, device, repeats=5)
+    return dict(part='train', net=name, precision=precision, compiled=compiled, img_per_s=batch / seconds,
+                peak_gb=peak, loss=float(loss))
+
+
+def sample_row(precision: str, compiled: bool, device: torch.device, reference=None, batch: int = 32) -> dict:
+    import generate_images as gi
+    net = build('edm2-img512-xs', precision, device).eval().requires_grad_(False)
+    fn_net = torch.compile(net) if compiled else net
+    rnd = gi.StackedRandomGenerator(device, list(range(batch)))
+    noise = rnd.randn([batch, 4, 64, 64], device=device)
+    labels = torch.eye(1000, device=device)[rnd.randint(1000, size=[batch], device=device)]
+
+    def run():
+        with torch.no_grad():
+            return gi.edm_sampler(fn_net, noise, labels, num_steps=8)
+
+    seconds, out, peak = timed(run, device, repeats=2)
+    diff = float((out - reference).abs().max()) if reference is not None else 0.0
+    return dict(part='sample', net='edm2-img512-xs', precision=precision, compiled=compiled, img_per_s=batch / seconds,
+                peak_gb=peak, max_diff_vs_fp32=diff), out
+
+
+@click.command()
+@click.option('--out', help='Write the results as JSON here', metavar='FILE', type=str, default=None)
+def main(out):
+    """Check fp32/fp16/bf16 training, sampling, NCCL and count_flops on one GPU."""
+    if not torch.cuda.is_available():
+        print('No GPU is present (torch.cuda.is_available() is False); nothing to check.')
+        return
+    device = torch.device('cuda')
+    rows = []
+    precisions = ['fp32', 'fp16'] + (['bf16'] if torch.cuda.is_bf16_supported() else [])
+    for name in NETS:
+        for compiled in (False, True):
+            for precision in precisions:
+                rows.append(train_row(name, precision, compiled, device))
+    reference = None
+    for compiled in (False, True):
+        for precision in ('fp32', 'fp16'):
+            row, images = sample_row(precision, compiled, device, reference)
+            reference = images if reference is None else reference
+            rows.append(row)
+
+    from torch_utils import distributed as dist
+    dist.init()
+    t = torch.ones([4], device=device)
+    torch.distributed.all_reduce(t)
+    rows.append(dict(part='nccl', backend=torch.distributed.get_backend(), world_size=dist.get_world_size(),
+                     ok=bool(torch.equal(t, torch.ones_like(t)))))
+
+    import count_flops as cf
+    result = cf.count_flops(build('edm2-img512-xs', 'fp16', device), device='cuda')
+    rows.append(dict(part='count_flops', net='edm2-img512-xs', gflops=result.gflops, memory_mib=result.memory_bytes / 2**20))
+
+    fp32_loss = {(r['net'], r['compiled']): r['loss'] for r in rows if r['part'] == 'train' and r['precision'] == 'fp32'}
+    for r in rows:
+        if r['part'] == 'train':
+            r['loss_rel_fp32'] = abs(r['loss'] - fp32_loss[(r['net'], r['compiled'])]) / abs(fp32_loss[(r['net'], r['compiled'])])
+        print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()))
+    if out is not None:
+        import dnnlib
+        with dnnlib.util.atomic_write(out, mode='w') as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
