@@ -405,6 +405,7 @@ def _tensor_globals() -> dict:
     allowed = {
         ("torch.nn.modules.container", "ModuleDict"): torch.nn.ModuleDict,
         ("torch.nn.modules.container", "ModuleList"): torch.nn.ModuleList,
+        ("torch.nn.modules.container", "Sequential"): torch.nn.Sequential,  # e.g. ToyModel.layers of toy_example.py
         ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
         ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
         ("torch.storage", "_load_from_bytes"): _safe_load_storage_from_bytes,
