@@ -20,7 +20,8 @@ import contextlib
 import os
 import pickle
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
 
 import click
 import numpy as np
@@ -50,7 +51,7 @@ def _factor_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError:
         c, piv, rank, info = scipy.linalg.lapack.dpstrf(sigma1, lower=1)
         if info < 0:
-            raise ValueError(f'pivoted Cholesky failed (LAPACK info {info})') from None
+            raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})") from None
         g = np.tril(c)[:, :rank]
         p = piv - 1
         return g.T @ sigma2[np.ix_(p, p)] @ g
@@ -75,9 +76,9 @@ def calculate_fd(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: n
     sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
     if d < 0 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f'Incompatible shapes: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}')
+        raise ValueError(f"Incompatible shapes: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise ValueError('Feature statistics contain NaN or Inf')
+        raise ValueError("Feature statistics contain NaN or Inf")
 
     m = _factor_product(sigma1, sigma2)
     # Eigenvalues only (from the lower triangle); torch's LAPACK (MKL) does this about twice as
@@ -86,14 +87,16 @@ def calculate_fd(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: n
     tr_sqrt = np.sqrt(np.clip(lam, 0, None)).sum()
     return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
+
 # ----------------------------------------------------------------------------
 # Detectors: NCHW uint8 RGB images in, [N, feature_dim] float features out.
 
-INCEPTION_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
-                 'inception-2015-12-05.pkl')
-DINOV2_REPO = 'facebookresearch/dinov2:main'
-DINOV2_MODEL = 'dinov2_vitl14'
-DINOV2_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
+INCEPTION_URL = (
+    "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
+)
+DINOV2_REPO = "facebookresearch/dinov2:main"
+DINOV2_MODEL = "dinov2_vitl14"
+DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 DINOV2_MEAN = (0.485, 0.456, 0.406)
 DINOV2_STD = (0.229, 0.224, 0.225)
 
@@ -116,9 +119,9 @@ class ModuleDetector(Detector):
     and returns ``[N, feature_dim]`` features. ``feature_dim`` defaults to ``module.feature_dim``."""
 
     def __init__(self, module: torch.nn.Module, feature_dim: Optional[int] = None):
-        feature_dim = feature_dim if feature_dim is not None else getattr(module, 'feature_dim', None)
+        feature_dim = feature_dim if feature_dim is not None else getattr(module, "feature_dim", None)
         if feature_dim is None:
-            raise ValueError('ModuleDetector needs feature_dim (or a module with a feature_dim attribute)')
+            raise ValueError("ModuleDetector needs feature_dim (or a module with a feature_dim attribute)")
         self.module = module.eval().requires_grad_(False)
         self.feature_dim = int(feature_dim)
 
@@ -138,33 +141,40 @@ class InceptionV3Detector(Detector):
 
     def __init__(self, source: Optional[str] = None, verbose: bool = True):
         self.feature_dim = 2048
-        self.source = source or os.environ.get('EDM2_INCEPTION_PKL') or INCEPTION_URL
+        self.source = source or os.environ.get("EDM2_INCEPTION_PKL") or INCEPTION_URL
         try:
             with dnnlib.util.open_url(self.source, verbose=verbose) as f:
                 self.model = persistence.load_pickle(f, trust_embedded_code=True)
         except Exception as e:
-            cached = os.path.join(dnnlib.make_cache_dir_path('downloads'),
-                                  dnnlib.util.cache_file_name(INCEPTION_URL).split('_', 1)[0] + '_inception-2015-12-05.pkl')
+            cached = os.path.join(
+                dnnlib.make_cache_dir_path("downloads"),
+                dnnlib.util.cache_file_name(INCEPTION_URL).split("_", 1)[0] + "_inception-2015-12-05.pkl",
+            )
             raise DetectorUnavailableError(
                 f'Cannot load the Inception-v3 detector for fid from "{self.source}" ({dnnlib.util.one_line(e)}). '
-                f'Download {INCEPTION_URL} and set EDM2_INCEPTION_PKL to its path, or save it as {cached}') from e
+                f"Download {INCEPTION_URL} and set EDM2_INCEPTION_PKL to its path, or save it as {cached}"
+            ) from e
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.to(x.device)(x, return_features=True)
 
 
-def dinov2_preprocess(x: torch.Tensor, resize_mode: str = 'torch') -> torch.Tensor:
+def dinov2_preprocess(x: torch.Tensor, resize_mode: str = "torch") -> torch.Tensor:
     """DINOv2 input: resize NCHW uint8 RGB to 224x224, scale to [0, 1], normalise with ImageNet's
     mean and std. ``resize_mode='torch'`` (the reference default) resizes in float32 with torch's
     antialiased bicubic, without clamping or rounding; ``'pil'`` resizes the uint8 images with
     Pillow's bicubic, as the dgm-eval code base does (slower, on the CPU)."""
-    if resize_mode == 'pil':
+    if resize_mode == "pil":
         images = x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        images = np.stack([np.asarray(PIL.Image.fromarray(image).resize((224, 224), PIL.Image.Resampling.BICUBIC))
-                           for image in images])
+        images = np.stack(
+            [
+                np.asarray(PIL.Image.fromarray(image).resize((224, 224), PIL.Image.Resampling.BICUBIC))
+                for image in images
+            ]
+        )
         x = torch.from_numpy(images).permute(0, 3, 1, 2).to(x.device)
-    elif resize_mode == 'torch':
-        x = torch.nn.functional.interpolate(x.to(torch.float32), size=(224, 224), mode='bicubic', antialias=True)
+    elif resize_mode == "torch":
+        x = torch.nn.functional.interpolate(x.to(torch.float32), size=(224, 224), mode="bicubic", antialias=True)
     else:
         raise ValueError(f'Invalid resize mode "{resize_mode}" (expected "torch" or "pil")')
     x = x.to(torch.float32) / 255
@@ -184,30 +194,32 @@ class DINOv2Detector(Detector):
     trusted because it is the known ``facebookresearch/dinov2`` repository or a copy of it.
     """
 
-    def __init__(self, resize_mode: str = 'torch', repo: Optional[str] = None, verbose: bool = True):
-        if resize_mode not in ('torch', 'pil'):
+    def __init__(self, resize_mode: str = "torch", repo: Optional[str] = None, verbose: bool = True):
+        if resize_mode not in ("torch", "pil"):
             raise ValueError(f'Invalid resize mode "{resize_mode}" (expected "torch" or "pil")')
         self.feature_dim = 1024
         self.resize_mode = resize_mode
-        repo = repo or os.environ.get('EDM2_DINOV2_REPO')
-        hub_dir = dnnlib.make_cache_dir_path('torch_hub')
+        repo = repo or os.environ.get("EDM2_DINOV2_REPO")
+        hub_dir = dnnlib.make_cache_dir_path("torch_hub")
         old_hub_dir = torch.hub.get_dir()
         torch.hub.set_dir(hub_dir)
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', 'xFormers is not available')
+                warnings.filterwarnings("ignore", "xFormers is not available")
                 if repo:
-                    model = torch.hub.load(repo, DINOV2_MODEL, source='local', verbose=False)
+                    model = torch.hub.load(repo, DINOV2_MODEL, source="local", verbose=False)
                 else:
-                    model = torch.hub.load(DINOV2_REPO, DINOV2_MODEL, trust_repo=True, verbose=False,
-                                           skip_validation=True)
+                    model = torch.hub.load(
+                        DINOV2_REPO, DINOV2_MODEL, trust_repo=True, verbose=False, skip_validation=True
+                    )
         except Exception as e:
-            where = f'the local repository "{repo}"' if repo else f'torch.hub ({DINOV2_REPO})'
+            where = f'the local repository "{repo}"' if repo else f"torch.hub ({DINOV2_REPO})"
             raise DetectorUnavailableError(
-                f'Cannot load the DINOv2 detector for fd_dinov2 from {where} ({dnnlib.util.one_line(e)}). '
-                f'Put a copy of https://github.com/facebookresearch/dinov2 (branch main) in '
-                f'{os.path.join(hub_dir, "facebookresearch_dinov2_main")} (or set EDM2_DINOV2_REPO to it) and '
-                f'{DINOV2_WEIGHTS_URL} in {os.path.join(hub_dir, "checkpoints")}') from e
+                f"Cannot load the DINOv2 detector for fd_dinov2 from {where} ({dnnlib.util.one_line(e)}). "
+                f"Put a copy of https://github.com/facebookresearch/dinov2 (branch main) in "
+                f"{os.path.join(hub_dir, 'facebookresearch_dinov2_main')} (or set EDM2_DINOV2_REPO to it) and "
+                f"{DINOV2_WEIGHTS_URL} in {os.path.join(hub_dir, 'checkpoints')}"
+            ) from e
         finally:
             torch.hub.set_dir(old_hub_dir)
         self.model = model.eval().requires_grad_(False)
@@ -218,12 +230,12 @@ class DINOv2Detector(Detector):
 
 
 # Metric name -> detector factory. register_detector() adds or overrides entries of the cache.
-metric_specs: Dict[str, Callable[..., Detector]] = {
-    'fid': InceptionV3Detector,
-    'fd_dinov2': DINOv2Detector,
+metric_specs: dict[str, Callable[..., Detector]] = {
+    "fid": InceptionV3Detector,
+    "fd_dinov2": DINOv2Detector,
 }
 
-_detector_cache: Dict[str, Detector] = {}
+_detector_cache: dict[str, Detector] = {}
 
 
 def _as_detector(detector: Union[Detector, torch.nn.Module]) -> Detector:
@@ -231,7 +243,7 @@ def _as_detector(detector: Union[Detector, torch.nn.Module]) -> Detector:
         return detector
     if isinstance(detector, torch.nn.Module):
         return ModuleDetector(detector)
-    raise TypeError(f'Expected a Detector or a torch.nn.Module, got {type(detector).__name__}')
+    raise TypeError(f"Expected a Detector or a torch.nn.Module, got {type(detector).__name__}")
 
 
 def register_detector(metric: str, detector: Union[Detector, torch.nn.Module, None]) -> None:
@@ -246,7 +258,7 @@ def register_detector(metric: str, detector: Union[Detector, torch.nn.Module, No
         _detector_cache[metric] = _as_detector(detector)
 
 
-def known_metrics() -> List[str]:
+def known_metrics() -> list[str]:
     """The metric names ``get_detector`` can serve: the built-in ones and any registered."""
     return list(metric_specs) + [m for m in _detector_cache if m not in metric_specs]
 
@@ -262,7 +274,7 @@ def get_detector(metric: str, verbose: bool = True) -> Detector:
         dist.barrier()
     try:
         if verbose:
-            dist.print0(f'Setting up {metric_specs[metric].__name__}...')
+            dist.print0(f"Setting up {metric_specs[metric].__name__}...")
         detector = metric_specs[metric](verbose=(verbose and rank == 0))
     finally:
         if rank == 0:
@@ -270,24 +282,27 @@ def get_detector(metric: str, verbose: bool = True) -> Detector:
     _detector_cache[metric] = detector
     return detector
 
+
 # ----------------------------------------------------------------------------
 # Statistics files.
 
 
 def _check_stats(stats: Any, path: str) -> dict:
     """Raise a one-line ValueError unless ``stats`` looks like a statistics dict."""
+
     def fail(why: str):
         raise ValueError(f'"{path}" is not a feature statistics file: {why}')
+
     if not isinstance(stats, dict):
-        fail(f'expected a dict, found {type(stats).__name__}')
-    metrics = [key for key in stats if key != 'num_images']
+        fail(f"expected a dict, found {type(stats).__name__}")
+    metrics = [key for key in stats if key != "num_images"]
     if not metrics:
-        fail('it holds no metrics')
+        fail("it holds no metrics")
     for metric in metrics:
         entry = stats[metric]
-        if not isinstance(entry, dict) or 'mu' not in entry or 'sigma' not in entry:
+        if not isinstance(entry, dict) or "mu" not in entry or "sigma" not in entry:
             fail(f'entry "{metric}" has no mu and sigma')
-        mu, sigma = np.asarray(entry['mu']), np.asarray(entry['sigma'])
+        mu, sigma = np.asarray(entry["mu"]), np.asarray(entry["sigma"])
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             fail(f'entry "{metric}" has mu of shape {list(mu.shape)} and sigma of shape {list(sigma.shape)}')
     return stats
@@ -302,16 +317,16 @@ def load_stats(path: str, verbose: bool = True) -> dict:
     else that is no statistics file ValueError, both with a one-line message.
     """
     if verbose:
-        print(f'Loading feature statistics from {path} ...')
+        print(f"Loading feature statistics from {path} ...")
     try:
         f = dnnlib.util.open_url(path, verbose=verbose)
     except Exception as e:
         raise OSError(f'Cannot open feature statistics "{path}": {dnnlib.util.one_line(e)}') from e
     with f:
         try:
-            if path.lower().endswith('.npz'):  # backwards compatibility with NVlabs/edm
+            if path.lower().endswith(".npz"):  # backwards compatibility with NVlabs/edm
                 with np.load(f, allow_pickle=False) as npz:
-                    stats = {'fid': {key: npz[key] for key in npz.files}}
+                    stats = {"fid": {key: npz[key] for key in npz.files}}
             else:
                 stats = persistence.load_data_pickle(f, what=f'"{path}"')
         except Exception as e:
@@ -322,9 +337,10 @@ def load_stats(path: str, verbose: bool = True) -> dict:
 def save_stats(stats: Mapping[str, Any], path: str, verbose: bool = True) -> None:
     """Write feature statistics as a pickle (a temporary file renamed into place when complete)."""
     if verbose:
-        print(f'Saving feature statistics to {path} ...')
+        print(f"Saving feature statistics to {path} ...")
     with dnnlib.util.atomic_write(path) as f:
         pickle.dump(dict(stats), f)
+
 
 # ----------------------------------------------------------------------------
 # Feature statistics.
@@ -341,27 +357,27 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def _unpack_images(batch: Any) -> Optional[torch.Tensor]:
     """Images from whatever an iterable yields: a tensor/array, (images, labels), or a dict with 'images'."""
     if isinstance(batch, dict):
-        batch = batch.get('images')
+        batch = batch.get("images")
     elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         batch = batch[0]
     if batch is None:
         return None
     images = torch.as_tensor(batch)
     if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError(f'Detectors need NCHW uint8 images, got {images.dtype} of shape {list(images.shape)}')
+        raise ValueError(f"Detectors need NCHW uint8 images, got {images.dtype} of shape {list(images.shape)}")
     if images.shape[1] == 1:
         images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB
     if images.shape[1] != 3:
-        raise ValueError(f'Detectors need RGB images, got {images.shape[1]} channels')
+        raise ValueError(f"Detectors need RGB images, got {images.shape[1]} channels")
     return images
 
 
 def calculate_stats_for_iterable(
-    image_iter: Iterable[Any],                          # Batches: NCHW uint8 images, (images, labels) or dicts with 'images'.
-    metrics: Sequence[str] = ('fid', 'fd_dinov2'),      # Metrics to compute the statistics for.
-    verbose: bool = True,                               # Print status messages?
-    dest_path: Optional[str] = None,                    # Where to save the statistics (rank 0). None = do not save.
-    device: Union[str, torch.device, None] = None,      # Compute device. None = cuda if available, else cpu.
+    image_iter: Iterable[Any],  # Batches: NCHW uint8 images, (images, labels) or dicts with 'images'.
+    metrics: Sequence[str] = ("fid", "fd_dinov2"),  # Metrics to compute the statistics for.
+    verbose: bool = True,  # Print status messages?
+    dest_path: Optional[str] = None,  # Where to save the statistics (rank 0). None = do not save.
+    device: Union[str, torch.device, None] = None,  # Compute device. None = cuda if available, else cpu.
     detectors: Optional[Mapping[str, Union[Detector, torch.nn.Module]]] = None,  # Override detectors per metric.
 ) -> Iterable[dnnlib.EasyDict]:
     """Accumulate detector feature statistics over the batches of ``image_iter``.
@@ -375,10 +391,12 @@ def calculate_stats_for_iterable(
     device = torch.device(device) if device is not None else misc.default_device()
     metrics = list(metrics)
     num_batches = len(image_iter)
-    dets = [_as_detector(detectors[m]) if detectors and m in detectors else get_detector(m, verbose=verbose)
-            for m in metrics]
+    dets = [
+        _as_detector(detectors[m]) if detectors and m in detectors else get_detector(m, verbose=verbose)
+        for m in metrics
+    ]
     if verbose:
-        dist.print0('Calculating feature statistics...')
+        dist.print0("Calculating feature statistics...")
 
     def run() -> Iterator[dnnlib.EasyDict]:
         cum_f = [torch.zeros([d.feature_dim], dtype=torch.float64, device=device) for d in dets]
@@ -392,12 +410,19 @@ def calculate_stats_for_iterable(
                     for det, f_sum, ff_sum in zip(dets, cum_f, cum_ff):
                         features = det(images).to(torch.float64).reshape(images.shape[0], -1)
                         if features.shape[1] != det.feature_dim:
-                            raise ValueError(f'Detector returned {features.shape[1]} features, expected {det.feature_dim}')
+                            raise ValueError(
+                                f"Detector returned {features.shape[1]} features, expected {det.feature_dim}"
+                            )
                         f_sum += features.sum(0)
                         ff_sum += features.T @ features
                 cum_images += images.shape[0]
-            r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
-                                num_images=int(_all_reduce(cum_images).cpu()))
+            r = dnnlib.EasyDict(
+                stats=None,
+                images=images,
+                batch_idx=batch_idx,
+                num_batches=num_batches,
+                num_images=int(_all_reduce(cum_images).cpu()),
+            )
             if batch_idx == num_batches - 1:
                 r.stats = _finish_stats(metrics, cum_f, cum_ff, r.num_images)
                 if dest_path is not None and dist.get_rank() == 0:
@@ -407,11 +432,12 @@ def calculate_stats_for_iterable(
     return dnnlib.util.SizedIterable(run, num_batches)
 
 
-def _finish_stats(metrics: Sequence[str], cum_f: Sequence[torch.Tensor], cum_ff: Sequence[torch.Tensor],
-                  n: int) -> dict:
+def _finish_stats(
+    metrics: Sequence[str], cum_f: Sequence[torch.Tensor], cum_ff: Sequence[torch.Tensor], n: int
+) -> dict:
     """mu and sigma per metric from the feature sums of every process."""
     if n < 2:
-        raise ValueError(f'Need at least 2 images to compute feature statistics, got {n}')
+        raise ValueError(f"Need at least 2 images to compute feature statistics, got {n}")
     stats = dict(num_images=n)
     for metric, f_sum, ff_sum in zip(metrics, cum_f, cum_ff):
         mu = _all_reduce(f_sum) / n
@@ -420,15 +446,22 @@ def _finish_stats(metrics: Sequence[str], cum_f: Sequence[torch.Tensor], cum_ff:
     return stats
 
 
-def _image_file_batches(image_path: str, num_images: Optional[int] = None, seed: int = 0, max_batch_size: int = 64,
-                        num_workers: int = 2, prefetch_factor: int = 2, verbose: bool = True) -> Iterable[Any]:
+def _image_file_batches(
+    image_path: str,
+    num_images: Optional[int] = None,
+    seed: int = 0,
+    max_batch_size: int = 64,
+    num_workers: int = 2,
+    prefetch_factor: int = 2,
+    verbose: bool = True,
+) -> Iterable[Any]:
     """This process's batches of the images in a folder or ZIP (None for an empty batch): the
     seeded subset rule of ``ImageFolderDataset``'s ``max_size``, split across processes as in
     sampling (``torch_utils.distributed.rank_batches``)."""
     from training.dataset import ImageFolderDataset
 
     if verbose:
-        dist.print0(f'Loading images from {image_path} ...')
+        dist.print0(f"Loading images from {image_path} ...")
     try:
         dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed, use_labels=False)
     except Exception as e:
@@ -438,9 +471,12 @@ def _image_file_batches(image_path: str, num_images: Optional[int] = None, seed:
     if len(dataset) < 2:
         raise ValueError(f'Found {len(dataset)} images in "{image_path}", but need at least 2')
     rank_batches = dist.rank_batches(len(dataset), max_batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b in rank_batches if len(b) > 0],
-                                         num_workers=num_workers,
-                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[b for b in rank_batches if len(b) > 0],
+        num_workers=num_workers,
+        prefetch_factor=(prefetch_factor if num_workers > 0 else None),
+    )
 
     def run() -> Iterator[Any]:
         loader_iter = iter(loader)
@@ -451,14 +487,14 @@ def _image_file_batches(image_path: str, num_images: Optional[int] = None, seed:
 
 
 def calculate_stats_for_files(
-    image_path: str,                    # A folder or ZIP of images (dataset_tool.py layout or any image files).
-    num_images: Optional[int] = None,   # Use a random subset of this many images (fewer is an error). None = all.
-    seed: int = 0,                      # Seed of the random subset.
-    max_batch_size: int = 64,           # Images per batch and process.
-    num_workers: int = 2,               # Data-loader worker processes.
-    prefetch_factor: int = 2,           # Batches loaded ahead by each worker.
-    verbose: bool = True,               # Print status messages?
-    **stats_kwargs: Any,                # Passed on to calculate_stats_for_iterable().
+    image_path: str,  # A folder or ZIP of images (dataset_tool.py layout or any image files).
+    num_images: Optional[int] = None,  # Use a random subset of this many images (fewer is an error). None = all.
+    seed: int = 0,  # Seed of the random subset.
+    max_batch_size: int = 64,  # Images per batch and process.
+    num_workers: int = 2,  # Data-loader worker processes.
+    prefetch_factor: int = 2,  # Batches loaded ahead by each worker.
+    verbose: bool = True,  # Print status messages?
+    **stats_kwargs: Any,  # Passed on to calculate_stats_for_iterable().
 ) -> Iterable[dnnlib.EasyDict]:
     """``calculate_stats_for_iterable`` over the image files of a folder or ZIP."""
     batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers, prefetch_factor, verbose)
@@ -466,11 +502,11 @@ def calculate_stats_for_files(
 
 
 def calculate_metrics_from_stats(
-    stats: Mapping[str, Any],                       # Statistics of the generated images.
-    ref: Union[str, Mapping[str, Any]],             # Reference statistics, or their path or URL.
-    metrics: Sequence[str] = ('fid', 'fd_dinov2'),  # Metrics to compute.
-    verbose: bool = True,                           # Print the results?
-) -> Dict[str, float]:
+    stats: Mapping[str, Any],  # Statistics of the generated images.
+    ref: Union[str, Mapping[str, Any]],  # Reference statistics, or their path or URL.
+    metrics: Sequence[str] = ("fid", "fd_dinov2"),  # Metrics to compute.
+    verbose: bool = True,  # Print the results?
+) -> dict[str, float]:
     """Fréchet distance per metric; metrics missing from either side are skipped with a message."""
     if isinstance(ref, str):
         ref = load_stats(ref, verbose=verbose)
@@ -478,26 +514,28 @@ def calculate_metrics_from_stats(
     for metric in metrics:
         if metric not in stats or metric not in ref:
             if verbose:
-                print(f'No statistics computed for {metric} -- skipping.')
+                print(f"No statistics computed for {metric} -- skipping.")
             continue
         if verbose:
-            print(f'Calculating {metric}...')
+            print(f"Calculating {metric}...")
         a, b = stats[metric], ref[metric]
-        if np.shape(a['mu']) != np.shape(b['mu']):
-            raise ValueError(f'{metric}: the statistics have {np.shape(a["mu"])[0]} features, '
-                             f'the reference {np.shape(b["mu"])[0]}')
-        results[metric] = calculate_fd(a['mu'], a['sigma'], b['mu'], b['sigma'])
+        if np.shape(a["mu"]) != np.shape(b["mu"]):
+            raise ValueError(
+                f"{metric}: the statistics have {np.shape(a['mu'])[0]} features, the reference {np.shape(b['mu'])[0]}"
+            )
+        results[metric] = calculate_fd(a["mu"], a["sigma"], b["mu"], b["sigma"])
         if verbose:
-            print(f'{metric} = {results[metric]:g}')
+            print(f"{metric} = {results[metric]:g}")
     return results
+
 
 # ----------------------------------------------------------------------------
 # Command line.
 
 
-def parse_metric_list(s: Union[str, Sequence[str]]) -> List[str]:
+def parse_metric_list(s: Union[str, Sequence[str]]) -> list[str]:
     """``'fid,fd_dinov2'`` -> ``['fid', 'fd_dinov2']``; unknown names raise ValueError."""
-    metrics = [m.strip() for m in s.split(',')] if isinstance(s, str) else list(s)
+    metrics = [m.strip() for m in s.split(",")] if isinstance(s, str) else list(s)
     for metric in metrics:
         if metric not in known_metrics():
             raise ValueError(f'unknown metric "{metric}" (choose from {", ".join(known_metrics())})')
@@ -507,9 +545,9 @@ def parse_metric_list(s: Union[str, Sequence[str]]) -> List[str]:
 
 
 class MetricListParam(click.ParamType):
-    name = 'LIST'
+    name = "LIST"
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> List[str]:
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[str]:
         try:
             return parse_metric_list(value)
         except ValueError as e:
@@ -532,7 +570,7 @@ def _load_ref(ref_path: str) -> Optional[dict]:
 
 def _run(stats_iter: Iterable[dnnlib.EasyDict], ref: Optional[dict] = None, metrics: Sequence[str] = ()) -> None:
     """Compute the statistics; with ``ref``, print the metrics (rank 0)."""
-    for r in tqdm.tqdm(stats_iter, unit='batch', disable=(dist.get_rank() != 0)):
+    for r in tqdm.tqdm(stats_iter, unit="batch", disable=(dist.get_rank() != 0)):
         stats = r.stats  # set by the last batch
     if ref is not None:
         calculate_metrics_from_stats(stats, ref, metrics=metrics)
@@ -569,17 +607,50 @@ def cmdline() -> None:
 
 
 @cmdline.command()
-@click.option('--images', 'image_path',    help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--ref', 'ref_path',         help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
-@click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
-@click.option('--num', 'num_images',       help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed',                    help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--workers', 'num_workers',  help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", type=str, required=True)
+@click.option("--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True)
+@click.option(
+    "--metrics",
+    help="List of metrics to compute",
+    metavar="LIST",
+    type=MetricListParam(),
+    default="fid,fd_dinov2",
+    show_default=True,
+)
+@click.option(
+    "--num",
+    "num_images",
+    help="Number of images to use",
+    metavar="INT",
+    type=click.IntRange(min=2),
+    default=50000,
+    show_default=True,
+)
+@click.option(
+    "--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0, show_default=True
+)
+@click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+)
+@click.option(
+    "--workers",
+    "num_workers",
+    help="Subprocesses to use for data loading",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+)
 def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a given set of images."""
     with _cli_errors():
-        dnnlib.util.check_input_file(ref_path, '--ref', what='feature statistics')
+        dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dist.init()
         batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers)
         ref = _load_ref(ref_path)
@@ -587,46 +658,109 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 
 
 @cmdline.command()
-@click.option('--net',                     help='Network pickle filename or URL', metavar='PATH|URL', type=str, required=True)
-@click.option('--ref', 'ref_path',         help='Dataset reference statistics', metavar='PKL|NPZ|URL', type=str, required=True)
-@click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
-@click.option('--num', 'num_images',       help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed',                    help='Random seed for the first image', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--trust-embedded-code',     help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
-@click.option('--compile',                 help='torch.compile the network: faster steps after a one-time compile  [default: off]', is_flag=True)
+@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", type=str, required=True)
+@click.option("--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True)
+@click.option(
+    "--metrics",
+    help="List of metrics to compute",
+    metavar="LIST",
+    type=MetricListParam(),
+    default="fid,fd_dinov2",
+    show_default=True,
+)
+@click.option(
+    "--num",
+    "num_images",
+    help="Number of images to generate",
+    metavar="INT",
+    type=click.IntRange(min=2),
+    default=50000,
+    show_default=True,
+)
+@click.option(
+    "--seed",
+    help="Random seed for the first image",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+)
+@click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+)
+@click.option(
+    "--trust-embedded-code", help="Run the code embedded in network pickles (only for pickles you trust)", is_flag=True
+)
+@click.option(
+    "--compile", help="torch.compile the network: faster steps after a one-time compile  [default: off]", is_flag=True
+)
 def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile):
     """Calculate metrics for a given network pickle."""
     from generate_images import generate_images
 
     with _cli_errors():
-        dnnlib.util.check_input_file(ref_path, '--ref', what='feature statistics')
-        dnnlib.util.check_input_file(net, '--net', what='network pickle')
+        dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
+        dnnlib.util.check_input_file(net, "--net", what="network pickle")
         dist.init()
         ref = _load_ref(ref_path)
-        image_iter = generate_images(net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size,
-                                     trust_embedded_code=trust_embedded_code, compile=compile)
+        image_iter = generate_images(
+            net,
+            seeds=range(seed, seed + num_images),
+            max_batch_size=max_batch_size,
+            trust_embedded_code=trust_embedded_code,
+            compile=compile,
+        )
         _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
 
 
 @cmdline.command()
-@click.option('--data', 'image_path',      help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--dest', 'dest_path',       help='Destination file', metavar='PKL', type=str, required=True)
-@click.option('--metrics',                 help='List of metrics to compute', metavar='LIST', type=MetricListParam(), default='fid,fd_dinov2', show_default=True)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--workers', 'num_workers',  help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--data", "image_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
+@click.option("--dest", "dest_path", help="Destination file", metavar="PKL", type=str, required=True)
+@click.option(
+    "--metrics",
+    help="List of metrics to compute",
+    metavar="LIST",
+    type=MetricListParam(),
+    default="fid,fd_dinov2",
+    show_default=True,
+)
+@click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+)
+@click.option(
+    "--workers",
+    "num_workers",
+    help="Subprocesses to use for data loading",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+)
 def ref(image_path, dest_path, metrics, max_batch_size, num_workers):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
     with _cli_errors():
-        dnnlib.util.check_output_file(dest_path, '--dest', what='statistics file')
+        dnnlib.util.check_output_file(dest_path, "--dest", what="statistics file")
         dist.init()
         batches = _image_file_batches(image_path, None, 0, max_batch_size, num_workers)
         _run(calculate_stats_for_iterable(batches, metrics=metrics, dest_path=dest_path))
 
+
 # ----------------------------------------------------------------------------
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     cmdline()
 
 # ----------------------------------------------------------------------------

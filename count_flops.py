@@ -29,7 +29,8 @@ its flops and every allocation are the same as in a CPU pass (`--device=cpu` run
 
 import contextlib
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import click
 import torch
@@ -46,9 +47,16 @@ from torch_utils import persistence
 # train_edm2.config_presets), sized for the 64×64 latents of img512 (4 channels) or the 64×64
 # pixels of img64 (3 channels), 1000 classes.
 
-PRESETS: Dict[str, dict] = {
-    name: dict(train_edm2.preset_network_kwargs(name), img_resolution=64, img_channels=(4 if "-img512-" in name else 3), label_dim=1000)
-    for name in train_edm2.config_presets if not train_edm2.is_cpu_preset(name)}
+PRESETS: dict[str, dict] = {
+    name: dict(
+        train_edm2.preset_network_kwargs(name),
+        img_resolution=64,
+        img_channels=(4 if "-img512-" in name else 3),
+        label_dim=1000,
+    )
+    for name in train_edm2.config_presets
+    if not train_edm2.is_cpu_preset(name)
+}
 
 
 def build_preset_network(preset: str, device: Union[str, torch.device] = "meta") -> torch.nn.Module:
@@ -63,49 +71,150 @@ def build_preset_network(preset: str, device: Union[str, torch.device] = "meta")
 # Flop conventions, keyed by ATen op name (in-place variants share their op's weight).
 
 _PER_OUTPUT_ELEMENT = {
-    "silu": 3, "sigmoid": 3, "_softmax": 3, "softmax": 3,
-    "lerp": 2, "clamp": 2, "clamp_min": 2, "clamp_max": 2, "clip": 2, "leaky_relu": 2,
+    "silu": 3,
+    "sigmoid": 3,
+    "_softmax": 3,
+    "softmax": 3,
+    "lerp": 2,
+    "clamp": 2,
+    "clamp_min": 2,
+    "clamp_max": 2,
+    "clip": 2,
+    "leaky_relu": 2,
     "gelu": 14,
-    "native_group_norm": 4, "group_norm": 4, "native_layer_norm": 4, "layer_norm": 4,
-    "upsample_bilinear2d": 4, "_upsample_bilinear2d_aa": 4,
+    "native_group_norm": 4,
+    "group_norm": 4,
+    "native_layer_norm": 4,
+    "layer_norm": 4,
+    "upsample_bilinear2d": 4,
+    "_upsample_bilinear2d_aa": 4,
 }
 
 _PER_INPUT_ELEMENT = {
-    "linalg_vector_norm", "norm", "frobenius_norm",
-    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+    "linalg_vector_norm",
+    "norm",
+    "frobenius_norm",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d",
 }
 
 _CONVOLUTIONS = {
-    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "cudnn_convolution", "cudnn_convolution_transpose", "mkldnn_convolution",
-    "convolution_overrideable", "_slow_conv2d_forward", "slow_conv_transpose2d", "slow_conv3d_forward",
+    "convolution",
+    "_convolution",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "cudnn_convolution",
+    "cudnn_convolution_transpose",
+    "mkldnn_convolution",
+    "convolution_overrideable",
+    "_slow_conv2d_forward",
+    "slow_conv_transpose2d",
+    "slow_conv3d_forward",
 }
 
 # Matmuls: index of the multiplicand whose last dimension is the inner (summed) dimension, and
 # whether an added term contributes one more op per output element.
 _MATMULS = {
-    "mm": (0, 0), "bmm": (0, 0), "matmul": (0, 0), "mv": (0, 0), "dot": (0, 0), "vdot": (0, 0),
-    "linear": (0, 0), "addmm": (1, 1), "addbmm": (1, 1), "baddbmm": (1, 1), "addmv": (1, 1),
+    "mm": (0, 0),
+    "bmm": (0, 0),
+    "matmul": (0, 0),
+    "mv": (0, 0),
+    "dot": (0, 0),
+    "vdot": (0, 0),
+    "linear": (0, 0),
+    "addmm": (1, 1),
+    "addbmm": (1, 1),
+    "baddbmm": (1, 1),
+    "addmv": (1, 1),
 }
 
 _FREE = {
     # Copies and casts.
-    "_to_copy", "copy", "clone", "cat", "stack", "_unsafe_view", "contiguous", "lift_fresh", "lift_fresh_copy",
-    "constant_pad_nd", "repeat", "tile", "index_select", "resize", "_reshape_alias", "view_copy", "expand_copy",
-    "permute_copy", "t_copy", "transpose_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy",
-    "split_copy", "unbind_copy", "detach_copy", "alias_copy", "_local_scalar_dense", "item", "set",
+    "_to_copy",
+    "copy",
+    "clone",
+    "cat",
+    "stack",
+    "_unsafe_view",
+    "contiguous",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "constant_pad_nd",
+    "repeat",
+    "tile",
+    "index_select",
+    "resize",
+    "_reshape_alias",
+    "view_copy",
+    "expand_copy",
+    "permute_copy",
+    "t_copy",
+    "transpose_copy",
+    "unsqueeze_copy",
+    "squeeze_copy",
+    "slice_copy",
+    "select_copy",
+    "split_copy",
+    "unbind_copy",
+    "detach_copy",
+    "alias_copy",
+    "_local_scalar_dense",
+    "item",
+    "set",
     # Dropout.
-    "native_dropout", "dropout", "feature_dropout", "alpha_dropout", "bernoulli",
+    "native_dropout",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "bernoulli",
     # Creation.
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros",
-    "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "fill", "zero", "scalar_tensor", "arange",
-    "linspace", "logspace", "eye", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-    "randperm", "normal", "uniform", "random", "exponential", "multinomial",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "zeros",
+    "zeros_like",
+    "new_zeros",
+    "ones",
+    "ones_like",
+    "new_ones",
+    "full",
+    "full_like",
+    "new_full",
+    "fill",
+    "zero",
+    "scalar_tensor",
+    "arange",
+    "linspace",
+    "logspace",
+    "eye",
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "randint",
+    "randint_like",
+    "randperm",
+    "normal",
+    "uniform",
+    "random",
+    "exponential",
+    "multinomial",
 }
 
 
-def _tensors(tree: Any) -> List[torch.Tensor]:
+def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -147,9 +256,9 @@ class FlopCounterMode(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops: Dict[str, dnnlib.EasyDict] = {}  # op name -> EasyDict(calls, flops)
-        self.unknown: Dict[str, int] = {}          # op name -> calls
-        self.live: Dict[int, tuple] = {}           # storage id -> (weak ref, bytes)
+        self.ops: dict[str, dnnlib.EasyDict] = {}  # op name -> EasyDict(calls, flops)
+        self.unknown: dict[str, int] = {}  # op name -> calls
+        self.live: dict[int, tuple] = {}  # storage id -> (weak ref, bytes)
         self.live_bytes = 0
         self.peak_bytes = 0
 
@@ -192,8 +301,12 @@ def _has_storage(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def _exact_math():
     """TF32 and reduced-precision fp16 reductions off, cuDNN benchmark off; restored after."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark)
+    saved = (
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        torch.backends.cudnn.benchmark,
+    )
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -201,16 +314,25 @@ def _exact_math():
     try:
         yield
     finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, torch.backends.cudnn.benchmark) = saved
+        (
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            torch.backends.cudnn.benchmark,
+        ) = saved
 
 
 # ----------------------------------------------------------------------------
 # The library function.
 
 
-def count_flops(net: torch.nn.Module, net_args: Optional[Sequence[Any]] = None, net_kwargs: Optional[dict] = None,
-                verbose: bool = True, device: Union[str, torch.device, None] = None) -> dnnlib.EasyDict:
+def count_flops(
+    net: torch.nn.Module,
+    net_args: Optional[Sequence[Any]] = None,
+    net_kwargs: Optional[dict] = None,
+    verbose: bool = True,
+    device: Union[str, torch.device, None] = None,
+) -> dnnlib.EasyDict:
     """Parameters, flops and memory of one forward pass ``net(*net_args, **net_kwargs)``, per sample.
 
     ``net_args`` default to x zeros [1, C, H, W], σ zeros [1] and class labels zeros [1, label_dim]
@@ -255,9 +377,14 @@ def count_flops(net: torch.nn.Module, net_args: Optional[Sequence[Any]] = None, 
     net.train(was_training)
 
     ops = dict(sorted(counter.ops.items(), key=lambda item: (-item[1].flops, item[0])))
-    r = dnnlib.EasyDict(params=sum(p.numel() for p in net.parameters()), device=str(device), ops=ops,
-                        unknown=dict(counter.unknown), op_count={name: op.calls for name, op in ops.items()},
-                        op_flops={name: op.flops // batch for name, op in ops.items()})
+    r = dnnlib.EasyDict(
+        params=sum(p.numel() for p in net.parameters()),
+        device=str(device),
+        ops=ops,
+        unknown=dict(counter.unknown),
+        op_count={name: op.calls for name, op in ops.items()},
+        op_flops={name: op.flops // batch for name, op in ops.items()},
+    )
     flops = sum(op.flops for op in ops.values())
     r.update(flops=flops // batch, gflops=flops / batch / 1e9, memory_bytes=memory // batch)
     r.update(total_params=r.params, total_flops=r.flops, mem_per_sample=r.memory_bytes)
@@ -304,11 +431,19 @@ def is_preset(source: str) -> bool:
 
 @click.command()
 @click.argument("network", metavar="PKL|URL|PRESET")
-@click.option("--device", type=click.Choice(["cuda", "cpu", "meta"]), default=None,
-              help="Where the pass runs; meta counts and tracks memory exactly as cpu, without the arithmetic  "
-                   "[default: cuda if available, else meta]")
-@click.option("--trust-embedded-code", is_flag=True, default=False,
-              help="Load pickles by running their embedded source code (only for pickles you trust)")
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu", "meta"]),
+    default=None,
+    help="Where the pass runs; meta counts and tracks memory exactly as cpu, without the arithmetic  "
+    "[default: cuda if available, else meta]",
+)
+@click.option(
+    "--trust-embedded-code",
+    is_flag=True,
+    default=False,
+    help="Load pickles by running their embedded source code (only for pickles you trust)",
+)
 def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None:
     """Count parameters, Gflops and memory per sample of an EDM2 network.
 
@@ -334,11 +469,13 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
         elif dnnlib.util.is_url(network, allow_file_urls=True) or os.path.isfile(network):
             net = persistence.load_network_pickle(network, trust_embedded_code=trust_embedded_code)["ema"]
         else:
-            raise FileNotFoundError(f"{network!r} is not a network pickle, a URL or a training preset "
-                                    f"({', '.join(PRESETS)})")
+            raise FileNotFoundError(
+                f"{network!r} is not a network pickle, a URL or a training preset ({', '.join(PRESETS)})"
+            )
         count_flops(net, device=device, verbose=True)
     except (ValueError, OSError) as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
+
 
 if __name__ == "__main__":
     main()

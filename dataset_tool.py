@@ -17,8 +17,9 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import click
 import numpy as np
@@ -53,20 +54,20 @@ class Source:
         if os.path.isdir(path):
             names = list_folder(path)
         elif not os.path.exists(path):
-            raise FileNotFoundError(f'Source does not exist: {path}')
-        elif file_ext(path) != '.zip':
-            raise ValueError(f'Source must be a folder or a .zip archive: {path}')
+            raise FileNotFoundError(f"Source does not exist: {path}")
+        elif file_ext(path) != ".zip":
+            raise ValueError(f"Source must be a folder or a .zip archive: {path}")
         else:
             try:
                 self._zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as err:
-                raise OSError(f'Source is not a readable ZIP archive: {path} ({err})') from None
+                raise OSError(f"Source is not a readable ZIP archive: {path} ({err})") from None
             names = self._zip.namelist()
 
         files = sorted(n for n in names if file_ext(n) in exts)
         if len(files) == 0:
-            kinds = '/'.join(sorted(exts)) if len(exts) <= 3 else 'image'
-            raise OSError(f'No {kinds} files found in {path}')
+            kinds = "/".join(sorted(exts)) if len(exts) <= 3 else "image"
+            raise OSError(f"No {kinds} files found in {path}")
         labels = self._read_labels(names)
         check_labelled_files_exist(labels, set(files), path)
         if len(labels) == 0 and self._zip is None:
@@ -74,19 +75,19 @@ class Source:
         self.files = [SourceFile(name=n, label=labels.get(n)) for n in files[:max_files]]
 
     def _read_labels(self, names: list) -> dict:
-        if 'dataset.json' not in names:
+        if "dataset.json" not in names:
             return {}
         try:
-            with self.open('dataset.json') as f:
-                labels = json.load(f).get('labels')
+            with self.open("dataset.json") as f:
+                labels = json.load(f).get("labels")
             return {} if labels is None else {name: label for name, label in labels}
         except (ValueError, TypeError, AttributeError, OSError) as err:
-            raise ValueError(f'Cannot parse dataset.json in {self.path}: {err}') from None
+            raise ValueError(f"Cannot parse dataset.json in {self.path}: {err}") from None
 
     @staticmethod
     def _folder_labels(names: list) -> dict:
         # Files directly in the root count as one more class, named '' (the reference does the same).
-        toplevel = {name: name.split('/')[0] if '/' in name else '' for name in names}
+        toplevel = {name: name.split("/")[0] if "/" in name else "" for name in names}
         classes = {cls: idx for idx, cls in enumerate(sorted(set(toplevel.values())))}
         if len(classes) < 2:
             return {}
@@ -94,22 +95,22 @@ class Source:
 
     def open(self, name: str) -> BinaryIO:
         if self._zip is not None:
-            return self._zip.open(name, 'r')
-        return open(os.path.join(self.path, name), 'rb')
+            return self._zip.open(name, "r")
+        return open(os.path.join(self.path, name), "rb")
 
     def _read(self, file: SourceFile, load: Callable[[BinaryIO], np.ndarray], what: str) -> np.ndarray:
         try:
             with self.open(file.name) as f:
                 return load(f)
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise OSError(f'Cannot read {what} {file.name}: {err}') from None
+            raise OSError(f"Cannot read {what} {file.name}: {err}") from None
 
     def read_image(self, file: SourceFile) -> np.ndarray:
         """Pixels of an image file as HWC uint8 RGB."""
-        return self._read(file, lambda f: np.array(PIL.Image.open(f).convert('RGB')), 'image')
+        return self._read(file, lambda f: np.array(PIL.Image.open(f).convert("RGB")), "image")
 
     def read_npy(self, file: SourceFile) -> np.ndarray:
-        return self._read(file, np.load, 'array')
+        return self._read(file, np.load, "array")
 
     def close(self) -> None:
         if self._zip is not None:
@@ -131,25 +132,25 @@ class DatasetWriter:
 
     def __init__(self, dest: str):
         self.dest = dest
-        self.is_zip = file_ext(dest) == '.zip'
-        if dest == '':
-            raise ValueError('--dest must not be an empty string')
+        self.is_zip = file_ext(dest) == ".zip"
+        if dest == "":
+            raise ValueError("--dest must not be an empty string")
         if self.is_zip and os.path.isdir(dest):
-            raise ValueError(f'--dest is a folder, not a ZIP file: {dest}')
+            raise ValueError(f"--dest is a folder, not a ZIP file: {dest}")
         if not self.is_zip and os.path.exists(dest):
             if not os.path.isdir(dest):
-                raise ValueError(f'--dest exists and is not a folder (name a .zip to write an archive): {dest}')
+                raise ValueError(f"--dest exists and is not a folder (name a .zip to write an archive): {dest}")
             if len(os.listdir(dest)) != 0:
-                raise ValueError(f'--dest folder must be empty: {dest}')
+                raise ValueError(f"--dest folder must be empty: {dest}")
         self._zip: Optional[zipfile.ZipFile] = None
         self._folder: Optional[str] = None
         self._exit_stack = contextlib.ExitStack()
 
-    def __enter__(self) -> 'DatasetWriter':
+    def __enter__(self) -> "DatasetWriter":
         with contextlib.ExitStack() as stack:
             temp = stack.enter_context(dnnlib.util.atomic_path(self.dest))
             if self.is_zip:
-                self._zip = stack.enter_context(zipfile.ZipFile(temp, mode='w', compression=zipfile.ZIP_STORED))
+                self._zip = stack.enter_context(zipfile.ZipFile(temp, mode="w", compression=zipfile.ZIP_STORED))
             else:
                 os.mkdir(temp)
                 self._folder = temp
@@ -161,32 +162,32 @@ class DatasetWriter:
 
     def write(self, name: str, data: Any) -> None:
         if isinstance(data, str):
-            data = data.encode('utf8')
+            data = data.encode("utf8")
         if self._zip is not None:
             self._zip.writestr(name, bytes(data))
             return
-        path = os.path.join(self._folder, *name.split('/'))
+        path = os.path.join(self._folder, *name.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'wb') as f:
+        with open(path, "wb") as f:
             f.write(data)
 
 
 def image_name(idx: int) -> str:
     """Archive name of output image idx: 00000/img00000000.png (the folder is the first five digits)."""
-    s = f'{idx:08d}'
-    return f'{s[:5]}/img{s}.png'
+    s = f"{idx:08d}"
+    return f"{s[:5]}/img{s}.png"
 
 
 def latent_name(idx: int) -> str:
     """Archive name of encoded image idx: 00000/img-mean-std-00000000.npy."""
-    s = f'{idx:08d}'
-    return f'{s[:5]}/img-mean-std-{s}.npy'
+    s = f"{idx:08d}"
+    return f"{s[:5]}/img-mean-std-{s}.npy"
 
 
 def png_bytes(img: np.ndarray) -> bytes:
     """HWC uint8 RGB -> uncompressed PNG."""
     buf = io.BytesIO()
-    PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
+    PIL.Image.fromarray(img).save(buf, format="png", compress_level=0, optimize=False)
     return buf.getvalue()
 
 
@@ -198,7 +199,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def labels_json(labels: list) -> str:
     """dataset.json: the [name, label] pairs, or null unless every written file has a label."""
-    return json.dumps({'labels': labels if all(x is not None for x in labels) else None})
+    return json.dumps({"labels": labels if all(x is not None for x in labels) else None})
 
 
 # ----------------------------------------------------------------------------
@@ -210,11 +211,11 @@ def parse_resolution(s: Optional[str]) -> Optional[tuple]:
     if s is None:
         return None
     try:
-        w, h = (int(p) for p in s.lower().replace(',', 'x').split('x'))
+        w, h = (int(p) for p in s.lower().replace(",", "x").split("x"))
     except ValueError:
-        raise ValueError(f'expected WxH or W,H with positive integers, got {s!r}') from None
+        raise ValueError(f"expected WxH or W,H with positive integers, got {s!r}") from None
     if w <= 0 or h <= 0:
-        raise ValueError(f'width and height must be positive, got {s!r}')
+        raise ValueError(f"width and height must be positive, got {s!r}")
     return w, h
 
 
@@ -286,35 +287,41 @@ def center_crop_dhariwal(size: int, img: np.ndarray) -> np.ndarray:
     return arr[y : y + size, x : x + size]
 
 
-TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-wide-aspect', 'center-crop-dhariwal']
+TRANSFORMS = ["center-crop", "center-crop-wide", "center-crop-wide-aspect", "center-crop-dhariwal"]
 
 
 def check_output_size(width: int, height: int) -> None:
     """Training needs square images with a power-of-two side."""
     if width != height:
-        raise ValueError(f'Images must be square after scale and crop, got {width}x{height}')
+        raise ValueError(f"Images must be square after scale and crop, got {width}x{height}")
     if width < 1 or width & (width - 1) != 0:
-        raise ValueError(f'Image width/height must be a power of two after scale and crop, got {width}')
+        raise ValueError(f"Image width/height must be a power of two after scale and crop, got {width}")
 
 
-def make_transform(transform: Optional[str], resolution: Optional[tuple]) -> Callable[[np.ndarray], Optional[np.ndarray]]:
+def make_transform(
+    transform: Optional[str], resolution: Optional[tuple]
+) -> Callable[[np.ndarray], Optional[np.ndarray]]:
     """The per-image crop/resize function; checks the options first (before anything is read)."""
     if transform is None:
         if resolution is not None:
             check_output_size(*resolution)
         return functools.partial(scale, *(resolution or (None, None)))
     if transform not in TRANSFORMS:
-        raise ValueError(f'--transform: unknown transform {transform!r}; expected one of {", ".join(TRANSFORMS)}')
+        raise ValueError(f"--transform: unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
     if resolution is None:
-        raise ValueError(f'--transform={transform} needs --resolution=WxH')
+        raise ValueError(f"--transform={transform} needs --resolution=WxH")
     width, height = resolution
-    if transform in ('center-crop-wide', 'center-crop-wide-aspect'):
+    if transform in ("center-crop-wide", "center-crop-wide-aspect"):
         if height > width:
-            raise ValueError(f'{transform} letterboxes into a {width}x{width} square, so the height must not exceed the width, got {width}x{height}')
+            raise ValueError(
+                f"{transform} letterboxes into a {width}x{width} square, so the height must not exceed the width, got {width}x{height}"
+            )
         check_output_size(width, width)
-        return functools.partial(center_crop_wide if transform == 'center-crop-wide' else center_crop_wide_aspect, width, height)
+        return functools.partial(
+            center_crop_wide if transform == "center-crop-wide" else center_crop_wide_aspect, width, height
+        )
     check_output_size(width, height)
-    if transform == 'center-crop':
+    if transform == "center-crop":
         return functools.partial(center_crop, width, height)
     return functools.partial(center_crop_dhariwal, width)
 
@@ -323,16 +330,23 @@ def make_transform(transform: Optional[str], resolution: Optional[tuple]) -> Cal
 # The three operations, as plain functions.
 
 
-def _check_same_size(name: str, size: tuple, first: Optional[tuple], hint: str = '') -> tuple:
+def _check_same_size(name: str, size: tuple, first: Optional[tuple], hint: str = "") -> tuple:
     """size: (height, width) of input `name`; first: that of the first input (None for the first)."""
     if first is not None and size != first:
-        raise ValueError(f'Input {name} is {size[1]}x{size[0]}, but earlier ones are {first[1]}x{first[0]}; '
-                         f'all must have the same size{hint}')
+        raise ValueError(
+            f"Input {name} is {size[1]}x{size[0]}, but earlier ones are {first[1]}x{first[0]}; "
+            f"all must have the same size{hint}"
+        )
     return size
 
 
-def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
-                    resolution: Optional[tuple] = None) -> int:
+def convert_dataset(
+    source: str,
+    dest: str,
+    max_images: Optional[int] = None,
+    transform: Optional[str] = None,
+    resolution: Optional[tuple] = None,
+) -> int:
     """Convert a folder tree or ZIP of images into a dataset of uncompressed PNGs. Returns the image count."""
     out = DatasetWriter(dest)  # checks dest
     transform_image = make_transform(transform, resolution)
@@ -340,23 +354,37 @@ def convert_dataset(source: str, dest: str, max_images: Optional[int] = None, tr
     with contextlib.closing(src), out:
         labels = []
         first = None
-        for idx, file in enumerate(tqdm(src.files, desc='convert', unit='img')):
+        for idx, file in enumerate(tqdm(src.files, desc="convert", unit="img")):
             img = transform_image(src.read_image(file))
             if img is None:
                 continue  # too small for center-crop-wide; its number stays unused
             if first is None:
                 check_output_size(img.shape[1], img.shape[0])
-            first = _check_same_size(file.name, img.shape[:2], first, ' (--resolution resizes images)')
+            first = _check_same_size(file.name, img.shape[:2], first, " (--resolution resizes images)")
             out.write(image_name(idx), png_bytes(img))
             labels.append([image_name(idx), file.label] if file.label is not None else None)
         if first is None:
-            raise ValueError(f'No image of {source} was large enough for {transform} at {resolution[0]}x{resolution[1]}')
-        out.write('dataset.json', labels_json(labels))
+            raise ValueError(
+                f"No image of {source} was large enough for {transform} at {resolution[0]}x{resolution[1]}"
+            )
+        out.write("dataset.json", labels_json(labels))
     return len(labels)
 
 
-def _vae_pass(source: str, extensions: set, dest: str, model_url: str, max_images: Optional[int], batch: int,
-              device: Optional[str], desc: str, load_item: Any, run_vae: Any, out_name: Any, to_bytes: Any) -> int:
+def _vae_pass(
+    source: str,
+    extensions: set,
+    dest: str,
+    model_url: str,
+    max_images: Optional[int],
+    batch: int,
+    device: Optional[str],
+    desc: str,
+    load_item: Any,
+    run_vae: Any,
+    out_name: Any,
+    to_bytes: Any,
+) -> int:
     """The loop shared by encode and decode: read `batch` inputs at a time (`load_item` gives a CHW array
     per file), run them through the VAE, and write one output per input (same index, same label) plus
     dataset.json, atomically."""
@@ -365,7 +393,7 @@ def _vae_pass(source: str, extensions: set, dest: str, model_url: str, max_image
     from training.encoders import StabilityVAEEncoder
 
     if batch < 1:
-        raise ValueError(f'--batch must be at least 1, got {batch}')
+        raise ValueError(f"--batch must be at least 1, got {batch}")
     out = DatasetWriter(dest)  # checks dest
     src = Source(source, extensions, max_images)
     with contextlib.closing(src):
@@ -374,8 +402,8 @@ def _vae_pass(source: str, extensions: set, dest: str, model_url: str, max_image
         try:
             vae.init(device)  # the slow part: after every check
         except (OSError, ValueError) as err:
-            raise OSError(f'Cannot load the VAE {model_url}: {str(err).splitlines()[0]}') from None
-        with out, tqdm(total=len(src.files), desc=desc, unit='img') as bar:
+            raise OSError(f"Cannot load the VAE {model_url}: {str(err).splitlines()[0]}") from None
+        with out, tqdm(total=len(src.files), desc=desc, unit="img") as bar:
             labels, first = [], None
             for i in range(0, len(src.files), batch):
                 chunk = list(enumerate(src.files[i : i + batch], start=i))
@@ -388,12 +416,18 @@ def _vae_pass(source: str, extensions: set, dest: str, model_url: str, max_image
                     out.write(out_name(idx), to_bytes(result))
                     labels.append([out_name(idx), file.label] if file.label is not None else None)
                 bar.update(len(chunk))
-            out.write('dataset.json', labels_json(labels))
+            out.write("dataset.json", labels_json(labels))
     return len(labels)
 
 
-def encode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
-                   batch: int = 8, device: Optional[str] = None) -> int:
+def encode_dataset(
+    source: str,
+    dest: str,
+    model_url: str = "stabilityai/sd-vae-ft-mse",
+    max_images: Optional[int] = None,
+    batch: int = 8,
+    device: Optional[str] = None,
+) -> int:
     """Encode a dataset of images into VAE latents: float32 [8, H/f, W/f] arrays (mean, then std)."""
     import torch
 
@@ -403,8 +437,20 @@ def encode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-
     def run_vae(vae, x, chunk):
         return vae.encode_pixels(x).to(torch.float32).cpu().numpy()
 
-    return _vae_pass(source, image_extensions(), dest, model_url, max_images, batch, device, 'encode',
-                     load_item, run_vae, latent_name, npy_bytes)
+    return _vae_pass(
+        source,
+        image_extensions(),
+        dest,
+        model_url,
+        max_images,
+        batch,
+        device,
+        "encode",
+        load_item,
+        run_vae,
+        latent_name,
+        npy_bytes,
+    )
 
 
 def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = None) -> Any:
@@ -420,26 +466,54 @@ def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = No
     return raw * scale + bias
 
 
-def decode_dataset(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
-                   sample: bool = False, seed: int = 0, batch: int = 8, device: Optional[str] = None) -> int:
+def decode_dataset(
+    source: str,
+    dest: str,
+    model_url: str = "stabilityai/sd-vae-ft-mse",
+    max_images: Optional[int] = None,
+    sample: bool = False,
+    seed: int = 0,
+    batch: int = 8,
+    device: Optional[str] = None,
+) -> int:
     """Decode a dataset written by `encode` back into PNG images."""
     import torch
 
     def load_item(src, file):
         array = src.read_npy(file)
         if array.ndim != 3 or array.shape[0] != 8:
-            raise ValueError(f'{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode')
+            raise ValueError(
+                f"{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode"
+            )
         return array.astype(np.float32)
 
     def run_vae(vae, x, chunk):
         noise = None
         if sample:  # one generator per image: a draw does not depend on the batch it lands in
-            noise = torch.as_tensor(np.stack([np.random.default_rng([seed, idx]).standard_normal([4, *x.shape[2:]], dtype=np.float32)
-                                              for idx, _file in chunk])).to(x.device)
+            noise = torch.as_tensor(
+                np.stack(
+                    [
+                        np.random.default_rng([seed, idx]).standard_normal([4, *x.shape[2:]], dtype=np.float32)
+                        for idx, _file in chunk
+                    ]
+                )
+            ).to(x.device)
         return vae.decode(final_latents(vae, x, sample=sample, noise=noise)).permute(0, 2, 3, 1).cpu().numpy()
 
-    return _vae_pass(source, {'.npy'}, dest, model_url, max_images, batch, device, 'decode',
-                     load_item, run_vae, image_name, png_bytes)
+    return _vae_pass(
+        source,
+        {".npy"},
+        dest,
+        model_url,
+        max_images,
+        batch,
+        device,
+        "decode",
+        load_item,
+        run_vae,
+        image_name,
+        png_bytes,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -457,7 +531,7 @@ def cmdline() -> None:
     python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=decoded/
     """
     try:
-        distributed.refuse_torchrun('dataset_tool.py')
+        distributed.refuse_torchrun("dataset_tool.py")
     except distributed.SingleProcessOnly as err:
         raise click.ClickException(str(err)) from None
 
@@ -479,12 +553,14 @@ def _resolution_option(ctx: click.Context, param: click.Parameter, value: Option
 
 
 @cmdline.command()
-@click.option('--source', help='Input folder or ZIP archive', metavar='PATH', type=str, required=True)
-@click.option('--dest', help='Output folder or ZIP archive', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Maximum number of input images', metavar='INT', type=click.IntRange(min=1))
-@click.option('--transform', help='Input crop/resize mode (see above)', type=click.Choice(TRANSFORMS))
-@click.option('--resolution', help='Output resolution (e.g. 512x512)', metavar='WxH', callback=_resolution_option)
-def convert(source: str, dest: str, max_images: Optional[int], transform: Optional[str], resolution: Optional[tuple]) -> None:
+@click.option("--source", help="Input folder or ZIP archive", metavar="PATH", type=str, required=True)
+@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@click.option("--max-images", help="Maximum number of input images", metavar="INT", type=click.IntRange(min=1))
+@click.option("--transform", help="Input crop/resize mode (see above)", type=click.Choice(TRANSFORMS))
+@click.option("--resolution", help="Output resolution (e.g. 512x512)", metavar="WxH", callback=_resolution_option)
+def convert(
+    source: str, dest: str, max_images: Optional[int], transform: Optional[str], resolution: Optional[tuple]
+) -> None:
     """Convert an image folder tree or ZIP archive into a dataset (PNG, ZIP or folder).
 
     \b
@@ -511,11 +587,20 @@ def convert(source: str, dest: str, max_images: Optional[int], transform: Option
 
 
 @cmdline.command()
-@click.option('--model-url', help='VAE: Hugging Face name or local folder', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
-@click.option('--source', help='Input folder or ZIP archive of images', metavar='PATH', type=str, required=True)
-@click.option('--dest', help='Output folder or ZIP archive', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Maximum number of images to encode', metavar='INT', type=click.IntRange(min=1))
-@click.option('--batch', help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--model-url",
+    help="VAE: Hugging Face name or local folder",
+    metavar="URL",
+    type=str,
+    default="stabilityai/sd-vae-ft-mse",
+    show_default=True,
+)
+@click.option("--source", help="Input folder or ZIP archive of images", metavar="PATH", type=str, required=True)
+@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@click.option("--max-images", help="Maximum number of images to encode", metavar="INT", type=click.IntRange(min=1))
+@click.option(
+    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
+)
 def encode(model_url: str, source: str, dest: str, max_images: Optional[int], batch: int) -> None:
     """Encode images into VAE latents (mean and std, float32 .npy)."""
     with _one_line_errors():
@@ -523,18 +608,31 @@ def encode(model_url: str, source: str, dest: str, max_images: Optional[int], ba
 
 
 @cmdline.command()
-@click.option('--model-url', help='VAE: Hugging Face name or local folder', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
-@click.option('--source', help='Input folder or ZIP archive of latents written by encode', metavar='PATH', type=str, required=True)
-@click.option('--dest', help='Output folder or ZIP archive', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Maximum number of images to decode', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sample', help='Decode a posterior draw mean + randn*std instead of the mean', is_flag=True)
-@click.option('--seed', help='Random seed for --sample', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--batch', help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
-def decode(model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int) -> None:
+@click.option(
+    "--model-url",
+    help="VAE: Hugging Face name or local folder",
+    metavar="URL",
+    type=str,
+    default="stabilityai/sd-vae-ft-mse",
+    show_default=True,
+)
+@click.option(
+    "--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", type=str, required=True
+)
+@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@click.option("--max-images", help="Maximum number of images to decode", metavar="INT", type=click.IntRange(min=1))
+@click.option("--sample", help="Decode a posterior draw mean + randn*std instead of the mean", is_flag=True)
+@click.option("--seed", help="Random seed for --sample", metavar="INT", type=int, default=0, show_default=True)
+@click.option(
+    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
+)
+def decode(
+    model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
+) -> None:
     """Decode VAE latents written by encode back into PNG images."""
     with _one_line_errors():
         decode_dataset(source, dest, model_url=model_url, max_images=max_images, sample=sample, seed=seed, batch=batch)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     cmdline()

@@ -12,7 +12,8 @@ many processes share the work.
 import contextlib
 import os
 import re
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Callable, Optional, Union
 
 import click
 import numpy as np
@@ -28,17 +29,18 @@ from torch_utils import misc, persistence
 # Configuration presets: the published post-hoc reconstructions and the
 # guidance settings of the two papers. The comment is the published metric.
 
-model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+model_root = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 
 
 def _preset(net: str, gnet: Optional[str] = None, guidance: Optional[float] = None) -> dnnlib.EasyDict:
-    preset = dnnlib.EasyDict(net=f'{model_root}/{net}.pkl')
+    preset = dnnlib.EasyDict(net=f"{model_root}/{net}.pkl")
     if gnet is not None:
-        preset.gnet = f'{model_root}/{gnet}.pkl'
+        preset.gnet = f"{model_root}/{gnet}.pkl"
         preset.guidance = guidance
     return preset
 
 
+# fmt: off
 config_presets = {
     # EDM2 paper, Table 2 (no guidance).
     'edm2-img512-xs-fid':              _preset('edm2-img512-xs-2147483-0.135'),   # fid = 3.53
@@ -82,13 +84,20 @@ config_presets = {
     'edm2-img64-s-autog-fid':          _preset('edm2-img64-s-1073741-0.045', 'edm2-img64-xs-0134217-0.110', 1.70),            # fid = 1.01
     'edm2-img64-s-autog-dino':         _preset('edm2-img64-s-1073741-0.105', 'edm2-img64-xs-0134217-0.175', 2.20),            # fd_dinov2 = 31.85
 }
+# fmt: on
 
 # ----------------------------------------------------------------------------
 # EDM sampler (Karras et al. 2022, Algorithm 2) with guidance.
 
 
-def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
-                   dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
+def edm_time_steps(
+    num_steps: int = 32,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80,
+    rho: float = 7,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.Tensor:
     """Noise levels t_0 > ... > t_{N-1} = sigma_min, followed by t_N = 0:
     t_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     i = torch.arange(num_steps, dtype=dtype, device=device)
@@ -99,10 +108,21 @@ def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: flo
 
 
 def edm_sampler(
-    net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = None, gnet: Optional[Callable] = None,
-    num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7, guidance: float = 1,
-    S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'), S_noise: float = 1,
-    dtype: torch.dtype = torch.float32, randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    net: Callable,
+    noise: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    gnet: Optional[Callable] = None,
+    num_steps: int = 32,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80,
+    rho: float = 7,
+    guidance: float = 1,
+    S_churn: float = 0,
+    S_min: float = 0,
+    S_max: float = float("inf"),
+    S_noise: float = 1,
+    dtype: torch.dtype = torch.float32,
+    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from x = noise * sigma_max down to sigma = 0.
 
@@ -112,6 +132,7 @@ def edm_sampler(
     network is never evaluated. ``randn_like`` supplies the churn noise, which must come from each
     image's own generator for per-seed determinism.
     """
+
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         Dx = net(x, t, labels).to(dtype)
         if guidance == 1 or gnet is None or gnet is net:
@@ -128,7 +149,7 @@ def edm_sampler(
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         if gamma > 0:
             t_hat = t_cur + gamma * t_cur
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
         else:
             t_hat = t_cur
             x_hat = x_cur
@@ -142,6 +163,7 @@ def edm_sampler(
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
 
 # ----------------------------------------------------------------------------
 # Per-image random generators, stacked along the batch dimension.
@@ -157,7 +179,9 @@ class StackedRandomGenerator:
 
     def _check(self, size: Sequence[int]) -> None:
         if len(size) == 0 or size[0] != len(self.generators):
-            raise ValueError(f'Leading dimension {list(size)[:1]} must equal the number of generators ({len(self.generators)})')
+            raise ValueError(
+                f"Leading dimension {list(size)[:1]} must equal the number of generators ({len(self.generators)})"
+            )
 
     def randn(self, size: Sequence[int], **kwargs: Any) -> torch.Tensor:
         self._check(size)
@@ -168,7 +192,10 @@ class StackedRandomGenerator:
 
     def randint(self, *args: Any, size: Sequence[int], **kwargs: Any) -> torch.Tensor:
         self._check(size)
-        return torch.stack([torch.randint(*args, size=list(size[1:]), generator=gen, **kwargs) for gen in self.generators])
+        return torch.stack(
+            [torch.randint(*args, size=list(size[1:]), generator=gen, **kwargs) for gen in self.generators]
+        )
+
 
 # ----------------------------------------------------------------------------
 # Image generation (library function shared with calculate_metrics.py).
@@ -178,48 +205,52 @@ load_network_pickle = persistence.load_network_pickle  # the name this module ha
 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     """``outdir/{seed:06d}.png``, or ``outdir/{seed//1000*1000:06d}/{seed:06d}.png`` with subdirs."""
-    image_dir = os.path.join(outdir, f'{seed // 1000 * 1000:06d}') if subdirs else outdir
-    return os.path.join(image_dir, f'{seed:06d}.png')
+    image_dir = os.path.join(outdir, f"{seed // 1000 * 1000:06d}") if subdirs else outdir
+    return os.path.join(image_dir, f"{seed:06d}.png")
 
 
 def save_image(image: np.ndarray, path: str) -> None:
     """Write an HWC uint8 image as PNG, atomically (temporary name, then rename)."""
-    mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}[image.shape[2]]
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
     try:
         with dnnlib.util.atomic_path(path) as tmp:
-            PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
+            PIL.Image.fromarray(image[:, :, 0] if mode == "L" else image, mode).save(tmp, format="PNG")
     except OSError as err:
         raise OSError(f'Cannot write "{path}": {err.strerror or dnnlib.util.one_line(err)}') from err
 
 
-def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, trust_embedded_code: bool,
-                   verbose: bool) -> tuple:
+def _load_networks(
+    net: Any, gnet: Any, encoder: Any, device: torch.device, trust_embedded_code: bool, verbose: bool
+) -> tuple:
     """The networks and the encoder, loaded where given as paths or URLs (the encoder defaults to the
     one stored with ``net``). Rank 0 goes first, so that downloads happen once; if it fails it still
     releases the others, which then fail the same way instead of hanging."""
     rank = dist.get_rank()
+
     def load(source: str, what: str) -> dict:
         if verbose:
-            dist.print0(f'Loading {what} from {source} ...')
+            dist.print0(f"Loading {what} from {source} ...")
         return load_network_pickle(source, trust_embedded_code=trust_embedded_code, verbose=(verbose and rank == 0))
 
     if rank != 0:
         dist.barrier()
     try:
         if isinstance(net, str):
-            data = load(net, 'network')
-            net = data['ema']
-            encoder = data.get('encoder', None) if encoder is None else encoder
+            data = load(net, "network")
+            net = data["ema"]
+            encoder = data.get("encoder", None) if encoder is None else encoder
         if isinstance(gnet, str):
-            gnet = load(gnet, 'guiding network')['ema']
+            gnet = load(gnet, "guiding network")["ema"]
         if net is None:
-            raise ValueError('generate_images() needs a network')
+            raise ValueError("generate_images() needs a network")
         encoder = _check_encoder(net, encoder)
-        if hasattr(encoder, 'init'):
+        if hasattr(encoder, "init"):
             try:
                 encoder.init(device)  # e.g. fetch the VAE
             except Exception as err:
-                raise OSError(f'Cannot set up the encoder {type(encoder).__name__}: {dnnlib.util.one_line(err)}') from err
+                raise OSError(
+                    f"Cannot set up the encoder {type(encoder).__name__}: {dnnlib.util.one_line(err)}"
+                ) from err
     finally:
         if rank == 0:
             dist.barrier()
@@ -230,16 +261,19 @@ def _check_encoder(net: Any, encoder: Any) -> Any:
     """The encoder that turns ``net``'s samples into images: pixel networks default to
     StandardRGBEncoder; a latent network (not 1 or 3 channels) needs its own encoder."""
     from training.encoders import StandardRGBEncoder
-    channels = getattr(net, 'img_channels', 3)
+
+    channels = getattr(net, "img_channels", 3)
     if (encoder is None or isinstance(encoder, StandardRGBEncoder)) and channels not in (1, 3):
-        raise ValueError(f'The network generates {channels}-channel latents: it needs the encoder that decodes them '
-                         f'(e.g. training.encoders.StabilityVAEEncoder), not {type(encoder).__name__ if encoder else "none"}')
+        raise ValueError(
+            f"The network generates {channels}-channel latents: it needs the encoder that decodes them "
+            f"(e.g. training.encoders.StabilityVAEEncoder), not {type(encoder).__name__ if encoder else 'none'}"
+        )
     return StandardRGBEncoder() if encoder is None else encoder
 
 
 def _device_of(net: Any) -> torch.device:
     tensors = [*net.parameters(), *net.buffers()] if isinstance(net, torch.nn.Module) else []
-    return tensors[0].device if tensors else torch.device('cpu')
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -273,14 +307,14 @@ class CompiledNetwork:
         self.fn: Callable = torch.compile(net, fullgraph=True)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__['net'], name)
+        return getattr(self.__dict__["net"], name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fn is not self.net:
             try:
                 return self.fn(*args, **kwargs)
             except Exception as err:  # compiler missing, unsupported platform or op, ...
-                print(f'torch.compile failed, running eagerly instead: {dnnlib.util.one_line(err)}', flush=True)
+                print(f"torch.compile failed, running eagerly instead: {dnnlib.util.one_line(err)}", flush=True)
                 self.fn = self.net
         return self.net(*args, **kwargs)
 
@@ -316,20 +350,27 @@ def generate_images(
     """
     device = torch.device(device) if device is not None else misc.default_device()
     net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose)
-    if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
+    if encoder_batch_size is not None and hasattr(encoder, "batch_size"):
         encoder.batch_size = encoder_batch_size
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
-        what = 'the network is unconditional' if net.label_dim == 0 else f'the network has {net.label_dim} classes'
-        raise ValueError(f'Class index {class_idx} is out of range: {what}')
+        what = "the network is unconditional" if net.label_dim == 0 else f"the network has {net.label_dim} classes"
+        raise ValueError(f"Class index {class_idx} is out of range: {what}")
     sampler = dnnlib.util.get_obj_by_name(sampler_fn) if isinstance(sampler_fn, str) else sampler_fn
     seeds = list(seeds)
     batches = dist.rank_batches(len(seeds), max_batch_size)
     if verbose:
-        dist.print0(f'Generating {len(seeds)} images...')
+        dist.print0(f"Generating {len(seeds)} images...")
 
     def run_batch(net: Any, gnet: Any, batch_idx: int, indices: np.ndarray) -> dnnlib.EasyDict:
-        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx, num_batches=len(batches),
-                            indices=indices, seeds=[seeds[idx] for idx in indices])
+        r = dnnlib.EasyDict(
+            images=None,
+            labels=None,
+            noise=None,
+            batch_idx=batch_idx,
+            num_batches=len(batches),
+            indices=indices,
+            seeds=[seeds[idx] for idx in indices],
+        )
         if len(r.seeds) == 0:
             return r
 
@@ -339,12 +380,15 @@ def generate_images(
         if net.label_dim > 0:
             # Drawn even with class_idx, so that the churn noise does not depend on it.
             classes = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
-            r.labels = torch.eye(net.label_dim, device=device)[classes if class_idx is None else [class_idx] * len(r.seeds)]
+            r.labels = torch.eye(net.label_dim, device=device)[
+                classes if class_idx is None else [class_idx] * len(r.seeds)
+            ]
 
         # No autograd: it would only waste memory.
         with torch.no_grad():
-            latents = sampler(net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like,
-                              **sampler_kwargs)
+            latents = sampler(
+                net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
+            )
             r.images = encoder.decode(latents)
         if outdir is not None:
             for seed, image in zip(r.seeds, r.images.permute(0, 2, 3, 1).cpu().numpy()):
@@ -363,25 +407,26 @@ def generate_images(
 
     return dnnlib.util.SizedIterable(run, len(batches))
 
+
 # ----------------------------------------------------------------------------
 # Command line.
 
 
-def parse_int_list(s: Union[str, Sequence[int]]) -> List[int]:
+def parse_int_list(s: Union[str, Sequence[int]]) -> list[int]:
     """Parse ``'1,2,5-10'`` into ``[1, 2, 5, 6, 7, 8, 9, 10]`` (order and duplicates kept).
     Raises ValueError with a one-line message for anything else."""
     if not isinstance(s, str):
         return [int(x) for x in s]
     result = []
-    for part in s.split(','):
+    for part in s.split(","):
         part = part.strip()
-        m = re.fullmatch(r'(\d+)\s*-\s*(\d+)', part)
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f'"{part}" is an empty range (expected a-b with a <= b)')
             result.extend(range(lo, hi + 1))
-        elif re.fullmatch(r'\d+', part):
+        elif re.fullmatch(r"\d+", part):
             result.append(int(part))
         else:
             raise ValueError(f'"{part}" is neither an integer nor a range a-b in "{s}"')
@@ -390,9 +435,10 @@ def parse_int_list(s: Union[str, Sequence[int]]) -> List[int]:
 
 class IntListParam(click.ParamType):
     """click type for ``--seeds``: comma-separated integers and inclusive ranges ``a-b``."""
-    name = 'LIST'
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> List[int]:
+    name = "LIST"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
         try:
             return parse_int_list(value)
         except ValueError as e:
@@ -403,7 +449,7 @@ def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDic
     """Apply a preset (options given explicitly, i.e. not None, win) and check the result.
     Guidance 1 drops the guiding network, so it is never loaded."""
     opts = dnnlib.EasyDict(opts)
-    for key in ('net', 'gnet', 'guidance'):
+    for key in ("net", "gnet", "guidance"):
         opts.setdefault(key, None)
     if preset is not None:
         if preset not in config_presets:
@@ -412,45 +458,130 @@ def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDic
             if opts[key] is None:
                 opts[key] = value
     if opts.net is None:
-        raise click.UsageError('Please specify either --preset or --net')
+        raise click.UsageError("Please specify either --preset or --net")
     if opts.guidance is None or opts.guidance == 1:
         opts.guidance = 1
         opts.gnet = None
     elif opts.gnet is None:
-        raise click.UsageError(f'--guidance={opts.guidance:g} needs a guiding network: please specify --gnet')
+        raise click.UsageError(f"--guidance={opts.guidance:g} needs a guiding network: please specify --gnet")
     return opts
 
 
-_PRESETS_HELP = '''\b
+_PRESETS_HELP = """\b
 Presets (see config_presets for the exact models and guidance):
   edm2-img512-{xs|s|m|l|xl|xxl}-{fid|dino}         no guidance
   edm2-img64-{s|m|l|xl}-fid                        no guidance
   edm2-img512-{xs|s|m|l|xl|xxl}-guid-{fid|dino}    classifier-free guidance
   edm2-img512-{s|xxl}-autog-{fid|dino}             autoguidance
   edm2-img512-s-uncond-autog-{fid|dino}            autoguidance, unconditional
-  edm2-img64-s-autog-{fid|dino}                    autoguidance'''
+  edm2-img64-s-autog-{fid|dino}                    autoguidance"""
 
 
 @click.command(epilog=_PRESETS_HELP)
-@click.option('--preset',                help='Configuration preset', metavar='STR', type=str, default=None)
-@click.option('--net',                   help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
-@click.option('--gnet',                  help='Guiding network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
-@click.option('--outdir',                help='Where to save the output images', metavar='DIR', type=str, required=True)
-@click.option('--subdirs',               help='Create subdirectory for every 1000 seeds', is_flag=True)
-@click.option('--seeds',                 help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST', type=IntListParam(), default='16-19', show_default=True)
-@click.option('--class', 'class_idx',    help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--steps', 'num_steps',    help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--sigma_min',             help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max',             help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho',                   help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--guidance',              help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
-@click.option('--S_churn', 'S_churn',    help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',        help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',        help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',    help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--trust-embedded-code',   help='Run the code embedded in network pickles (only for pickles you trust)', is_flag=True)
-@click.option('--compile',               help='torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  [default: off]', is_flag=True)
+@click.option("--preset", help="Configuration preset", metavar="STR", type=str, default=None)
+@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", type=str, default=None)
+@click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL", type=str, default=None)
+@click.option("--outdir", help="Where to save the output images", metavar="DIR", type=str, required=True)
+@click.option("--subdirs", help="Create subdirectory for every 1000 seeds", is_flag=True)
+@click.option(
+    "--seeds",
+    help="List of random seeds (e.g. 1,2,5-10)",
+    metavar="LIST",
+    type=IntListParam(),
+    default="16-19",
+    show_default=True,
+)
+@click.option(
+    "--class",
+    "class_idx",
+    help="Class label  [default: random]",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=None,
+)
+@click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+)
+@click.option(
+    "--steps",
+    "num_steps",
+    help="Number of sampling steps",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+)
+@click.option(
+    "--sigma_min",
+    help="Lowest noise level",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.002,
+    show_default=True,
+)
+@click.option(
+    "--sigma_max",
+    help="Highest noise level",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=80,
+    show_default=True,
+)
+@click.option(
+    "--rho",
+    help="Time step exponent",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7,
+    show_default=True,
+)
+@click.option(
+    "--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=None
+)
+@click.option(
+    "--S_churn",
+    "S_churn",
+    help="Stochasticity strength",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+)
+@click.option(
+    "--S_min",
+    "S_min",
+    help="Stoch. min noise level",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+)
+@click.option(
+    "--S_max",
+    "S_max",
+    help="Stoch. max noise level",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0),
+    default="inf",
+    show_default=True,
+)
+@click.option(
+    "--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1, show_default=True
+)
+@click.option(
+    "--trust-embedded-code", help="Run the code embedded in network pickles (only for pickles you trust)", is_flag=True
+)
+@click.option(
+    "--compile",
+    help="torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  [default: off]",
+    is_flag=True,
+)
 def cmdline(preset: Optional[str], **opts: Any) -> None:
     """Generate random images using the given model.
 
@@ -467,20 +598,21 @@ def cmdline(preset: Optional[str], **opts: Any) -> None:
     """
     opts = resolve_options(preset, **opts)
     try:
-        dnnlib.util.check_output_dir(opts.outdir, '--outdir')
-        for option in ('net', 'gnet'):
+        dnnlib.util.check_output_dir(opts.outdir, "--outdir")
+        for option in ("net", "gnet"):
             if opts[option] is not None:
-                dnnlib.util.check_input_file(opts[option], f'--{option}', what='network pickle')
+                dnnlib.util.check_input_file(opts[option], f"--{option}", what="network pickle")
         dist.init()
-        for _r in tqdm.tqdm(generate_images(**opts), unit='batch', disable=(dist.get_rank() != 0)):
+        for _r in tqdm.tqdm(generate_images(**opts), unit="batch", disable=(dist.get_rank() != 0)):
             pass
     except (ValueError, OSError) as err:  # e.g. a bad pickle, a full disk
         raise click.ClickException(dnnlib.util.one_line(err)) from None
 
+
 # ----------------------------------------------------------------------------
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     cmdline()
 
 # ----------------------------------------------------------------------------

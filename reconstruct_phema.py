@@ -15,7 +15,8 @@ import math
 import os
 import pickle
 import re
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional, Union
 
 import click
 import numpy as np
@@ -53,7 +54,7 @@ def _parse_number(token: str) -> float:
     return value
 
 
-def parse_std_list(s: Union[str, float, Sequence[float]]) -> List[float]:
+def parse_std_list(s: Union[str, float, Sequence[float]]) -> list[float]:
     """Parse a comma-separated sigma_rel list; ``a,b,...,c`` means a, b, b+(b-a), ..., c.
 
     The result is deduplicated and sorted; every value must lie in (0, 0.289), and no two
@@ -67,7 +68,7 @@ def parse_std_list(s: Union[str, float, Sequence[float]]) -> List[float]:
         tokens = [str(x) for x in s]
     if not tokens or tokens == [""]:
         raise ValueError("empty list")
-    values: List[float] = []
+    values: list[float] = []
     for idx, token in enumerate(tokens):
         if token == "":
             raise ValueError("empty entry in list")
@@ -92,8 +93,10 @@ def parse_std_list(s: Union[str, float, Sequence[float]]) -> List[float]:
         if count < -1e-9:
             raise ValueError(f"range {tokens[idx - 2]},{tokens[idx - 1]},...,{tokens[idx + 1]} never reaches its end")
         if abs(count - round(count)) > 1e-6 * max(1.0, abs(count)):
-            raise ValueError(f"range {tokens[idx - 2]},{tokens[idx - 1]},...,{tokens[idx + 1]} is unevenly spaced: "
-                             f"{tokens[idx + 1]} is not {tokens[idx - 1]} plus a whole number of steps of {step:g}")
+            raise ValueError(
+                f"range {tokens[idx - 2]},{tokens[idx - 1]},...,{tokens[idx + 1]} is unevenly spaced: "
+                f"{tokens[idx + 1]} is not {tokens[idx - 1]} plus a whole number of steps of {step:g}"
+            )
         # Round away the float noise of a + k * step (e.g. 0.30000000000000004).
         values += [round(a + (k + 2) * step, 12) for k in range(int(round(count)))]
     for value in values:
@@ -112,7 +115,7 @@ class StdList(click.ParamType):
 
     name = "list"
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> List[float]:
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
         if isinstance(value, list):
             return value
         try:
@@ -127,7 +130,7 @@ class StdList(click.ParamType):
 
 def list_input_pickles(
     in_dir: str, in_prefix: Optional[str] = None, in_std: Optional[Sequence[float]] = None, verbose: bool = False
-) -> List[dnnlib.EasyDict]:
+) -> list[dnnlib.EasyDict]:
     """Snapshots ``{prefix}-{kimg}-{std}.pkl`` in ``in_dir``, sorted by (nimg, std).
 
     Each entry is an EasyDict(path, prefix, nimg, std). ``in_prefix`` and ``in_std`` filter by
@@ -156,8 +159,10 @@ def list_input_pickles(
     pkls.sort(key=lambda p: (p.nimg, p.std, p.path))
     for a, b in zip(pkls, pkls[1:]):
         if a.nimg == b.nimg and a.std == b.std:
-            raise ValueError(f"Inputs {os.path.basename(a.path)} and {os.path.basename(b.path)} have the same time "
-                             f"and sigma_rel; choose one set with --inprefix")
+            raise ValueError(
+                f"Inputs {os.path.basename(a.path)} and {os.path.basename(b.path)} have the same time "
+                f"and sigma_rel; choose one set with --inprefix"
+            )
     return pkls
 
 
@@ -180,8 +185,9 @@ def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trus
             template, shapes = data, [p.shape for p in params]
             accum = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes] for _ in range(coefs.shape[1])]
         elif [p.shape for p in params] != shapes:
-            raise ValueError(f"Input pickle {in_pkl.path} holds a network with different parameters "
-                             f"from {in_pkls[0].path}")
+            raise ValueError(
+                f"Input pickle {in_pkl.path} holds a network with different parameters from {in_pkls[0].path}"
+            )
         with torch.no_grad():
             for k, p in enumerate(params):
                 p32 = p.to(device="cpu", dtype=torch.float32)  # One converted tensor at a time.
@@ -203,7 +209,7 @@ def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trus
         yield in_pkl, outputs
 
 
-def _make_output(template: dict, params: List[torch.Tensor], buffers: List[torch.Tensor]) -> dict:
+def _make_output(template: dict, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> dict:
     """A deep copy of ``template`` whose ``ema`` has the given parameters and buffers, in float16."""
     ema = template["ema"]
     # Pre-seeding deepcopy's memo swaps the tensors in without ever copying the template's own.
@@ -250,8 +256,10 @@ def reconstruct_phema(
     if out_nimg is None:
         out_nimg = times[-1]
     elif out_nimg not in times:
-        raise ValueError(f"Output time {out_nimg // 1000} kimg does not match any input snapshot "
-                         f"(inputs exist at kimg {', '.join(str(t // 1000) for t in times)})")
+        raise ValueError(
+            f"Output time {out_nimg // 1000} kimg does not match any input snapshot "
+            f"(inputs exist at kimg {', '.join(str(t // 1000) for t in times)})"
+        )
     in_pkls = [p for p in in_pkls if 0 < p.nimg <= out_nimg]
     if len(in_pkls) == 0:
         raise ValueError(f"No usable inputs: every snapshot up to {out_nimg // 1000} kimg is at time 0")
@@ -261,7 +269,9 @@ def reconstruct_phema(
         raise ValueError(f"Invalid output sigma_rel: {e}") from None
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
-    path_of = lambda std: None if out_dir is None else output_path(out_dir, out_prefix, out_nimg, std)
+
+    def path_of(std):
+        return None if out_dir is None else output_path(out_dir, out_prefix, out_nimg, std)
 
     if skip_existing and out_dir is not None:
         existing = [s for s in out_std if os.path.isfile(path_of(s))]
@@ -271,7 +281,9 @@ def reconstruct_phema(
     in_paths = {os.path.realpath(p.path) for p in in_pkls}
     for s in out_std:
         if out_dir is not None and os.path.realpath(path_of(s)) in in_paths:
-            raise ValueError(f"Output {path_of(s)} would overwrite one of the inputs; choose another --outprefix or --outdir")
+            raise ValueError(
+                f"Output {path_of(s)} would overwrite one of the inputs; choose another --outprefix or --outdir"
+            )
     num_batches = math.ceil(len(out_std) / max_batch_size)
     batches = [list(b) for b in np.array_split(np.array(out_std, dtype=np.float64), num_batches)] if num_batches else []
     if verbose:
@@ -284,33 +296,51 @@ def reconstruct_phema(
     def run() -> Iterator[dnnlib.EasyDict]:
         for batch_idx, batch_std in enumerate(batches):
             coefs = phema.solve_posthoc_coefficients(in_nimg, in_std, out_nimg, batch_std)
-            out = [dnnlib.EasyDict(net=None, pkl_data=None, pkl_path=path_of(std), nimg=out_nimg, std=float(std))
-                   for std in batch_std]
+            out = [
+                dnnlib.EasyDict(net=None, pkl_data=None, pkl_path=path_of(std), nimg=out_nimg, std=float(std))
+                for std in batch_std
+            ]
             for i, (in_pkl, outputs) in enumerate(_accumulate_pass(in_pkls, coefs, trust_embedded_code)):
                 for o, pkl_data in enumerate(outputs or []):
                     out[o].update(net=pkl_data["ema"], pkl_data=pkl_data, data=pkl_data, path=out[o].pkl_path)
                     if out[o].pkl_path is not None:
                         with dnnlib.util.atomic_write(out[o].pkl_path) as f:
                             pickle.dump(pkl_data, f)
-                yield dnnlib.EasyDict(step_idx=batch_idx * len(in_pkls) + i, num_steps=num_steps, out=out,
-                                      batch_idx=batch_idx, num_batches=len(batches), in_pkl=in_pkl,
-                                      out_std=list(batch_std), outputs=out if outputs else [])
+                yield dnnlib.EasyDict(
+                    step_idx=batch_idx * len(in_pkls) + i,
+                    num_steps=num_steps,
+                    out=out,
+                    batch_idx=batch_idx,
+                    num_batches=len(batches),
+                    in_pkl=in_pkl,
+                    out_std=list(batch_std),
+                    outputs=out if outputs else [],
+                )
             out = outputs = None  # Hold no finished networks while the next pass reads its inputs.
 
     return dnnlib.util.SizedIterable(run, num_steps)
 
 
-def _print_plan(in_pkls: Sequence[dnnlib.EasyDict], out_nimg: int, out_std: Sequence[float], out_dir: Optional[str],
-                num_batches: int) -> None:
+def _print_plan(
+    in_pkls: Sequence[dnnlib.EasyDict],
+    out_nimg: int,
+    out_std: Sequence[float],
+    out_dir: Optional[str],
+    num_batches: int,
+) -> None:
     stds = sorted({p.std for p in in_pkls})
-    print(f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
-          f"sigma_rel {', '.join(f'{s:.3f}' for s in stds)}")
+    print(
+        f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
+        f"sigma_rel {', '.join(f'{s:.3f}' for s in stds)}"
+    )
     if not out_std:
         print("Nothing to do: every output exists")
         return
     where = f" in {out_dir}" if out_dir is not None else ""
-    print(f"Outputs: {len(out_std)} at kimg {out_nimg // 1000}{where}, "
-          f"{num_batches} pass(es) over the inputs: sigma_rel {', '.join(f'{s:.3f}' for s in out_std)}")
+    print(
+        f"Outputs: {len(out_std)} at kimg {out_nimg // 1000}{where}, "
+        f"{num_batches} pass(es) over the inputs: sigma_rel {', '.join(f'{s:.3f}' for s in out_std)}"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -320,18 +350,41 @@ def _print_plan(in_pkls: Sequence[dnnlib.EasyDict], out_nimg: int, out_std: Sequ
 @click.command()
 @click.option("--indir", help="Directory with the input snapshots", metavar="DIR", type=str, required=True)
 @click.option("--inprefix", help="Use only inputs with this file name prefix", metavar="STR", type=str, default=None)
-@click.option("--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList(), default=None)
-@click.option("--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", type=str, required=True)
-@click.option("--outprefix", help="Output file name prefix", metavar="STR", type=str, default="phema", show_default=True)
-@click.option("--outstd", help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250", metavar="LIST",
-              type=StdList(), required=True)
-@click.option("--outkimg", help="Training time of the outputs; must match an input  [default: latest]", metavar="KIMG",
-              type=click.IntRange(min=1), default=None)
+@click.option(
+    "--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList(), default=None
+)
+@click.option(
+    "--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", type=str, required=True
+)
+@click.option(
+    "--outprefix", help="Output file name prefix", metavar="STR", type=str, default="phema", show_default=True
+)
+@click.option(
+    "--outstd",
+    help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250",
+    metavar="LIST",
+    type=StdList(),
+    required=True,
+)
+@click.option(
+    "--outkimg",
+    help="Training time of the outputs; must match an input  [default: latest]",
+    metavar="KIMG",
+    type=click.IntRange(min=1),
+    default=None,
+)
 @click.option("--skip", help="Skip outputs that already exist", is_flag=True)
-@click.option("--batch", help="Outputs built per pass over the inputs", metavar="INT", type=click.IntRange(min=1),
-              default=8, show_default=True)
-@click.option("--trust-embedded-code", help="Load inputs by running the code they carry (only for trusted pickles)",
-              is_flag=True)
+@click.option(
+    "--batch",
+    help="Outputs built per pass over the inputs",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+)
+@click.option(
+    "--trust-embedded-code", help="Load inputs by running the code they carry (only for trusted pickles)", is_flag=True
+)
 def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, trust_embedded_code):
     """Perform post-hoc EMA reconstruction.
 
@@ -361,13 +414,24 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
         dnnlib.util.check_output_dir(outdir, "--outdir")
         in_pkls = list_input_pickles(indir, in_prefix=inprefix, in_std=instd, verbose=True)
         if len(in_pkls) == 0:
-            filters = [f"prefix '{inprefix}'" if inprefix is not None else None,
-                       f"sigma_rel {', '.join(f'{s:.3f}' for s in instd)}" if instd is not None else None]
+            filters = [
+                f"prefix '{inprefix}'" if inprefix is not None else None,
+                f"sigma_rel {', '.join(f'{s:.3f}' for s in instd)}" if instd is not None else None,
+            ]
             filters = " and ".join(f for f in filters if f)
-            raise FileNotFoundError(f"No input snapshots named PREFIX-KIMG-STD.pkl in '{indir}'"
-                                    + (f" with {filters}" if filters else ""))
-        steps = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
-                                  skip_existing=skip, max_batch_size=batch, trust_embedded_code=trust_embedded_code)
+            raise FileNotFoundError(
+                f"No input snapshots named PREFIX-KIMG-STD.pkl in '{indir}'" + (f" with {filters}" if filters else "")
+            )
+        steps = reconstruct_phema(
+            in_pkls,
+            out_std=outstd,
+            out_nimg=out_nimg,
+            out_dir=outdir,
+            out_prefix=outprefix,
+            skip_existing=skip,
+            max_batch_size=batch,
+            trust_embedded_code=trust_embedded_code,
+        )
         saved = []
         for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):
             saved += [out.pkl_path for out in step.outputs]

@@ -16,7 +16,8 @@ import copy
 import functools
 import os
 import pickle
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import click
 import numpy as np
@@ -31,9 +32,11 @@ from training.networks_edm2 import mp_silu, normalize
 PUBLISHED_NET = "https://nvlabs-fi-cdn.nvidia.com/edm2/toy-example/clsA-layers04-dim64/iter4096.pkl"
 PUBLISHED_GNET = "https://nvlabs-fi-cdn.nvidia.com/edm2/toy-example/clsA-layers04-dim32/iter0512.pkl"
 PUBLISHED = {"--net": PUBLISHED_NET, "--gnet": PUBLISHED_GNET}  # looked up at run time (tests replace them)
-TRAIN_HINT = ("python toy_example.py train --outdir=toy-A-dim64 --cls=A --dim=64, then "
-              "python toy_example.py train --outdir=toy-A-dim32 --cls=A --dim=32 --iterations=512, then "
-              "python toy_example.py plot --net=toy-A-dim64/iter4096.pkl --gnet=toy-A-dim32/iter0512.pkl")
+TRAIN_HINT = (
+    "python toy_example.py train --outdir=toy-A-dim64 --cls=A --dim=64, then "
+    "python toy_example.py train --outdir=toy-A-dim32 --cls=A --dim=32 --iterations=512, then "
+    "python toy_example.py plot --net=toy-A-dim64/iter4096.pkl --gnet=toy-A-dim32/iter0512.pkl"
+)
 
 # ----------------------------------------------------------------------------
 # A Gaussian mixture with exact densities and scores, also of its sigma-smoothed versions
@@ -63,7 +66,9 @@ class GaussianMixture(torch.nn.Module):
         # Sampling picks a component by a uniform index into a table where component k fills a
         # share phi_k of the entries.
         self.register_buffer("_sample_lut", torch.zeros(sample_lut_size, dtype=torch.int64))
-        edges = (torch.cat([torch.zeros_like(self.phi[:1]), self.phi.cumsum(0)]) * sample_lut_size + 0.5).to(torch.int32)
+        edges = (torch.cat([torch.zeros_like(self.phi[:1]), self.phi.cumsum(0)]) * sample_lut_size + 0.5).to(
+            torch.int32
+        )
         for idx, (begin, end) in enumerate(zip(edges[:-1], edges[1:])):
             self._sample_lut[begin:end] = idx
 
@@ -91,9 +96,11 @@ class GaussianMixture(torch.nn.Module):
 
     def logp(self, x: torch.Tensor, sigma: Union[float, torch.Tensor] = 0) -> torch.Tensor:
         """log p(x; sigma), shape x.shape[:-1]."""
+
         def fn(log_w, precision_times):
             w, shift = _relative_weights(log_w)
             return w.sum(-1).log() + shift[:, 0]
+
         return self._batched(fn, x, sigma)
 
     def pdf(self, x: torch.Tensor, sigma: Union[float, torch.Tensor] = 0) -> torch.Tensor:
@@ -101,9 +108,11 @@ class GaussianMixture(torch.nn.Module):
 
     def score(self, x: torch.Tensor, sigma: Union[float, torch.Tensor] = 0) -> torch.Tensor:
         """grad_x log p(x; sigma) = sum_k r_k(x) Sigma_k'^-1 (mu_k - x), r_k the component posteriors."""
+
         def fn(log_w, precision_times):
             w = _relative_weights(log_w)[0]
             return precision_times(w / w.sum(-1, keepdim=True))
+
         return self._batched(fn, x, sigma)
 
     def sample(self, shape, sigma: Union[float, torch.Tensor] = 0, generator: Optional[torch.Generator] = None):
@@ -117,8 +126,13 @@ class GaussianMixture(torch.nn.Module):
 
 
 @functools.lru_cache(None)
-def gt(classes: str = "A", device: torch.device = torch.device("cpu"), seed: int = 2,
-       origin: Sequence[float] = (0.0030, 0.0325), scale: Sequence[float] = (1.3136, 1.3844)) -> GaussianMixture:
+def gt(
+    classes: str = "A",
+    device: torch.device = torch.device("cpu"),
+    seed: int = 2,
+    origin: Sequence[float] = (0.0030, 0.0325),
+    scale: Sequence[float] = (1.3136, 1.3844),
+) -> GaussianMixture:
     """The ground truth of the given classes ('A', 'B' or 'AB'): two binary trees grown from `origin`,
     class A at angle pi/4 and class B at 5 pi/4, every branch a row of 8 elongated components."""
     rnd = np.random.RandomState(seed)
@@ -129,15 +143,15 @@ def gt(classes: str = "A", device: torch.device = torch.device("cpu"), seed: int
         if depth >= 7:
             return
         u = np.array([np.cos(angle), np.sin(angle)])
-        length = 0.292 * (0.8 ** depth) * (1 + 0.2 * rnd.randn())
-        thickness = 0.2 * (0.8 ** depth) / length  # across the branch, relative to along it
+        length = 0.292 * (0.8**depth) * (1 + 0.2 * rnd.randn())
+        thickness = 0.2 * (0.8**depth) / length  # across the branch, relative to along it
         size = scale * length * 0.06
         uu = np.outer(u, u)
-        Sigma = (uu + (np.eye(2) - uu) * thickness ** 2) * np.outer(size, size)
+        Sigma = (uu + (np.eye(2) - uu) * thickness**2) * np.outer(size, size)
         for t in np.linspace(0.07, 0.93, num=8):
-            comps.append((cls, length * (0.5 ** depth), (pos + u * length * t) * scale, Sigma))
+            comps.append((cls, length * (0.5**depth), (pos + u * length * t) * scale, Sigma))
         for sign in [1, -1]:
-            branch(cls, depth + 1, pos + u * length, angle + sign * (0.7 ** depth) * (1 + 0.2 * rnd.randn()))
+            branch(cls, depth + 1, pos + u * length, angle + sign * (0.7**depth) * (1 + 0.2 * rnd.randn()))
 
     branch("A", 0, origin, np.pi * 0.25)
     branch("B", 0, origin, np.pi * 1.25)
@@ -188,11 +202,11 @@ class ToyModel(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: Union[float, torch.Tensor] = 0) -> torch.Tensor:
         """log p(x; sigma) up to a constant: mean(y^2) gain / sigma - |x'|^2 / 2, x' = x / sqrt(sigma_data^2 + sigma^2)."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1]).unsqueeze(-1)
-        x = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        x = x / (self.sigma_data**2 + sigma**2).sqrt()
         y = torch.cat([x, sigma.log() / 4, torch.ones_like(sigma)], dim=-1)
         for layer in self.layers:
             y = layer(y)
-        return (y ** 2).mean(-1) * self.gain / sigma.squeeze(-1) - (x ** 2).sum(-1) / 2
+        return (y**2).mean(-1) * self.gain / sigma.squeeze(-1) - (x**2).sum(-1) / 2
 
     def logp(self, x: torch.Tensor, sigma: Union[float, torch.Tensor] = 0) -> torch.Tensor:
         return self(x, sigma)
@@ -214,24 +228,44 @@ TOY_CLASSES = {"ToyModel": ToyModel, "MPLinear": MPLinear, "MPSiLU": MPSiLU}
 # Training by exact score matching, with a power-function EMA (sigma_rel 0.010, counted in iterations).
 
 
-def score_matching_loss(net: torch.nn.Module, classes: str, samples: torch.Tensor, sigma: torch.Tensor,
-                        graph: bool = False) -> torch.Tensor:
+def score_matching_loss(
+    net: torch.nn.Module, classes: str, samples: torch.Tensor, sigma: torch.Tensor, graph: bool = False
+) -> torch.Tensor:
     """E[sigma^2 |score_gt - score_net|^2] over noisy samples x ~ p(x; sigma)."""
     gt_scores = gt(classes, samples.device).score(samples, sigma)
     net_scores = net.score(samples, sigma, graph=graph)
-    return ((sigma ** 2) * ((gt_scores - net_scores) ** 2).mean(-1)).mean()
+    return ((sigma**2) * ((gt_scores - net_scores) ** 2).mean(-1)).mean()
 
 
-def do_train(classes: str = "A", num_layers: int = 4, hidden_dim: int = 64, batch_size: int = 4 << 10,
-             total_iter: int = 4 << 10, seed: int = 0, P_mean: float = -2.3, P_std: float = 1.5,
-             sigma_data: float = 0.5, lr_ref: float = 1e-2, lr_iter: int = 512, ema_std: float = 0.010,
-             pkl_pattern: Optional[str] = None, pkl_iter: int = 256, viz: bool = False,
-             device: Optional[torch.device] = None, verbose: bool = True) -> ToyModel:
+def do_train(
+    classes: str = "A",
+    num_layers: int = 4,
+    hidden_dim: int = 64,
+    batch_size: int = 4 << 10,
+    total_iter: int = 4 << 10,
+    seed: int = 0,
+    P_mean: float = -2.3,
+    P_std: float = 1.5,
+    sigma_data: float = 0.5,
+    lr_ref: float = 1e-2,
+    lr_iter: int = 512,
+    ema_std: float = 0.010,
+    pkl_pattern: Optional[str] = None,
+    pkl_iter: int = 256,
+    viz: bool = False,
+    device: Optional[torch.device] = None,
+    verbose: bool = True,
+) -> ToyModel:
     """Train a ToyModel; saves `pkl_pattern % iteration` (the EMA, with a PNG of it when `viz`)
     every `pkl_iter` iterations. Returns the final EMA model."""
     device = torch.device(device) if device is not None else misc.default_device()
     torch.manual_seed(seed)
-    net = ToyModel(num_layers=num_layers, hidden_dim=hidden_dim, sigma_data=sigma_data).to(device).train().requires_grad_(True)
+    net = (
+        ToyModel(num_layers=num_layers, hidden_dim=hidden_dim, sigma_data=sigma_data)
+        .to(device)
+        .train()
+        .requires_grad_(True)
+    )
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), betas=(0.9, 0.99))
     pbar = tqdm.tqdm(range(total_iter), disable=not verbose)
@@ -263,18 +297,29 @@ def do_train(classes: str = "A", num_layers: int = 4, hidden_dim: int = 64, batc
 
 
 @torch.no_grad()
-def do_sample(net: torch.nn.Module, x_init: torch.Tensor, guidance: float = 1, gnet: Optional[torch.nn.Module] = None,
-              num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5, rho: float = 7,
-              return_traj: bool = False) -> torch.Tensor:
+def do_sample(
+    net: torch.nn.Module,
+    x_init: torch.Tensor,
+    guidance: float = 1,
+    gnet: Optional[torch.nn.Module] = None,
+    num_steps: int = 32,
+    sigma_min: float = 0.002,
+    sigma_max: float = 5,
+    rho: float = 7,
+    return_traj: bool = False,
+) -> torch.Tensor:
     """Samples [N, dim] from `x_init` (noise at sigma_max), or with `return_traj` all steps [num_steps + 1, N, dim]."""
+
     def denoise(x, sigma):
         score = net.score(x, sigma)
         if gnet is not None:
             score = gnet.score(x, sigma).lerp(score, guidance)
-        return x + score * (sigma ** 2)
+        return x + score * (sigma**2)
 
     step_indices = torch.arange(num_steps, dtype=torch.float32, device=x_init.device)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (
+        sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
 
     x_cur = x_init
@@ -304,11 +349,23 @@ def _gt_logp_on_grid(classes: str, *grid_args) -> torch.Tensor:
     return gt(classes, grid_args[-1]).logp(_grid(*grid_args))  # the same few views in every panel
 
 
-def do_plot(ax, net: Optional[torch.nn.Module] = None, gnet: Optional[torch.nn.Module] = None, guidance: float = 1,
-            elems: Sequence[str] = ("gt_uncond", "gt_outline", "samples"), view_x: float = 0.30, view_y: float = 0.30,
-            view_size: float = 1.2, grid_resolution: int = 400, num_samples: int = 1 << 14, seed: int = 1,
-            sample_distance: float = 0, sigma_max: float = 5, line_alpha: float = 0.02,
-            device: Optional[torch.device] = None) -> None:
+def do_plot(
+    ax,
+    net: Optional[torch.nn.Module] = None,
+    gnet: Optional[torch.nn.Module] = None,
+    guidance: float = 1,
+    elems: Sequence[str] = ("gt_uncond", "gt_outline", "samples"),
+    view_x: float = 0.30,
+    view_y: float = 0.30,
+    view_size: float = 1.2,
+    grid_resolution: int = 400,
+    num_samples: int = 1 << 14,
+    seed: int = 1,
+    sample_distance: float = 0,
+    sigma_max: float = 5,
+    line_alpha: float = 0.02,
+    device: Optional[torch.device] = None,
+) -> None:
     """Draw on the matplotlib axes `ax`, in this order, the chosen elements: gt_uncond and gt_outline
     (regions of classes A+B and A), p_net, p_gnet, p_ratio (densities of the models and their ratio),
     gt_line (the class-A border), trajectories, samples_before and samples. Sampling starts from
@@ -322,8 +379,18 @@ def do_plot(ax, net: Optional[torch.nn.Module] = None, gnet: Optional[torch.nn.M
             for i in range(1, len(samples)):
                 ok[i] = (samples[i] - samples[:i][ok[:i]]).norm(dim=-1).min() >= sample_distance
             samples = samples[ok]
-        traj = do_sample(net=(net or gt("A", device)), x_init=samples, guidance=guidance, gnet=gnet,
-                         sigma_max=sigma_max, return_traj=True).cpu().numpy()
+        traj = (
+            do_sample(
+                net=(net or gt("A", device)),
+                x_init=samples,
+                guidance=guidance,
+                gnet=gnet,
+                sigma_max=sigma_max,
+                return_traj=True,
+            )
+            .cpu()
+            .numpy()
+        )
 
     grid_args = (view_x, view_y, view_size, grid_resolution, device)
     gridxy = _grid(*grid_args)
@@ -333,39 +400,60 @@ def do_plot(ax, net: Optional[torch.nn.Module] = None, gnet: Optional[torch.nn.M
     ax.set_aspect("equal")
     ax.set_axis_off()
 
-    def contours(logp, levels, colors=None, cmap=None, alpha=1.0, linecolors="black", linealpha=1.0, linewidth=2.5,
-                 fill=True):
+    def contours(
+        logp, levels, colors=None, cmap=None, alpha=1.0, linecolors="black", linealpha=1.0, linewidth=2.5, fill=True
+    ):
         # Levels are in -sqrt(max log p - log p): fine steps near the peak, wider ones in the tails.
         v = -(logp.max() - logp).clamp(min=0).sqrt().cpu().numpy()
         if fill:
             ax.contourf(gx, gy, v, levels=levels, extend="max", colors=colors, cmap=cmap, alpha=alpha)
-        ax.contour(gx, gy, v, levels=levels, colors=linecolors, alpha=linealpha, linestyles="solid", linewidths=linewidth)
+        ax.contour(
+            gx, gy, v, levels=levels, colors=linecolors, alpha=linealpha, linestyles="solid", linewidths=linewidth
+        )
 
     sigma_min = 0.002  # the models' densities are drawn at the last noise level of sampling
     outline = dict(levels=[-2.12, 0], linewidth=1.5)  # 4.5 nats below the peak
     with torch.no_grad():
         if "gt_uncond" in elems:
-            contours(_gt_logp_on_grid("AB", *grid_args), colors=[[0.9, 0.9, 0.9]], linecolors=[[0.7, 0.7, 0.7]], **outline)
+            contours(
+                _gt_logp_on_grid("AB", *grid_args), colors=[[0.9, 0.9, 0.9]], linecolors=[[0.7, 0.7, 0.7]], **outline
+            )
         if "gt_outline" in elems:
-            contours(_gt_logp_on_grid("A", *grid_args), colors=[[1.0, 0.8, 0.6]], linecolors=[[0.8, 0.6, 0.5]], **outline)
+            contours(
+                _gt_logp_on_grid("A", *grid_args), colors=[[1.0, 0.8, 0.6]], linecolors=[[0.8, 0.6, 0.5]], **outline
+            )
         if "p_net" in elems:
             contours(net.logp(gridxy, sigma_min), levels=np.linspace(-2.5, 0, num=15), cmap="Greens", linealpha=0.2)
         if "p_gnet" in elems:
             contours(gnet.logp(gridxy, sigma_min), levels=np.linspace(-2.5, 0, num=15), cmap="Reds", linealpha=0.2)
         if "p_ratio" in elems:
-            contours(net.logp(gridxy, sigma_min) - gnet.logp(gridxy, sigma_min), levels=np.linspace(-2.2, 0, num=15),
-                     cmap="Blues", linealpha=0.2)
+            contours(
+                net.logp(gridxy, sigma_min) - gnet.logp(gridxy, sigma_min),
+                levels=np.linspace(-2.2, 0, num=15),
+                cmap="Blues",
+                linealpha=0.2,
+            )
         if "gt_line" in elems:
             contours(_gt_logp_on_grid("A", *grid_args), linecolors=[[0.8, 0.4, 0.1]], fill=False, **outline)
     if "trajectories" in elems:
         import matplotlib.collections
-        ax.add_collection(matplotlib.collections.LineCollection(traj.transpose(1, 0, 2), colors="black",
-                                                                alpha=line_alpha, linewidths=2))
+
+        ax.add_collection(
+            matplotlib.collections.LineCollection(
+                traj.transpose(1, 0, 2), colors="black", alpha=line_alpha, linewidths=2
+            )
+        )
     if "samples_before" in elems:
         ax.plot(*traj[0].T, ".", color="C1", markeredgecolor="none", markersize=15)
     if "samples" in elems or "trajectories" in elems:
-        ax.plot(*traj[-1].T, ".", color="black", markeredgecolor="none", alpha=0.25 if "samples" in elems else 1,
-                markersize=8 if "samples" in elems else 12)
+        ax.plot(
+            *traj[-1].T,
+            ".",
+            color="black",
+            markeredgecolor="none",
+            alpha=0.25 if "samples" in elems else 1,
+            markersize=8 if "samples" in elems else 12,
+        )
 
 
 def _savefig(fig, path: str, dpi: int) -> None:
@@ -377,30 +465,51 @@ def _savefig(fig, path: str, dpi: int) -> None:
 def save_samples_figure(net: torch.nn.Module, path: str, device: Optional[torch.device] = None) -> None:
     """The unguided samples of `net` over the ground truth (the --viz picture of a snapshot)."""
     import matplotlib.figure
+
     fig = matplotlib.figure.Figure(figsize=[12, 12], dpi=75)
     ax = fig.add_axes([0, 0, 1, 1])
     do_plot(ax, net=net, elems={"gt_uncond", "gt_outline", "samples"}, num_samples=1 << 13, device=device)
     _savefig(fig, path, dpi=75)
 
 
-def plot_figure(net: torch.nn.Module, gnet: torch.nn.Module, guidance: float = 3, num_samples: int = 1 << 14,
-                device: Optional[torch.device] = None):
+def plot_figure(
+    net: torch.nn.Module,
+    gnet: torch.nn.Module,
+    guidance: float = 3,
+    num_samples: int = 1 << 14,
+    device: Optional[torch.device] = None,
+):
     """The 2x4 figure of the paper's toy: samples over the whole tree (top row) and the densities of the
     models on a zoomed-in branch (bottom row). Returns the matplotlib figure (48x25 in)."""
     import matplotlib.pyplot as plt
+
     zoom = dict(view_x=0.45, view_y=1.22, view_size=0.3)
     zoom_traj = dict(num_samples=num_samples // 4, sample_distance=0.045, sigma_max=0.03, line_alpha=0.5)
     panels = [
         ("Ground truth distribution", dict(elems={"gt_uncond", "gt_outline", "samples"})),
         ("Sample distribution without guidance", dict(net=net, elems={"gt_uncond", "gt_outline", "samples"})),
-        ("Sample distribution with guidance", dict(net=net, gnet=gnet, guidance=guidance,
-                                                   elems={"gt_uncond", "gt_outline", "samples"})),
-        ("Trajectories without guidance", dict(net=net, elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"})),
+        (
+            "Sample distribution with guidance",
+            dict(net=net, gnet=gnet, guidance=guidance, elems={"gt_uncond", "gt_outline", "samples"}),
+        ),
+        (
+            "Trajectories without guidance",
+            dict(net=net, elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"}),
+        ),
         ("PDF of main model", dict(net=net, elems={"p_net", "gt_line"}, **zoom)),
         ("PDF of guiding model", dict(gnet=gnet, elems={"p_gnet", "gt_line"}, **zoom)),
         ("PDF ratio (main / guiding)", dict(net=net, gnet=gnet, elems={"p_ratio", "gt_line"}, **zoom)),
-        ("Trajectories with guidance", dict(net=net, gnet=gnet, guidance=guidance, **zoom, **zoom_traj,
-                                            elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"})),
+        (
+            "Trajectories with guidance",
+            dict(
+                net=net,
+                gnet=gnet,
+                guidance=guidance,
+                **zoom,
+                **zoom_traj,
+                elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"},
+            ),
+        ),
     ]
     with plt.rc_context({"font.size": 28}):
         fig = plt.figure(figsize=[48, 25], dpi=40, tight_layout=True)
@@ -415,7 +524,9 @@ def plot_figure(net: torch.nn.Module, gnet: torch.nn.Module, guidance: float = 3
 # Loading.
 
 
-def load_toy_model(url: str, trust_embedded_code: bool = False, device: Optional[torch.device] = None) -> torch.nn.Module:
+def load_toy_model(
+    url: str, trust_embedded_code: bool = False, device: Optional[torch.device] = None
+) -> torch.nn.Module:
     """A toy model pickle (path or URL, e.g. a snapshot of `train` or of the reference's toy), rebuilt
     with this module's classes unless `trust_embedded_code` runs the code it carries."""
     with dnnlib.util.open_url(url) as f:
@@ -460,18 +571,53 @@ def _device(device: Optional[str]) -> torch.device:
 @cmdline.command()
 @click.option("--outdir", help="Output directory", metavar="DIR", type=str, required=True)
 @click.option("--cls", help="Target classes", type=click.Choice(["A", "B", "AB"]), default="A", show_default=True)
-@click.option("--layers", help="Number of hidden layers", metavar="INT", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--dim", help="Hidden dimension", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--viz", help="Save a picture of the samples with every snapshot", metavar="BOOL", type=bool,
-              is_flag=False, flag_value=True, default=False, show_default=True)
-@click.option("--iterations", help="[extra] Training iterations", metavar="INT", type=click.IntRange(min=1),
-              default=4096, show_default=True)
-@click.option("--batch", help="[extra] Batch size", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--snap", help="[extra] Snapshot interval in iterations", metavar="INT", type=click.IntRange(min=1),
-              default=256, show_default=True)
+@click.option(
+    "--layers", help="Number of hidden layers", metavar="INT", type=click.IntRange(min=1), default=4, show_default=True
+)
+@click.option(
+    "--dim", help="Hidden dimension", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True
+)
+@click.option(
+    "--viz",
+    help="Save a picture of the samples with every snapshot",
+    metavar="BOOL",
+    type=bool,
+    is_flag=False,
+    flag_value=True,
+    default=False,
+    show_default=True,
+)
+@click.option(
+    "--iterations",
+    help="[extra] Training iterations",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+)
+@click.option(
+    "--batch", help="[extra] Batch size", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True
+)
+@click.option(
+    "--snap",
+    help="[extra] Snapshot interval in iterations",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+)
 @click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR", type=str)
-def train(outdir: str, cls: str, layers: int, dim: int, viz: bool, iterations: int, batch: int, snap: int,
-          device: Optional[str]):
+def train(
+    outdir: str,
+    cls: str,
+    layers: int,
+    dim: int,
+    viz: bool,
+    iterations: int,
+    batch: int,
+    snap: int,
+    device: Optional[str],
+):
     """Train a 2D toy model with the given parameters; saves DIR/iter%04d.pkl."""
     device = _device(device)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -479,28 +625,59 @@ def train(outdir: str, cls: str, layers: int, dim: int, viz: bool, iterations: i
     try:
         os.makedirs(outdir, exist_ok=True)
         dnnlib.util.remove_stale_temp_files(outdir)
-        do_train(classes=cls, num_layers=layers, hidden_dim=dim, batch_size=batch, total_iter=iterations,
-                 pkl_pattern=os.path.join(outdir, "iter%04d.pkl"), pkl_iter=snap, viz=viz, device=device)
+        do_train(
+            classes=cls,
+            num_layers=layers,
+            hidden_dim=dim,
+            batch_size=batch,
+            total_iter=iterations,
+            pkl_pattern=os.path.join(outdir, "iter%04d.pkl"),
+            pkl_iter=snap,
+            viz=viz,
+            device=device,
+        )
     except OSError as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
     click.echo(f"Saved snapshots to {outdir}")
 
 
 @cmdline.command()
-@click.option("--net", help="Main model  [default: the published class-A model, 4x64, iteration 4096]",
-              metavar="PKL|URL", type=str)
-@click.option("--gnet", help="Guiding model  [default: the published class-A model, 4x32, iteration 512]",
-              metavar="PKL|URL", type=str)
+@click.option(
+    "--net",
+    help="Main model  [default: the published class-A model, 4x64, iteration 4096]",
+    metavar="PKL|URL",
+    type=str,
+)
+@click.option(
+    "--gnet",
+    help="Guiding model  [default: the published class-A model, 4x32, iteration 512]",
+    metavar="PKL|URL",
+    type=str,
+)
 @click.option("--guidance", help="Guidance weight", metavar="FLOAT", type=float, default=3, show_default=True)
 @click.option("--save", help="Save the figure (PNG or PDF) instead of displaying it", metavar="PNG|PDF", type=str)
 @click.option("--trust-embedded-code", help="[extra] Run the code the pickles carry (trusted files only)", is_flag=True)
-@click.option("--samples", help="[extra] Samples in the top row (a quarter in the bottom row)", metavar="INT",
-              type=click.IntRange(min=4), default=1 << 14, show_default=True)
+@click.option(
+    "--samples",
+    help="[extra] Samples in the top row (a quarter in the bottom row)",
+    metavar="INT",
+    type=click.IntRange(min=4),
+    default=1 << 14,
+    show_default=True,
+)
 @click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR", type=str)
-def plot(net: Optional[str], gnet: Optional[str], guidance: float, save: Optional[str], trust_embedded_code: bool, samples: int,
-         device: Optional[str]):
+def plot(
+    net: Optional[str],
+    gnet: Optional[str],
+    guidance: float,
+    save: Optional[str],
+    trust_embedded_code: bool,
+    samples: int,
+    device: Optional[str],
+):
     """Visualize sampling distributions with and without guidance."""
     import matplotlib.pyplot as plt
+
     device = _device(device)
     if save is not None:
         if os.path.splitext(save)[1].lower() not in (".png", ".pdf"):
@@ -514,11 +691,15 @@ def plot(net: Optional[str], gnet: Optional[str], guidance: float, save: Optiona
     models = []
     for url, what in [(net, "--net"), (gnet, "--gnet")]:
         try:
-            models.append(load_toy_model(url or PUBLISHED[what], trust_embedded_code=trust_embedded_code, device=device))
+            models.append(
+                load_toy_model(url or PUBLISHED[what], trust_embedded_code=trust_embedded_code, device=device)
+            )
         except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
             if url is None and isinstance(err, OSError):
-                raise click.ClickException(f"cannot download the published {what} ({dnnlib.util.one_line(err)}); "
-                                           f"train the models locally: {TRAIN_HINT}") from None
+                raise click.ClickException(
+                    f"cannot download the published {what} ({dnnlib.util.one_line(err)}); "
+                    f"train the models locally: {TRAIN_HINT}"
+                ) from None
             raise click.ClickException(f"{what}: {dnnlib.util.one_line(err)}") from None
 
     click.echo("Drawing plots...")

@@ -33,7 +33,9 @@ REFERENCE = {
 
 
 def main() -> int:
-    header = f"{'preset':<17s}{'params (M)':>12s}{'ref':>10s}{'Gflops':>10s}{'ref':>10s}{'memory (MiB)':>14s}{'sec':>6s}  ok"
+    header = (
+        f"{'preset':<17s}{'params (M)':>12s}{'ref':>10s}{'Gflops':>10s}{'ref':>10s}{'memory (MiB)':>14s}{'sec':>6s}  ok"
+    )
     print(header)
     print("-" * len(header))
     failures = 0
@@ -43,8 +45,10 @@ def main() -> int:
         params, gflops = round(result.params / 1e6, 2), round(result.gflops, 2)
         ok = params == ref_params and gflops == ref_gflops and not result.unknown
         failures += not ok
-        print(f"{preset:<17s}{params:>12.2f}{ref_params:>10.2f}{gflops:>10.2f}{ref_gflops:>10.2f}"
-              f"{result.memory_bytes / 2**20:>14.2f}{time.time() - start:>6.1f}  {'yes' if ok else 'NO'}")
+        print(
+            f"{preset:<17s}{params:>12.2f}{ref_params:>10.2f}{gflops:>10.2f}{ref_gflops:>10.2f}"
+            f"{result.memory_bytes / 2**20:>14.2f}{time.time() - start:>6.1f}  {'yes' if ok else 'NO'}"
+        )
     print(f"\n{len(REFERENCE) - failures} of {len(REFERENCE)} presets match the reference's table.")
     return 1 if failures else 0
 

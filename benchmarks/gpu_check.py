@@ -25,16 +25,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NETS = {  # name: Precond keyword arguments
-    'small': dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2, 2],
-                  num_blocks=2, attn_resolutions=[16, 8]),
-    'edm2-img512-xs': dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=128),
+    "small": dict(
+        img_resolution=32,
+        img_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2, 2],
+        num_blocks=2,
+        attn_resolutions=[16, 8],
+    ),
+    "edm2-img512-xs": dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=128),
 }
 
 
 def build(name: str, precision: str, device: torch.device) -> torch.nn.Module:
     from training import networks_edm2
+
     torch.manual_seed(0)
-    net = networks_edm2.Precond(**NETS[name], use_fp16=(precision == 'fp16')).to(device)
+    net = networks_edm2.Precond(**NETS[name], use_fp16=(precision == "fp16")).to(device)
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim == 0:
@@ -43,7 +51,7 @@ def build(name: str, precision: str, device: torch.device) -> torch.nn.Module:
 
 
 def autocast(precision: str, device: torch.device):
-    if precision == 'bf16':
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -61,13 +69,16 @@ def timed(fn, device: torch.device, repeats: int):
 
 def train_row(name: str, precision: str, compiled: bool, device: torch.device, batch: int = 32) -> dict:
     from training.training_loop import EDM2Loss
+
     net = build(name, precision, device).train()
     fn_net = torch.compile(net) if compiled else net
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
     gen = torch.Generator(device).manual_seed(1)
     k = NETS[name]
-    images = torch.randn([batch, k['img_channels'], k['img_resolution'], k['img_resolution']], device=device, generator=gen)
-    labels = torch.eye(k['label_dim'], device=device)[torch.arange(batch, device=device) % k['label_dim']]
+    images = torch.randn(
+        [batch, k["img_channels"], k["img_resolution"], k["img_resolution"]], device=device, generator=gen
+    )
+    labels = torch.eye(k["label_dim"], device=device)[torch.arange(batch, device=device) % k["label_dim"]]
     loss_fn = EDM2Loss()
 
     def step():
@@ -80,13 +91,21 @@ def train_row(name: str, precision: str, compiled: bool, device: torch.device, b
         return loss.detach()
 
     seconds, loss, peak = timed(step, device, repeats=5)
-    return dict(part='train', net=name, precision=precision, compiled=compiled, img_per_s=batch / seconds,
-                peak_gb=peak, loss=float(loss))
+    return dict(
+        part="train",
+        net=name,
+        precision=precision,
+        compiled=compiled,
+        img_per_s=batch / seconds,
+        peak_gb=peak,
+        loss=float(loss),
+    )
 
 
 def sample_row(precision: str, compiled: bool, device: torch.device, reference=None, batch: int = 32) -> dict:
     import generate_images as gi
-    net = build('edm2-img512-xs', precision, device).eval().requires_grad_(False)
+
+    net = build("edm2-img512-xs", precision, device).eval().requires_grad_(False)
     fn_net = torch.compile(net) if compiled else net
     rnd = gi.StackedRandomGenerator(device, list(range(batch)))
     noise = rnd.randn([batch, 4, 64, 64], device=device)
@@ -98,52 +117,74 @@ def sample_row(precision: str, compiled: bool, device: torch.device, reference=N
 
     seconds, out, peak = timed(run, device, repeats=2)
     diff = float((out - reference).abs().max()) if reference is not None else 0.0
-    return dict(part='sample', net='edm2-img512-xs', precision=precision, compiled=compiled, img_per_s=batch / seconds,
-                peak_gb=peak, max_diff_vs_fp32=diff), out
+    return dict(
+        part="sample",
+        net="edm2-img512-xs",
+        precision=precision,
+        compiled=compiled,
+        img_per_s=batch / seconds,
+        peak_gb=peak,
+        max_diff_vs_fp32=diff,
+    ), out
 
 
 @click.command()
-@click.option('--out', help='Write the results as JSON here', metavar='FILE', type=str, default=None)
+@click.option("--out", help="Write the results as JSON here", metavar="FILE", type=str, default=None)
 def main(out):
     """Check fp32/fp16/bf16 training, sampling, NCCL and count_flops on one GPU."""
     if not torch.cuda.is_available():
-        print('No GPU is present (torch.cuda.is_available() is False); nothing to check.')
+        print("No GPU is present (torch.cuda.is_available() is False); nothing to check.")
         return
-    device = torch.device('cuda')
+    device = torch.device("cuda")
     rows = []
-    precisions = ['fp32', 'fp16'] + (['bf16'] if torch.cuda.is_bf16_supported() else [])
+    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     for name in NETS:
         for compiled in (False, True):
             for precision in precisions:
                 rows.append(train_row(name, precision, compiled, device))
     reference = None
     for compiled in (False, True):
-        for precision in ('fp32', 'fp16'):
+        for precision in ("fp32", "fp16"):
             row, images = sample_row(precision, compiled, device, reference)
             reference = images if reference is None else reference
             rows.append(row)
 
     from torch_utils import distributed as dist
+
     dist.init()
     t = torch.ones([4], device=device)
     torch.distributed.all_reduce(t)
-    rows.append(dict(part='nccl', backend=torch.distributed.get_backend(), world_size=dist.get_world_size(),
-                     ok=bool(torch.equal(t, torch.ones_like(t)))))
+    rows.append(
+        dict(
+            part="nccl",
+            backend=torch.distributed.get_backend(),
+            world_size=dist.get_world_size(),
+            ok=bool(torch.equal(t, torch.ones_like(t))),
+        )
+    )
 
     import count_flops as cf
-    result = cf.count_flops(build('edm2-img512-xs', 'fp16', device), device='cuda')
-    rows.append(dict(part='count_flops', net='edm2-img512-xs', gflops=result.gflops, memory_mib=result.memory_bytes / 2**20))
 
-    fp32_loss = {(r['net'], r['compiled']): r['loss'] for r in rows if r['part'] == 'train' and r['precision'] == 'fp32'}
+    result = cf.count_flops(build("edm2-img512-xs", "fp16", device), device="cuda")
+    rows.append(
+        dict(part="count_flops", net="edm2-img512-xs", gflops=result.gflops, memory_mib=result.memory_bytes / 2**20)
+    )
+
+    fp32_loss = {
+        (r["net"], r["compiled"]): r["loss"] for r in rows if r["part"] == "train" and r["precision"] == "fp32"
+    }
     for r in rows:
-        if r['part'] == 'train':
-            r['loss_rel_fp32'] = abs(r['loss'] - fp32_loss[(r['net'], r['compiled'])]) / abs(fp32_loss[(r['net'], r['compiled'])])
-        print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()))
+        if r["part"] == "train":
+            r["loss_rel_fp32"] = abs(r["loss"] - fp32_loss[(r["net"], r["compiled"])]) / abs(
+                fp32_loss[(r["net"], r["compiled"])]
+            )
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if out is not None:
         import dnnlib
-        with dnnlib.util.atomic_write(out, mode='w') as f:
+
+        with dnnlib.util.atomic_write(out, mode="w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=2)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

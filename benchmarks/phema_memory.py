@@ -37,10 +37,14 @@ def write_snapshot(path, channels):
     torch.manual_seed(0)
     net = networks_edm2.Precond(img_resolution=64, img_channels=4, label_dim=1000, model_channels=channels)
     net = net.eval().requires_grad_(False).to(torch.float16)
-    data = dnnlib.EasyDict(encoder=encoders.StandardRGBEncoder(),
-                           dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset",
-                                                          path="img512-sd.zip", use_labels=True),
-                           loss_fn=training_loop.EDM2Loss(), ema=net)
+    data = dnnlib.EasyDict(
+        encoder=encoders.StandardRGBEncoder(),
+        dataset_kwargs=dnnlib.EasyDict(
+            class_name="training.dataset.ImageFolderDataset", path="img512-sd.zip", use_labels=True
+        ),
+        loss_fn=training_loop.EDM2Loss(),
+        ema=net,
+    )
     with open(path, "wb") as f:
         pickle.dump(data, f)
     return sum(p.numel() for p in net.parameters())
@@ -63,8 +67,14 @@ def peak_rss(cmd, env):
 @click.option("--inputs", help="Number of input snapshots", type=int, default=8, show_default=True)
 @click.option("--batches", help="Outputs per pass to measure", type=str, default="1,2,4,8", show_default=True)
 @click.option("--workdir", help="Scratch folder (default: a temporary one)", type=str, default=None)
-@click.option("--write-snapshot", "snapshot_path", help="(internal) write one snapshot here and exit", type=str,
-              default=None, hidden=True)
+@click.option(
+    "--write-snapshot",
+    "snapshot_path",
+    help="(internal) write one snapshot here and exit",
+    type=str,
+    default=None,
+    hidden=True,
+)
 def main(channels, inputs, batches, workdir, snapshot_path):
     if snapshot_path is not None:
         print(write_snapshot(snapshot_path, channels))
@@ -76,8 +86,9 @@ def main(channels, inputs, batches, workdir, snapshot_path):
         in_dir = os.path.join(root, "in")
         os.makedirs(in_dir)
         first = os.path.join(in_dir, "first.bin")
-        _, _, out = peak_rss([sys.executable, os.path.abspath(__file__), f"--channels={channels}",
-                              f"--write-snapshot={first}"], env)
+        _, _, out = peak_rss(
+            [sys.executable, os.path.abspath(__file__), f"--channels={channels}", f"--write-snapshot={first}"], env
+        )
         num_params = int(out.split()[-1])
         net_bytes = num_params * 4  # one network in float32: the size of one output's accumulator
         pkl_bytes = os.path.getsize(first)
@@ -89,8 +100,10 @@ def main(channels, inputs, batches, workdir, snapshot_path):
         os.remove(first)
 
         base, _, _ = peak_rss([sys.executable, "-c", "import reconstruct_phema"], env)
-        print(f"Network: {num_params / 1e6:.1f}M parameters, {net_bytes / 2**20:.0f} MiB in float32, "
-              f"snapshot pickle {pkl_bytes / 2**20:.0f} MiB; {2 * (inputs // 2)} inputs")
+        print(
+            f"Network: {num_params / 1e6:.1f}M parameters, {net_bytes / 2**20:.0f} MiB in float32, "
+            f"snapshot pickle {pkl_bytes / 2**20:.0f} MiB; {2 * (inputs // 2)} inputs"
+        )
         print(f"Fixed overhead (peak RSS of 'import reconstruct_phema'): {base / 2**20:.0f} MiB")
         print()
         print("| outputs per pass | peak RSS (MiB) | above overhead (MiB) | in networks | bound (n + 2) | time (s) |")
@@ -98,14 +111,22 @@ def main(channels, inputs, batches, workdir, snapshot_path):
         for b in batches:
             out_dir = os.path.join(root, f"out{b}")
             stds = ",".join(f"{0.02 + 0.01 * i:.3f}" for i in range(b))
-            cmd = [sys.executable, os.path.join(REPO_ROOT, "reconstruct_phema.py"), f"--indir={in_dir}",
-                   f"--outdir={out_dir}", f"--outstd={stds}", f"--batch={b}"]
+            cmd = [
+                sys.executable,
+                os.path.join(REPO_ROOT, "reconstruct_phema.py"),
+                f"--indir={in_dir}",
+                f"--outdir={out_dir}",
+                f"--outstd={stds}",
+                f"--batch={b}",
+            ]
             rss, secs, _ = peak_rss(cmd, env)
             assert len(os.listdir(out_dir)) == b
             shutil.rmtree(out_dir)
             above = (rss - base) / net_bytes
-            print(f"| {b} | {rss / 2**20:.0f} | {(rss - base) / 2**20:.0f} | {above:.2f} | {b + 2} | {secs:.1f} |",
-                  flush=True)
+            print(
+                f"| {b} | {rss / 2**20:.0f} | {(rss - base) / 2**20:.0f} | {above:.2f} | {b + 2} | {secs:.1f} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

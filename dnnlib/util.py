@@ -17,7 +17,8 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Optional, TextIO, Union
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, BinaryIO, Callable, Optional, TextIO, Union
 
 
 class EasyDict(dict):
@@ -370,7 +371,9 @@ def check_output_dir(path: str, option: str, what: str = "output directory") -> 
 
 def check_output_file(path: str, option: str, what: str = "output file") -> None:
     """Fail unless ``path`` can be written as a file: not a folder, in a folder that can be written."""
-    reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)), path)
+    reason = (
+        "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)), path)
+    )
     if reason is not None:
         raise ValueError(f'Cannot write {what} "{path}" ({option}): {reason}')
 
@@ -439,8 +442,16 @@ def _download_once(url: str, cache_dir: str, cache: bool, verbose: bool, timeout
         expected = int(expected) if expected is not None and expected.isdigit() else None
         fname = cache_file_name(url, res.headers.get("Content-Disposition"))
         show_bar = verbose and (expected is None or expected >= progress_min_bytes)
-        bar = tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=fname[33:][:40],
-                   disable=not show_bar, leave=False, file=sys.stderr)
+        bar = tqdm(
+            total=expected,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=fname[33:][:40],
+            disable=not show_bar,
+            leave=False,
+            file=sys.stderr,
+        )
 
         def chunks():
             for chunk in res.iter_content(chunk_size=1 << 20):
@@ -466,9 +477,16 @@ def _download_once(url: str, cache_dir: str, cache: bool, verbose: bool, timeout
             bar.close()
 
 
-def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True, retry_delay: Optional[float] = None,
-             timeout: float = 60.0) -> Union[BinaryIO, str]:
+def open_url(
+    url: str,
+    cache_dir: Optional[str] = None,
+    num_attempts: int = 10,
+    verbose: bool = True,
+    return_filename: bool = False,
+    cache: bool = True,
+    retry_delay: Optional[float] = None,
+    timeout: float = 60.0,
+) -> Union[BinaryIO, str]:
     """Open a local path, a ``file://`` URL or an http(s) URL as a binary file object.
 
     http(s) downloads are cached in ``cache_dir`` (default ``make_cache_dir_path('downloads')``)

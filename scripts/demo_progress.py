@@ -13,67 +13,79 @@ Layout (what ``progress_size`` computes): grids of ``width*scale x height*scale`
 import os
 import re
 import sys
-from typing import List, Tuple
 
 import click
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dnnlib  # noqa: E402  (the repository root is on the path only from here on)
 
-SAMPLES_RE = re.compile(r'samples-(\d{7})\.png')
+SAMPLES_RE = re.compile(r"samples-(\d{7})\.png")
 
 # ----------------------------------------------------------------------------
 
 
-def find_grids(run_dir: str) -> List[Tuple[int, str]]:
+def find_grids(run_dir: str) -> list[tuple[int, str]]:
     """(kimg, path) of every samples-*.png of a run directory, in kimg order."""
-    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
-             for m in [SAMPLES_RE.fullmatch(name)] if m]
+    found = [
+        (int(m.group(1)), os.path.join(run_dir, name))
+        for name in os.listdir(run_dir)
+        for m in [SAMPLES_RE.fullmatch(name)]
+        if m
+    ]
     return sorted(found)
 
 
-def progress_size(num_grids: int, width: int, height: int, scale: int = 2, gap: int = 8,
-                  label_height: int = 16) -> Tuple[int, int]:
+def progress_size(
+    num_grids: int, width: int, height: int, scale: int = 2, gap: int = 8, label_height: int = 16
+) -> tuple[int, int]:
     """(width, height) of the progress image."""
     return num_grids * (width * scale + gap) + gap, label_height + height * scale + 2 * gap
 
 
-def make_progress(run_dir: str, out: str, scale: int = 2, gap: int = 8, label_height: int = 16) -> Tuple[int, int]:
+def make_progress(run_dir: str, out: str, scale: int = 2, gap: int = 8, label_height: int = 16) -> tuple[int, int]:
     """Tile the run's grids into ``out`` (PNG, written atomically); returns its (width, height)."""
     grids = find_grids(run_dir)
     if not grids:
-        raise FileNotFoundError(f'{run_dir} has no samples-*.png (train with --grid > 0)')
-    images = [PIL.Image.open(path).convert('RGB') for _, path in grids]
+        raise FileNotFoundError(f"{run_dir} has no samples-*.png (train with --grid > 0)")
+    images = [PIL.Image.open(path).convert("RGB") for _, path in grids]
     width, height = images[0].size
-    canvas = PIL.Image.new('RGB', progress_size(len(images), width, height, scale, gap, label_height), (255, 255, 255))
+    canvas = PIL.Image.new("RGB", progress_size(len(images), width, height, scale, gap, label_height), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(canvas)
     font = PIL.ImageFont.load_default()
     for idx, ((kimg, _), image) in enumerate(zip(grids, images)):
         x = gap + idx * (width * scale + gap)
-        draw.text((x, gap // 2), f'{kimg} kimg', fill=(0, 0, 0), font=font)
+        draw.text((x, gap // 2), f"{kimg} kimg", fill=(0, 0, 0), font=font)
         canvas.paste(image.resize((width * scale, height * scale), PIL.Image.NEAREST), (x, gap + label_height))
     with dnnlib.util.atomic_path(out) as tmp:
-        canvas.save(tmp, format='PNG')
+        canvas.save(tmp, format="PNG")
     return canvas.size
+
 
 # ----------------------------------------------------------------------------
 
 
 @click.command()
-@click.option('--run', 'run_dir', help='Training run directory', metavar='DIR', type=str, required=True)
-@click.option('--out', help='Progress PNG to write', metavar='PNG', type=str, required=True)
-@click.option('--scale', help='Enlargement factor of each grid', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--run", "run_dir", help="Training run directory", metavar="DIR", type=str, required=True)
+@click.option("--out", help="Progress PNG to write", metavar="PNG", type=str, required=True)
+@click.option(
+    "--scale",
+    help="Enlargement factor of each grid",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+)
 def main(run_dir: str, out: str, scale: int) -> None:
     """Tile the sample grids of a run (samples-*.png) side by side with their kimg."""
     try:
         size = make_progress(run_dir, out, scale=scale)
     except OSError as err:
-        raise click.ClickException(' '.join(str(err).split())) from None
-    print(f'Wrote a {size[0]}x{size[1]} picture of {len(find_grids(run_dir))} grids to {out}')
+        raise click.ClickException(" ".join(str(err).split())) from None
+    print(f"Wrote a {size[0]}x{size[1]} picture of {len(find_grids(run_dir))} grids to {out}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -52,8 +52,11 @@ def help_text(module_name: str) -> str:
 
 
 def expected_files() -> dict:
-    return {DOCS / f"{stem}-help.txt": help_text(module) for stem, module in SCRIPTS.items()
-            if (REPO_ROOT / f"{module}.py").exists()}
+    return {
+        DOCS / f"{stem}-help.txt": help_text(module)
+        for stem, module in SCRIPTS.items()
+        if (REPO_ROOT / f"{module}.py").exists()
+    }
 
 
 def main(argv) -> int:

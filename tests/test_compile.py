@@ -18,8 +18,16 @@ pytestmark = pytest.mark.slow
 
 def tiny_net(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = N.Precond(img_resolution=8, img_channels=3, label_dim=4, model_channels=16, channel_mult=[1, 2],
-                    num_blocks=1, attn_resolutions=[4], channels_per_head=16)
+    net = N.Precond(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=4,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=16,
+    )
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim == 0:
@@ -71,9 +79,12 @@ def test_training_forward_and_backward_trace_as_one_graph():
     torch.testing.assert_close(logvar_compiled, logvar_eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile does not write MPConv's forced weight normalisation "
-                                       "(an in-place update of the parameter under no_grad) back to the "
-                                       "parameter, so weights and gradients differ from eager")
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch.compile does not write MPConv's forced weight normalisation "
+    "(an in-place update of the parameter under no_grad) back to the "
+    "parameter, so weights and gradients differ from eager",
+)
 def test_training_step_under_compile_matches_eager():
     torch.manual_seed(0)
     eager = N.MPConv(4, 5, kernel=[3, 3]).train()
@@ -93,8 +104,9 @@ def test_training_step_under_compile_matches_eager():
 def _images(net, **kwargs):
     import generate_images as gi
 
-    return torch.cat([r.images for r in gi.generate_images(net, seeds=[3, 4, 5], num_steps=3, verbose=False,
-                                                          device='cpu', **kwargs)])
+    return torch.cat(
+        [r.images for r in gi.generate_images(net, seeds=[3, 4, 5], num_steps=3, verbose=False, device="cpu", **kwargs)]
+    )
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
@@ -103,14 +115,15 @@ def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, capsys):
 
     def broken_compile(module, **kwargs):
         def fail(*args, **kwargs):
-            raise RuntimeError('no C compiler\nfound anywhere')
+            raise RuntimeError("no C compiler\nfound anywhere")
+
         return fail
 
-    monkeypatch.setattr(torch, 'compile', broken_compile)
+    monkeypatch.setattr(torch, "compile", broken_compile)
     images = _images(net, compile=True)
     assert torch.equal(images, expected)
-    lines = [line for line in capsys.readouterr().out.splitlines() if 'torch.compile failed' in line]
-    assert lines == ['torch.compile failed, running eagerly instead: no C compiler found anywhere']
+    lines = [line for line in capsys.readouterr().out.splitlines() if "torch.compile failed" in line]
+    assert lines == ["torch.compile failed, running eagerly instead: no C compiler found anywhere"]
 
 
 def test_compiled_sampling_matches_eager_across_batches():
@@ -126,7 +139,8 @@ def test_gpu_check_without_gpu_says_so_and_exits_0():
     import sys
 
     from tests.conftest import REPO_ROOT
+
     if torch.cuda.is_available():
-        pytest.skip('a GPU is present')
-    proc = subprocess.run([sys.executable, 'benchmarks/gpu_check.py'], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0 and 'No GPU is present' in proc.stdout
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "No GPU is present" in proc.stdout

@@ -43,8 +43,7 @@ def mpconv_flops(cin: int, cout: int, k: int, hw: int, tensor_gain: bool = False
     return weight + data
 
 
-def block_flops(cin: int, cout: int, emb: int, hw_in: int, flavor: str, resample: str = "keep",
-                heads: int = 0) -> int:
+def block_flops(cin: int, cout: int, emb: int, hw_in: int, flavor: str, resample: str = "keep", heads: int = 0) -> int:
     """Block.forward in eval mode on x [1, cin, H, W] with hw_in = H·W, emb [1, emb]."""
     C = cout
     total = 0
@@ -123,31 +122,40 @@ def two_level_precond_flops() -> int:
     #   emb_label = MPConv(10, E) linear; mp_sum 3·E; mp_silu 4·E
     total += 4 * Cn + mpconv_flops(Cn, E, 0, 1) + labels + mpconv_flops(labels, E, 0, 1) + 3 * E + 4 * E
     # Encoder (the ones channel comes from ones_like + cat: free):
-    total += mpconv_flops(img + 1, 16, 3, hw8)                        # 8x8_conv
-    total += block_flops(16, 16, E, hw8, "enc")                        # 8x8_block0
-    total += block_flops(16, 16, E, hw8, "enc", resample="down")       # 4x4_down
-    total += block_flops(16, 32, E, hw4, "enc", heads=2)               # 4x4_block0 (attention at 4)
+    total += mpconv_flops(img + 1, 16, 3, hw8)  # 8x8_conv
+    total += block_flops(16, 16, E, hw8, "enc")  # 8x8_block0
+    total += block_flops(16, 16, E, hw8, "enc", resample="down")  # 4x4_down
+    total += block_flops(16, 32, E, hw4, "enc", heads=2)  # 4x4_block0 (attention at 4)
     # Decoder; skips (encoder outputs) = [16@8, 16@8, 16@4, 32@4]. mp_cat scales both parts: one
     # mul per element of each, i.e. (Na + Nb)·hw.
-    total += block_flops(32, 32, E, hw4, "dec", heads=2)               # 4x4_in0 (always attention)
-    total += block_flops(32, 32, E, hw4, "dec")                        # 4x4_in1
-    total += (32 + 32) * hw4 + block_flops(64, 32, E, hw4, "dec", heads=2)   # 4x4_block0
-    total += (32 + 16) * hw4 + block_flops(48, 32, E, hw4, "dec", heads=2)   # 4x4_block1
-    total += block_flops(32, 32, E, hw4, "dec", resample="up")        # 8x8_up
-    total += (32 + 16) * hw8 + block_flops(48, 16, E, hw8, "dec")      # 8x8_block0
-    total += (16 + 16) * hw8 + block_flops(32, 16, E, hw8, "dec")      # 8x8_block1
+    total += block_flops(32, 32, E, hw4, "dec", heads=2)  # 4x4_in0 (always attention)
+    total += block_flops(32, 32, E, hw4, "dec")  # 4x4_in1
+    total += (32 + 32) * hw4 + block_flops(64, 32, E, hw4, "dec", heads=2)  # 4x4_block0
+    total += (32 + 16) * hw4 + block_flops(48, 32, E, hw4, "dec", heads=2)  # 4x4_block1
+    total += block_flops(32, 32, E, hw4, "dec", resample="up")  # 8x8_up
+    total += (32 + 16) * hw8 + block_flops(48, 16, E, hw8, "dec")  # 8x8_block0
+    total += (16 + 16) * hw8 + block_flops(32, 16, E, hw8, "dec")  # 8x8_block1
     # out_conv = MPConv(16, 3, 3×3) with gain=out_gain (a 0-dim tensor).
     total += mpconv_flops(16, img, 3, hw8, tensor_gain=True)
     assert res == 8
     return total
 
 
-TWO_LEVEL_KWARGS = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
-                        num_blocks=1, attn_resolutions=[4], channels_per_head=16)
+TWO_LEVEL_KWARGS = dict(
+    img_resolution=8,
+    img_channels=3,
+    label_dim=10,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=16,
+)
 
 
 def two_level_params() -> int:
     """Parameter count of the same network: every MPConv weight plus the scalar gains."""
+
     def conv(cin, cout, k):
         return cout * cin * max(k, 1) ** 2
 
@@ -169,6 +177,7 @@ def two_level_params() -> int:
 # Small configurations equal their hand-derived totals.
 
 
+@pytest.mark.slow
 def test_one_mpconv_layer():
     torch.manual_seed(0)
     conv = net_module.MPConv(4, 8, kernel=[3, 3])
@@ -228,6 +237,7 @@ def test_block_with_attention():
     assert result.flops == block_flops(16, 16, 20, 16, "dec", resample="up")
 
 
+@pytest.mark.slow
 def test_two_level_unet():
     torch.manual_seed(0)
     net = net_module.Precond(**TWO_LEVEL_KWARGS)
@@ -247,10 +257,14 @@ def test_two_level_unet():
 # The paper's preset table (params to 0.01 M, Gflops to 0.01), on the meta device.
 
 
-@pytest.mark.parametrize("preset,params_m,gflops", [
-    ("edm2-img512-xs", 124.71, 45.50),
-    ("edm2-img64-xs", 124.71, 45.49),
-])
+@pytest.mark.parametrize(
+    "preset,params_m,gflops",
+    [
+        ("edm2-img512-xs", 124.71, 45.50),
+        ("edm2-img64-xs", 124.71, 45.49),
+    ],
+)
+@pytest.mark.slow
 def test_preset_matches_spec_table(preset, params_m, gflops):
     result = cf.count_flops(cf.build_preset_network(preset, device="meta"))
     assert round(result.params / 1e6, 2) == params_m
@@ -261,8 +275,13 @@ def test_preset_matches_spec_table(preset, params_m, gflops):
 def test_preset_kwargs_follow_spec_table():
     assert len(cf.PRESETS) == 12
     xs = cf.PRESETS["edm2-img512-xs"]
-    assert (xs["img_resolution"], xs["img_channels"], xs["label_dim"], xs["model_channels"], xs["dropout"]) == \
-        (64, 4, 1000, 128, 0.0)
+    assert (xs["img_resolution"], xs["img_channels"], xs["label_dim"], xs["model_channels"], xs["dropout"]) == (
+        64,
+        4,
+        1000,
+        128,
+        0.0,
+    )
     m = cf.PRESETS["edm2-img64-m"]
     assert (m["img_channels"], m["model_channels"], m["dropout"]) == (3, 256, 0.1)
     assert cf.PRESETS["edm2-img512-xxl"]["model_channels"] == 448
@@ -281,12 +300,12 @@ class _Toy(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones([]))
 
     def forward(self, x, sigma, labels):
-        big = x.expand(1, 8, 4, 4) * 3       # new: 8·16 float32 = 512 bytes (the expand is a view of x)
-        small = big[:, :1] + 1               # new: 64 bytes -> 576 live, the peak
-        del big                              # 64 live
+        big = x.expand(1, 8, 4, 4) * 3  # new: 8·16 float32 = 512 bytes (the expand is a view of x)
+        small = big[:, :1] + 1  # new: 64 bytes -> 576 live, the peak
+        del big  # 64 live
         out = torch.cat([small] * 4, dim=1)  # new: 256 bytes -> 320 live
         if self.unknown_op:
-            out = out.cumsum(dim=1)          # not covered by the conventions: listed, counted 0
+            out = out.cumsum(dim=1)  # not covered by the conventions: listed, counted 0
         return out
 
 
@@ -311,8 +330,11 @@ def test_counting_leaves_settings_and_mode_as_they_were():
     toy = _Toy().train()
     cf.count_flops(toy, device="cpu")
     assert toy.training and toy.scale.requires_grad
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.benchmark) == before
+    assert (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    ) == before
 
 
 def test_second_count_sees_every_op():
@@ -333,10 +355,14 @@ def _write_snapshot(path) -> None:
 
     torch.manual_seed(0)
     net = net_module.Precond(**TWO_LEVEL_KWARGS).eval().requires_grad_(False).to(torch.float16)
-    data = dnnlib.EasyDict(encoder=StandardRGBEncoder(),
-                           dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset",
-                                                          path="data.zip", use_labels=True),
-                           loss_fn=None, ema=net)
+    data = dnnlib.EasyDict(
+        encoder=StandardRGBEncoder(),
+        dataset_kwargs=dnnlib.EasyDict(
+            class_name="training.dataset.ImageFolderDataset", path="data.zip", use_labels=True
+        ),
+        loss_fn=None,
+        ema=net,
+    )
     with open(path, "wb") as f:
         pickle.dump(data, f)
 
@@ -363,6 +389,7 @@ def test_cli_counts_a_project_pickle(tmp_path):
     assert _printed_totals(result.output)[:2] == (two_level_params(), two_level_precond_flops())
 
 
+@pytest.mark.slow
 def test_cli_counts_a_url(tmp_path, http_server, cache_dir):
     path = tmp_path / "net.pkl"
     _write_snapshot(path)
@@ -373,6 +400,7 @@ def test_cli_counts_a_url(tmp_path, http_server, cache_dir):
     assert http_server.requests == ["/models/net.pkl"]
 
 
+@pytest.mark.slow
 def test_cli_counts_a_preset():
     result = CliRunner().invoke(cf.main, ["edm2-img64-xs"])
     assert result.exit_code == 0, result.output

@@ -22,7 +22,7 @@ from training.dataset import ImageFolderDataset
 
 def png_bytes(img):
     buf = io.BytesIO()
-    PIL.Image.fromarray(img).save(buf, format='png')
+    PIL.Image.fromarray(img).save(buf, format="png")
     return buf.getvalue()
 
 
@@ -34,22 +34,22 @@ def npy_bytes(array):
 
 def write_dataset(path, files, kind):
     """files: {relative name: bytes}; kind 'zip' or 'dir'. Returns the dataset path."""
-    if kind == 'zip':
-        path = str(path) + '.zip'
-        with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+    if kind == "zip":
+        path = str(path) + ".zip"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
             for name, data in files.items():
                 z.writestr(name, data)
         return path
     for name, data in files.items():
-        full = os.path.join(str(path), *name.split('/'))
+        full = os.path.join(str(path), *name.split("/"))
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        with open(full, 'wb') as f:
+        with open(full, "wb") as f:
             f.write(data)
     return str(path)
 
 
 def labels_json(labels):
-    return json.dumps({'labels': labels}).encode()
+    return json.dumps({"labels": labels}).encode()
 
 
 def rgb_images(n, res=8):
@@ -60,18 +60,26 @@ def rgb_images(n, res=8):
 # 4. Shapes, dtypes, labels.
 
 
-@pytest.mark.parametrize('kind', ['zip', 'dir'])
+@pytest.mark.parametrize("kind", ["zip", "dir"])
 def test_png_dataset_shapes_dtypes_and_onehot_labels(tmp_path, kind):
     imgs = rgb_images(5)
     # Stored out of order and in two folders: items follow the sorted relative paths.
-    names = ['00001/img00000004.png', '00000/img00000002.png', '00000/img00000000.png', '00000/img00000001.png', '00001/img00000003.png']
+    names = [
+        "00001/img00000004.png",
+        "00000/img00000002.png",
+        "00000/img00000000.png",
+        "00000/img00000001.png",
+        "00001/img00000003.png",
+    ]
     raw_labels = {n: [3, 0, 5, 1, 0][int(n[-6:-4])] for n in names}
     files = {n: png_bytes(imgs[int(n[-6:-4])]) for n in names}
-    files['dataset.json'] = labels_json([[n, raw_labels[n]] for n in names])
-    path = write_dataset(tmp_path / 'data', files, kind)
+    files["dataset.json"] = labels_json([[n, raw_labels[n]] for n in names])
+    path = write_dataset(tmp_path / "data", files, kind)
 
-    ds = dnnlib.util.construct_class_by_name(class_name='training.dataset.ImageFolderDataset', path=path, use_labels=True)
-    assert len(ds) == 5 and ds.name == 'data'
+    ds = dnnlib.util.construct_class_by_name(
+        class_name="training.dataset.ImageFolderDataset", path=path, use_labels=True
+    )
+    assert len(ds) == 5 and ds.name == "data"
     assert ds.image_shape == [3, 8, 8] and ds.num_channels == 3 and ds.resolution == 8
     assert ds.label_shape == [6] and ds.label_dim == 6 and ds.has_labels and ds.has_onehot_labels
     for i in range(5):
@@ -91,15 +99,15 @@ def test_png_dataset_shapes_dtypes_and_onehot_labels(tmp_path, kind):
     ds.close()
 
 
-@pytest.mark.parametrize('kind', ['zip', 'dir'])
+@pytest.mark.parametrize("kind", ["zip", "dir"])
 def test_npy_dataset_float_labels_and_reshape(tmp_path, kind):
     latents = [np.random.RandomState(i).randn(8, 4, 4).astype(np.float32) for i in range(3)]
-    files = {f'00000/img-mean-std-{i:08d}.npy': npy_bytes(a) for i, a in enumerate(latents)}
-    files['extra/stacked.npy'] = npy_bytes(latents[0].reshape(2, 4, 4, 4))  # reshaped to [-1, H, W]
+    files = {f"00000/img-mean-std-{i:08d}.npy": npy_bytes(a) for i, a in enumerate(latents)}
+    files["extra/stacked.npy"] = npy_bytes(latents[0].reshape(2, 4, 4, 4))  # reshaped to [-1, H, W]
     float_labels = [[0.25, -1.0], [2.0, 0.0], [1.5, 3.0], [0.0, 0.0]]
     names = sorted(files)
-    files['dataset.json'] = labels_json([[n, float_labels[i]] for i, n in enumerate(names)])
-    path = write_dataset(tmp_path / 'latents', files, kind)
+    files["dataset.json"] = labels_json([[n, float_labels[i]] for i, n in enumerate(names)])
+    path = write_dataset(tmp_path / "latents", files, kind)
 
     ds = ImageFolderDataset(path)
     assert len(ds) == 4 and ds.image_shape == [8, 4, 4] and ds.resolution == 4
@@ -115,7 +123,7 @@ def test_npy_dataset_float_labels_and_reshape(tmp_path, kind):
 
 def test_grayscale_png_keeps_one_channel_and_null_labels(tmp_path):
     gray = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16).astype(np.uint8)
-    path = write_dataset(tmp_path / 'g', {'a.png': png_bytes(gray), 'dataset.json': labels_json(None)}, 'dir')
+    path = write_dataset(tmp_path / "g", {"a.png": png_bytes(gray), "dataset.json": labels_json(None)}, "dir")
     ds = ImageFolderDataset(path, resolution=16)
     assert ds.image_shape == [1, 16, 16] and ds.num_channels == 1
     np.testing.assert_array_equal(ds[0][0], gray[None])
@@ -124,38 +132,40 @@ def test_grayscale_png_keeps_one_channel_and_null_labels(tmp_path):
 
 def test_missing_label_entry_is_an_error(tmp_path):
     imgs = rgb_images(2)
-    files = {'a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1]), 'dataset.json': labels_json([['a.png', 0]])}
-    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, 'zip'))
-    with pytest.raises(OSError, match='b.png'):
+    files = {"a.png": png_bytes(imgs[0]), "b.png": png_bytes(imgs[1]), "dataset.json": labels_json([["a.png", 0]])}
+    ds = ImageFolderDataset(write_dataset(tmp_path / "d", files, "zip"))
+    with pytest.raises(OSError, match="b.png"):
         _ = ds.label_dim
 
 
-@pytest.mark.parametrize('kind', ['zip', 'dir'])
+@pytest.mark.parametrize("kind", ["zip", "dir"])
 def test_labels_of_absent_files_are_an_error(tmp_path, kind):
     imgs = rgb_images(2)
-    files = {'a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1])}
-    ghosts = [f'ghost{i}.png' for i in range(6)]
-    files['dataset.json'] = labels_json([['a.png', 0], ['b.png', 1]] + [[g, 2] for g in ghosts])
-    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, kind))
-    with pytest.raises(OSError, match=r'6 file.*ghost0\.png, ghost1\.png, ghost2\.png, ghost3\.png, ghost4\.png, \.\.\.') as info:
+    files = {"a.png": png_bytes(imgs[0]), "b.png": png_bytes(imgs[1])}
+    ghosts = [f"ghost{i}.png" for i in range(6)]
+    files["dataset.json"] = labels_json([["a.png", 0], ["b.png", 1]] + [[g, 2] for g in ghosts])
+    ds = ImageFolderDataset(write_dataset(tmp_path / "d", files, kind))
+    with pytest.raises(
+        OSError, match=r"6 file.*ghost0\.png, ghost1\.png, ghost2\.png, ghost3\.png, ghost4\.png, \.\.\."
+    ) as info:
         _ = ds.label_dim
-    assert 'ghost5' not in str(info.value)
-    assert ImageFolderDataset(write_dataset(tmp_path / 'u', files, kind), use_labels=False).label_dim == 0
+    assert "ghost5" not in str(info.value)
+    assert ImageFolderDataset(write_dataset(tmp_path / "u", files, kind), use_labels=False).label_dim == 0
 
 
 def test_symlinked_folders_and_files_are_followed(tmp_path):
     imgs = rgb_images(3)
-    write_dataset(tmp_path / 'real', {'00000/a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1])}, 'dir')
-    data = tmp_path / 'data'
+    write_dataset(tmp_path / "real", {"00000/a.png": png_bytes(imgs[0]), "b.png": png_bytes(imgs[1])}, "dir")
+    data = tmp_path / "data"
     data.mkdir()
-    (data / 'c.png').write_bytes(png_bytes(imgs[2]))
+    (data / "c.png").write_bytes(png_bytes(imgs[2]))
     try:
-        os.symlink(tmp_path / 'real' / '00000', data / '00000', target_is_directory=True)
-        os.symlink(tmp_path / 'real' / 'b.png', data / 'b.png')
-        os.symlink(data, data / '00000' / 'loop', target_is_directory=True)  # back up: must not recurse forever
+        os.symlink(tmp_path / "real" / "00000", data / "00000", target_is_directory=True)
+        os.symlink(tmp_path / "real" / "b.png", data / "b.png")
+        os.symlink(data, data / "00000" / "loop", target_is_directory=True)  # back up: must not recurse forever
     except (OSError, NotImplementedError):
-        pytest.skip('this system cannot create symbolic links')
-    (data / 'dataset.json').write_text(json.dumps({'labels': [['00000/a.png', 0], ['b.png', 1], ['c.png', 2]]}))
+        pytest.skip("this system cannot create symbolic links")
+    (data / "dataset.json").write_text(json.dumps({"labels": [["00000/a.png", 0], ["b.png", 1], ["c.png", 2]]}))
     ds = ImageFolderDataset(str(data))
     assert len(ds) == 3
     for i in range(3):
@@ -170,9 +180,9 @@ def test_symlinked_folders_and_files_are_followed(tmp_path):
 
 def test_xflip_appends_mirrored_copies(tmp_path):
     imgs = rgb_images(3)
-    files = {f'{i}.png': png_bytes(img) for i, img in enumerate(imgs)}
-    files['dataset.json'] = labels_json([[f'{i}.png', i] for i in range(3)])
-    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, 'zip'), xflip=True)
+    files = {f"{i}.png": png_bytes(img) for i, img in enumerate(imgs)}
+    files["dataset.json"] = labels_json([[f"{i}.png", i] for i in range(3)])
+    ds = ImageFolderDataset(write_dataset(tmp_path / "d", files, "zip"), xflip=True)
     assert len(ds) == 6
     for i in range(6):
         image, label = ds[i]
@@ -185,8 +195,8 @@ def test_xflip_appends_mirrored_copies(tmp_path):
 
 def test_max_size_seeded_subset(tmp_path):
     n, k = 20, 6
-    files = {f'{i:02d}.npy': npy_bytes(np.full([1, 2, 2], i, np.float32)) for i in range(n)}
-    path = write_dataset(tmp_path / 'd', files, 'dir')
+    files = {f"{i:02d}.npy": npy_bytes(np.full([1, 2, 2], i, np.float32)) for i in range(n)}
+    path = write_dataset(tmp_path / "d", files, "dir")
 
     def items(**kwargs):
         ds = ImageFolderDataset(path, **kwargs)
@@ -208,15 +218,15 @@ def test_max_size_seeded_subset(tmp_path):
 
 def test_cache_keeps_loaded_items(tmp_path):
     imgs = rgb_images(2)
-    path = write_dataset(tmp_path / 'd', {'a.png': png_bytes(imgs[0]), 'b.png': png_bytes(imgs[1])}, 'dir')
+    path = write_dataset(tmp_path / "d", {"a.png": png_bytes(imgs[0]), "b.png": png_bytes(imgs[1])}, "dir")
     cached = ImageFolderDataset(path, cache=True)
     plain = ImageFolderDataset(path, cache=False)
     first = cached[1][0]
     first[:] = 0  # items are copies: changing one does not change the cache
     plain[1]
-    os.remove(os.path.join(path, 'b.png'))
+    os.remove(os.path.join(path, "b.png"))
     np.testing.assert_array_equal(cached[1][0], imgs[1].transpose(2, 0, 1))
-    with pytest.raises(OSError, match='b.png'):
+    with pytest.raises(OSError, match="b.png"):
         plain[1]
 
 
@@ -225,20 +235,20 @@ def test_cache_keeps_loaded_items(tmp_path):
 
 
 def test_bad_paths_raise_ioerror(tmp_path):
-    with pytest.raises(IOError, match='does not exist'):
-        ImageFolderDataset(str(tmp_path / 'missing.zip'))
-    (tmp_path / 'file.txt').write_text('x')
-    with pytest.raises(IOError, match='directory or a .zip'):
-        ImageFolderDataset(str(tmp_path / 'file.txt'))
-    (tmp_path / 'broken.zip').write_bytes(b'not a zip')
-    with pytest.raises(IOError, match='ZIP'):
-        ImageFolderDataset(str(tmp_path / 'broken.zip'))
-    (tmp_path / 'empty').mkdir()
-    (tmp_path / 'empty' / 'dataset.json').write_text('{"labels": null}')
-    with pytest.raises(IOError, match='No image'):
-        ImageFolderDataset(str(tmp_path / 'empty'))
-    path = write_dataset(tmp_path / 'd', {'a.png': png_bytes(rgb_images(1)[0])}, 'zip')
-    with pytest.raises(IOError, match='resolution 16'):
+    with pytest.raises(IOError, match="does not exist"):
+        ImageFolderDataset(str(tmp_path / "missing.zip"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(IOError, match="directory or a .zip"):
+        ImageFolderDataset(str(tmp_path / "file.txt"))
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    with pytest.raises(IOError, match="ZIP"):
+        ImageFolderDataset(str(tmp_path / "broken.zip"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "dataset.json").write_text('{"labels": null}')
+    with pytest.raises(IOError, match="No image"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+    path = write_dataset(tmp_path / "d", {"a.png": png_bytes(rgb_images(1)[0])}, "zip")
+    with pytest.raises(IOError, match="resolution 16"):
         ImageFolderDataset(path, resolution=16)
 
 
@@ -248,7 +258,7 @@ def test_bad_paths_raise_ioerror(tmp_path):
 
 def test_pickle_drops_the_zip_handle(tmp_path):
     imgs = rgb_images(3)
-    path = write_dataset(tmp_path / 'd', {f'{i}.png': png_bytes(img) for i, img in enumerate(imgs)}, 'zip')
+    path = write_dataset(tmp_path / "d", {f"{i}.png": png_bytes(img) for i, img in enumerate(imgs)}, "zip")
     ds = ImageFolderDataset(path)
     ds[0]
     assert isinstance(ds._zipfile, zipfile.ZipFile)  # opened on use
@@ -279,17 +289,19 @@ def _rss_mb(proc):
     return total / 2**20
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def large_zip(tmp_path_factory):
     """A ZIP of 3000 NPY latents (4x32x32 float32, 16 KiB each: about 48 MiB in all); item i holds i."""
     n = 3000
-    path = tmp_path_factory.mktemp('large') / 'latents.zip'
+    path = tmp_path_factory.mktemp("large") / "latents.zip"
     base = np.random.RandomState(0).randn(4, 32, 32).astype(np.float32)
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
         for i in range(n):
             base[0, 0, 0] = i
-            z.writestr(f'{i // 1000:05d}/img-mean-std-{i:08d}.npy', npy_bytes(base))
-        z.writestr('dataset.json', labels_json([[f'{i // 1000:05d}/img-mean-std-{i:08d}.npy', i % 10] for i in range(n)]))
+            z.writestr(f"{i // 1000:05d}/img-mean-std-{i:08d}.npy", npy_bytes(base))
+        z.writestr(
+            "dataset.json", labels_json([[f"{i // 1000:05d}/img-mean-std-{i:08d}.npy", i % 10] for i in range(n)])
+        )
     return str(path), n, os.path.getsize(path) / 2**20
 
 
@@ -316,6 +328,7 @@ def _two_epochs(path, cache):
     return seen, pairs, main_pid, float(np.median(rss[-3:]) - np.median(rss[:3]))
 
 
+@pytest.mark.slow
 def test_dataloader_workers_own_handles_and_flat_memory(large_zip):
     path, n, size_mb = large_zip
     seen, pairs, main_pid, growth = _two_epochs(path, cache=False)
@@ -325,9 +338,10 @@ def test_dataloader_workers_own_handles_and_flat_memory(large_zip):
     assert all(pid == zip_pid for pid, zip_pid in pairs)  # every read used a handle its own process opened
     # Memory stays flat: far less growth than the ~48 MiB read twice.
     assert size_mb > 40
-    assert growth < 12, f'RSS grew by {growth:.1f} MiB over two epochs of a {size_mb:.0f} MiB dataset'
+    assert growth < 12, f"RSS grew by {growth:.1f} MiB over two epochs of a {size_mb:.0f} MiB dataset"
 
 
+@pytest.mark.slow
 def test_dataloader_memory_check_detects_caching(large_zip):
     # The same measurement with cache=True must see the dataset pile up in the workers' memory:
     # evidence that the bound above is meaningful.

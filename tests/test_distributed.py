@@ -27,13 +27,22 @@ def _samples(rank, interval):
     return rng.randn(7 + 3 * rank) * (rank + 1) + rank
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     outdir = tmp_path / "run"
     resultdir = tmp_path / "results"
     outdir.mkdir()
     resultdir.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO_ROOT / "tests" / "scripts" / "dist_check.py"), str(outdir), str(resultdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO_ROOT / "tests" / "scripts" / "dist_check.py"),
+        str(outdir),
+        str(resultdir),
+    ]
     env = subprocess_env(CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -165,7 +174,9 @@ def test_training_stats_all_non_finite_interval_reads_nan():
     training_stats.report("ts5/loss", torch.full([4], float("nan")))
     training_stats.report("ts5/loss", float("inf"))
     collector.update()
-    assert collector.num("ts5/loss") == 0 and np.isnan(collector.mean("ts5/loss")) and np.isnan(collector.std("ts5/loss"))
+    assert (
+        collector.num("ts5/loss") == 0 and np.isnan(collector.mean("ts5/loss")) and np.isnan(collector.std("ts5/loss"))
+    )
     collector.update()  # nothing reported: keep_previous keeps the (NaN) value
     assert np.isnan(collector.mean("ts5/loss"))
     training_stats.report("ts5/loss", [float("nan"), 5.0])  # some finite samples: their mean
@@ -248,9 +259,16 @@ def test_checkpoint_loads_reference_style_easydict(tmp_path):
     _, net, opt, _ = _make_objects(0)
     path = tmp_path / "training-state-0001000.pt"
     # Reference checkpoints pickle `state` as a dnnlib.util.EasyDict.
-    torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1000448, total_elapsed_time=3.0), net=net.state_dict(),
-                    loss_fn=dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5), optimizer=opt.state_dict(),
-                    ema=dict(stds=[0.05], emas=[net.state_dict()])), str(path))
+    torch.save(
+        dict(
+            state=dnnlib.EasyDict(cur_nimg=1000448, total_elapsed_time=3.0),
+            net=net.state_dict(),
+            loss_fn=dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5),
+            optimizer=opt.state_dict(),
+            ema=dict(stds=[0.05], emas=[net.state_dict()]),
+        ),
+        str(path),
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(str(path), weights_only=True)  # the allow-list is what makes this work
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
@@ -258,7 +276,8 @@ def test_checkpoint_loads_reference_style_easydict(tmp_path):
     _, net2, opt2, _ = _make_objects(5)
     ema = {}
     dist.CheckpointIO(state=state, net=net2, loss_fn=loss, optimizer=opt2, ema=ema, absent=None).load(
-        str(path), verbose=False)
+        str(path), verbose=False
+    )
     assert state == dict(cur_nimg=1000448, total_elapsed_time=3.0)
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-0.4, 1.0, 0.5)
     assert ema["stds"] == [0.05] and torch.equal(net2[0].weight, net[0].weight)
@@ -271,7 +290,9 @@ def test_checkpoint_loads_reference_numpy_learning_rate(tmp_path):
     for group in opt.param_groups:
         group["lr"] = np.float64(0.0123)
     path = tmp_path / "training-state-0000001.pt"
-    torch.save(dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=1.0), optimizer=opt.state_dict()), str(path))
+    torch.save(
+        dict(state=dnnlib.EasyDict(cur_nimg=1024, total_elapsed_time=1.0), optimizer=opt.state_dict()), str(path)
+    )
     _, _, opt2, _ = _make_objects(3)
     state = dnnlib.EasyDict()
     dist.CheckpointIO(state=state, optimizer=opt2).load(str(path), verbose=False)

@@ -80,8 +80,10 @@ def test_one_line():
     assert util.one_line(KeyError()) == "KeyError"
     assert util.one_line(FileNotFoundError(2, "No such file or directory", "/x/y")) == "No such file or directory: /x/y"
     # An error re-raised from a data-loader worker: the last line of its traceback, without the type.
-    worker = OSError('Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n'
-                     '  File "x.py", line 1, in f\n    g()\nOSError: Cannot read 1.png in data: truncated\n')
+    worker = OSError(
+        "Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    g()\nOSError: Cannot read 1.png in data: truncated\n'
+    )
     assert util.one_line(worker) == "Cannot read 1.png in data: truncated"
 
 
@@ -91,7 +93,9 @@ def test_checks_of_inputs(tmp_path):
     util.check_input_file((tmp_path / "file.pkl").as_uri(), "--net")
     util.check_input_file("http://127.0.0.1:9/missing.pkl", "--net")  # URLs are checked when opened
     util.check_input_file(str(tmp_path), "--data", allow_dir=True)
-    with pytest.raises(FileNotFoundError, match=r'Cannot open network pickle ".*missing.pkl" \(--net\): it does not exist'):
+    with pytest.raises(
+        FileNotFoundError, match=r'Cannot open network pickle ".*missing.pkl" \(--net\): it does not exist'
+    ):
         util.check_input_file(str(tmp_path / "missing.pkl"), "--net", what="network pickle")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         util.check_input_file((tmp_path / "missing.pkl").as_uri(), "--net")
@@ -141,11 +145,21 @@ def test_get_obj_by_name_errors():
         util.call_func_by_name(func_name="math.pi")
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (0, "0s"), (59.4, "59s"), (59.6, "1m 00s"), (61, "1m 01s"), (3599, "59m 59s"),
-    (3600, "1h 00m 00s"), (3 * 3600 + 4 * 60 + 5, "3h 04m 05s"), (86399, "23h 59m 59s"),
-    (86400, "1d 00h 00m"), (2 * 86400 + 3 * 3600 + 7 * 60 + 59, "2d 03h 07m"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0s"),
+        (59.4, "59s"),
+        (59.6, "1m 00s"),
+        (61, "1m 01s"),
+        (3599, "59m 59s"),
+        (3600, "1h 00m 00s"),
+        (3 * 3600 + 4 * 60 + 5, "3h 04m 05s"),
+        (86399, "23h 59m 59s"),
+        (86400, "1d 00h 00m"),
+        (2 * 86400 + 3 * 3600 + 7 * 60 + 59, "2d 03h 07m"),
+    ],
+)
 def test_format_time(seconds, text):
     assert util.format_time(seconds) == text
 
@@ -215,8 +229,9 @@ def test_open_url_explicit_cache_dir_and_set_cache_dir(http_server, tmp_path):
     http_server.routes["/x.bin"] = b"xyz"
     url = http_server.url("/x.bin")
     target = tmp_path / "explicit"
-    assert util.open_url(url, cache_dir=str(target), return_filename=True, verbose=False) == \
-        str(target / _spec_name(url, url))
+    assert util.open_url(url, cache_dir=str(target), return_filename=True, verbose=False) == str(
+        target / _spec_name(url, url)
+    )
     util.set_cache_dir(str(tmp_path / "root"))
     try:
         assert util.make_cache_dir_path("downloads") == str(tmp_path / "root" / "downloads")
@@ -234,7 +249,9 @@ def test_cache_name_uses_content_disposition(http_server, cache_dir):
         body = b"payload"
         req.send_response(200)
         req.send_header("Content-Length", str(len(body)))
-        req.send_header("Content-Disposition", 'attachment; filename="' + long_name.encode("utf-8").decode("latin-1") + '"')
+        req.send_header(
+            "Content-Disposition", 'attachment; filename="' + long_name.encode("utf-8").decode("latin-1") + '"'
+        )
         req.end_headers()
         req.wfile.write(body)
 

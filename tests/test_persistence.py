@@ -18,8 +18,15 @@ from torch_utils import persistence
 from training import encoders
 from training import networks_edm2 as N
 
-NET_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[8])
+NET_KWARGS = dict(
+    img_resolution=16,
+    img_channels=3,
+    label_dim=10,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+)
 NETWORK_CLASSES = [N.MPFourier, N.MPConv, N.Block, N.UNet, N.Precond]
 
 
@@ -58,7 +65,12 @@ def test_pickled_meta_has_exactly_the_spec_fields():
     data = pickle.dumps(make_snapshot())
     recorder = MetaRecorder(io.BytesIO(data))
     snapshot = recorder.load()
-    assert type(snapshot) is dnnlib.EasyDict and list(snapshot.keys()) == ["encoder", "dataset_kwargs", "loss_fn", "ema"]
+    assert type(snapshot) is dnnlib.EasyDict and list(snapshot.keys()) == [
+        "encoder",
+        "dataset_kwargs",
+        "loss_fn",
+        "ema",
+    ]
     network_src = (REPO_ROOT / "training" / "networks_edm2.py").read_text()
     encoder_src = (REPO_ROOT / "training" / "encoders.py").read_text()
     names = set()
@@ -77,6 +89,7 @@ def test_pickled_meta_has_exactly_the_spec_fields():
     assert state["training"] is False
 
 
+@pytest.mark.slow
 def test_loads_in_fresh_process_through_embedded_source(tmp_path):
     snapshot = make_snapshot()
     expected = reference_output(snapshot.ema)
@@ -91,7 +104,7 @@ def test_loads_in_fresh_process_through_embedded_source(tmp_path):
         (fake / name).write_text("raise ImportError('the original module must not be imported')\n")
     script = textwrap.dedent(f"""
         import pickle, sys, torch
-        sys.path[:0] = [{str(tmp_path / 'fake_tree')!r}, {str(REPO_ROOT)!r}]
+        sys.path[:0] = [{str(tmp_path / "fake_tree")!r}, {str(REPO_ROOT)!r}]
         with open({str(pkl)!r}, 'rb') as f:
             data = pickle.load(f)
         net = data['ema']
@@ -101,7 +114,7 @@ def test_loads_in_fresh_process_through_embedded_source(tmp_path):
         x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), torch.eye(10)[[2, 7]]
         with torch.no_grad():
             out = net.float()(x, sigma, labels)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         assert torch.equal(out, expected), (out - expected).abs().max()
         print('OK', type(data['encoder']).__name__)
     """)
@@ -176,7 +189,9 @@ def test_safe_load_refuses_code_execution_payload(tmp_path):
     assert "system" in message and "\n" not in message
     assert not marker.exists()
     # The payload is also refused when hidden inside a persistent object's state.
-    meta = dict(type="class", version=6, module_src="", class_name="Precond", state=dict(x=_SystemCall(f"touch {marker}")))
+    meta = dict(
+        type="class", version=6, module_src="", class_name="Precond", state=dict(x=_SystemCall(f"touch {marker}"))
+    )
     hidden = pickle.dumps(_Reduce(persistence._reconstruct_persistent_obj, (meta,)))
     with pytest.raises(persistence.UnsafePickleError):
         persistence.safe_load(io.BytesIO(hidden))
@@ -192,8 +207,13 @@ class _Reduce:
 
 
 def test_safe_load_refuses_unknown_persistent_class():
-    meta = dict(type="class", version=6, module_src="import os\nos.system('true')\nclass Evil: pass\n",
-                class_name="Evil", state={})
+    meta = dict(
+        type="class",
+        version=6,
+        module_src="import os\nos.system('true')\nclass Evil: pass\n",
+        class_name="Evil",
+        state={},
+    )
     data = pickle.dumps(_Reduce(persistence._reconstruct_persistent_obj, (meta,)))
     with pytest.raises(persistence.UnsafePickleError, match="'Evil'"):
         persistence.safe_load(io.BytesIO(data))
@@ -214,15 +234,27 @@ def test_embedded_modules_import_only_what_the_reference_tree_has(module):
     # their own packages, so their module-level imports are limited to this list.
     import ast
 
-    allowed = {"numpy", "torch", "psutil", "dnnlib", "torch_utils.persistence", "torch_utils.misc",
-               "torch_utils.distributed", "torch_utils.training_stats"}
-    stdlib = getattr(sys, "stdlib_module_names", {"copy", "os", "pickle", "re", "sys", "time", "typing", "warnings", "weakref"})
+    allowed = {
+        "numpy",
+        "torch",
+        "psutil",
+        "dnnlib",
+        "torch_utils.persistence",
+        "torch_utils.misc",
+        "torch_utils.distributed",
+        "torch_utils.training_stats",
+    }
+    stdlib = getattr(
+        sys, "stdlib_module_names", {"copy", "os", "pickle", "re", "sys", "time", "typing", "warnings", "weakref"}
+    )
     tree = ast.parse((REPO_ROOT / module).read_text())
     for node in tree.body:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            names = [f"{node.module}.{alias.name}" if node.module == "torch_utils" else node.module for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}" if node.module == "torch_utils" else node.module for alias in node.names
+            ]
         else:
             continue
         for name in names:
@@ -272,8 +304,11 @@ def test_edited_source_warns_once_and_is_kept_when_resaved(monkeypatch, capsys):
     # network embeds the input's source again, and the copy did not execute it.
     for obj in (loaded, copy.deepcopy(loaded)):
         sources = embedded_sources(pickle.dumps(obj))
-        assert {name: hashlib.sha256(src.encode("utf-8")).hexdigest() for name, src in sources.items()
-                if name != "StandardRGBEncoder"} == dict.fromkeys(["MPFourier", "MPConv", "Block", "UNet", "Precond"], digest)
+        assert {
+            name: hashlib.sha256(src.encode("utf-8")).hexdigest()
+            for name, src in sources.items()
+            if name != "StandardRGBEncoder"
+        } == dict.fromkeys(["MPFourier", "MPConv", "Block", "UNet", "Precond"], digest)
         assert sources["StandardRGBEncoder"] == encoders.StandardRGBEncoder._orig_module_src
     assert EDITED_NETWORK_SRC not in persistence._src_to_module_dict
 
@@ -307,16 +342,30 @@ def _drop_attention(net):
 
 
 MISMATCHES = [
-    (_replace_weight, "Precond: parameter unet.enc.16x16_block0.conv_res0.weight has shape [32, 16, 3, 3] in the pickle, "
-                      "[32, 32, 3, 3] in the standard network"),
+    (
+        _replace_weight,
+        "Precond: parameter unet.enc.16x16_block0.conv_res0.weight has shape [32, 16, 3, 3] in the pickle, "
+        "[32, 32, 3, 3] in the standard network",
+    ),
     (lambda net: net.unet._parameters.pop("out_gain"), "Precond: parameter unet.out_gain is missing from the pickle"),
-    (lambda net: net.logvar_fourier._buffers.pop("phases"), "Precond: buffer logvar_fourier.phases is missing from the pickle"),
+    (
+        lambda net: net.logvar_fourier._buffers.pop("phases"),
+        "Precond: buffer logvar_fourier.phases is missing from the pickle",
+    ),
     (_drop_attention, "Precond: submodule unet.enc.8x8_block0.attn_qkv is missing from the pickle"),
-    (lambda net: net.unet.dec.add_module("extra", N.MPConv(1, 1, kernel=[])), "Precond: the pickle has an extra submodule unet.dec.extra"),
-    (lambda net: delattr(net.unet.enc["16x16_block0"], "res_balance"),
-     "Precond: attribute unet.enc.16x16_block0.res_balance is missing from the pickle"),
+    (
+        lambda net: net.unet.dec.add_module("extra", N.MPConv(1, 1, kernel=[])),
+        "Precond: the pickle has an extra submodule unet.dec.extra",
+    ),
+    (
+        lambda net: delattr(net.unet.enc["16x16_block0"], "res_balance"),
+        "Precond: attribute unet.enc.16x16_block0.res_balance is missing from the pickle",
+    ),
     (lambda net: setattr(net.unet, "skip_scale", 0.5), "Precond: the pickle has an extra attribute unet.skip_scale"),
-    (lambda net: net._init_kwargs.update(unet_depth=3), "Precond: the standard Precond cannot be built from the pickle's init arguments"),
+    (
+        lambda net: net._init_kwargs.update(unet_depth=3),
+        "Precond: the standard Precond cannot be built from the pickle's init arguments",
+    ),
 ]
 
 

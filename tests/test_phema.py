@@ -80,13 +80,22 @@ def test_exp_to_std_closed_form_and_cubic():
 
 @pytest.mark.parametrize(
     "ta, sa, tb, sb",
-    [(1.0, 0.05, 1.0, 0.10), (0.6, 0.10, 1.0, 0.05), (1.0, 0.02, 0.3, 0.25), (2.5, 0.15, 2.5, 0.15), (1e6, 0.05, 7e5, 0.1)],
+    [
+        (1.0, 0.05, 1.0, 0.10),
+        (0.6, 0.10, 1.0, 0.05),
+        (1.0, 0.02, 0.3, 0.25),
+        (2.5, 0.15, 2.5, 0.15),
+        (1e6, 0.05, 7e5, 0.1),
+    ],
 )
 def test_correlation_equals_numerical_integral(ta, sa, tb, sb):
     ga, gb = phema.std_to_exp(sa), phema.std_to_exp(sb)
     end = min(ta, tb)
+
     # Integrate in u = tau / end (the profiles are concentrated near the end for large gamma).
-    integrand = lambda u: profile(u * end, ta, ga) * profile(u * end, tb, gb) * end
+    def integrand(u):
+        return profile(u * end, ta, ga) * profile(u * end, tb, gb) * end
+
     expected, _ = scipy.integrate.quad(integrand, 0, 1, epsabs=0, epsrel=1e-12, limit=200)
     got = phema.power_function_correlation(ta, sa, tb, sb)
     assert got == pytest.approx(expected, rel=1e-9)
@@ -126,7 +135,10 @@ def test_posthoc_solution_matches_numerical_least_squares():
 
     def inner(ta, ga, tb, gb):
         end = min(ta, tb)
-        f = lambda tau: profile(tau, ta, ga) * profile(tau, tb, gb)
+
+        def f(tau):
+            return profile(tau, ta, ga) * profile(tau, tb, gb)
+
         return scipy.integrate.quad(f, 0, end, epsabs=0, epsrel=1e-12, limit=200)[0]
 
     A = np.array([[inner(ti, gi, tj, gj) for tj, gj in zip(in_t, g_in)] for ti, gi in zip(in_t, g_in)])

@@ -17,7 +17,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 class GaussianDenoiser:
     """Exact denoiser of N(mu, s^2 I), computed in float64 and returned in ``out_dtype``."""
 
-    def __init__(self, mu, s, out_dtype=torch.float32, name='net', log=None):
+    def __init__(self, mu, s, out_dtype=torch.float32, name="net", log=None):
         self.mu = torch.as_tensor(mu, dtype=torch.float64)
         self.s = float(s)
         self.out_dtype = out_dtype
@@ -28,13 +28,13 @@ class GaussianDenoiser:
         self.log.append((self.name, sigma, labels))
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         x = x.to(torch.float64)
-        return ((self.s ** 2 * x + sigma ** 2 * self.mu) / (self.s ** 2 + sigma ** 2)).to(self.out_dtype)
+        return ((self.s**2 * x + sigma**2 * self.mu) / (self.s**2 + sigma**2)).to(self.out_dtype)
 
 
 def exact_ode_solution(noise, mu, s, sigma_end=0.0):
     """x(sigma_end) of the probability-flow ODE started at x(sigma_max) = sigma_max * noise."""
     noise, mu = noise.to(torch.float64), torch.as_tensor(mu, dtype=torch.float64)
-    return mu + (SIGMA_MAX * noise - mu) * np.sqrt(s ** 2 + sigma_end ** 2) / np.sqrt(s ** 2 + SIGMA_MAX ** 2)
+    return mu + (SIGMA_MAX * noise - mu) * np.sqrt(s**2 + sigma_end**2) / np.sqrt(s**2 + SIGMA_MAX**2)
 
 
 def schedule(num_steps, rho=7):
@@ -51,19 +51,22 @@ def heun_moments(s, num_steps, S_churn=0.0, S_min=0.0, S_max=np.inf):
     t_hat^2 - t^2. Returns (f_total, var): the factor applied to the initial deviation, and the
     output variance per unit data variance, for initial noise of variance sigma_max^2."""
     t = schedule(num_steps)
-    a = lambda sigma: sigma / (s ** 2 + sigma ** 2)
-    f_total, var = 1.0, SIGMA_MAX ** 2
+
+    def a(sigma):
+        return sigma / (s**2 + sigma**2)
+
+    f_total, var = 1.0, SIGMA_MAX**2
     for i in range(num_steps):
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0
         t_hat = t[i] * (1 + gamma)
-        var += t_hat ** 2 - t[i] ** 2
+        var += t_hat**2 - t[i] ** 2
         h = t[i + 1] - t_hat
         f = 1 + h * a(t_hat)  # Euler
         if i < num_steps - 1:
             f = 1 + h / 2 * (a(t_hat) + a(t[i + 1]) * f)  # Heun
         f_total *= f
-        var *= f ** 2
-    return f_total, var / s ** 2
+        var *= f**2
+    return f_total, var / s**2
 
 
 def rel_err(x, ref, mu=0.0):
@@ -181,15 +184,15 @@ def test_guidance_extrapolates_denoisers():
 def test_guidance_call_order_and_labels():
     log = []
     labels = torch.eye(4)[[1, 3]]
-    net, gnet = GaussianDenoiser(0.2, 0.5, name='net', log=log), GaussianDenoiser(-0.2, 0.5, name='gnet', log=log)
+    net, gnet = GaussianDenoiser(0.2, 0.5, name="net", log=log), GaussianDenoiser(-0.2, 0.5, name="gnet", log=log)
     gi.edm_sampler(net, torch.randn([2, 1, 4, 4]), labels=labels, gnet=gnet, guidance=1.7, num_steps=3)
-    assert [name for name, _, _ in log] == ['net', 'gnet'] * 5  # main net first, then the guiding net
+    assert [name for name, _, _ in log] == ["net", "gnet"] * 5  # main net first, then the guiding net
     assert all(lab is labels for _, _, lab in log)
 
 
 def test_guidance_one_never_runs_guiding_net():
     def gnet(*args, **kwargs):
-        raise AssertionError('guiding network evaluated with guidance 1')
+        raise AssertionError("guiding network evaluated with guidance 1")
 
     noise = torch.randn([2, 1, 4, 4])
     x = gi.edm_sampler(GaussianDenoiser(0.1, 0.5), noise, gnet=gnet, guidance=1, num_steps=4)
@@ -198,18 +201,18 @@ def test_guidance_one_never_runs_guiding_net():
 
 
 def test_stacked_generator_rows_come_from_own_seed():
-    seeds = [5, 0, 5, 2 ** 32 + 7, 123456789]
-    rnd = gi.StackedRandomGenerator('cpu', seeds)
+    seeds = [5, 0, 5, 2**32 + 7, 123456789]
+    rnd = gi.StackedRandomGenerator("cpu", seeds)
     noise = rnd.randn([len(seeds), 2, 3, 3])
     classes = rnd.randint(10, size=[len(seeds)])
     churn = rnd.randn_like(noise)
     assert noise.shape == (5, 2, 3, 3) and classes.shape == (5,) and churn.shape == noise.shape
     for n, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(seed % 2 ** 32)
+        g = torch.Generator().manual_seed(seed % 2**32)
         assert torch.equal(noise[n], torch.randn([2, 3, 3], generator=g))
         assert classes[n] == torch.randint(10, size=[], generator=g)
         assert torch.equal(churn[n], torch.randn([2, 3, 3], generator=g))
     assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
-    assert torch.equal(noise[3], gi.StackedRandomGenerator('cpu', [7]).randn([1, 2, 3, 3])[0])  # seed % 2**32
+    assert torch.equal(noise[3], gi.StackedRandomGenerator("cpu", [7]).randn([1, 2, 3, 3])[0])  # seed % 2**32
     with pytest.raises(ValueError):
         rnd.randn([4, 2, 3, 3])

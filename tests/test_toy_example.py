@@ -34,7 +34,7 @@ def _moments(mixture, sigma=0.0):
     phi, mu, Sigma = mixture.phi.double(), mixture.mu.double(), mixture.Sigma.double()
     mean = phi @ mu
     second = torch.einsum("k,kij->ij", phi, Sigma + mu[:, :, None] * mu[:, None, :])
-    return mean, second - torch.outer(mean, mean) + sigma ** 2 * torch.eye(2, dtype=torch.float64)
+    return mean, second - torch.outer(mean, mean) + sigma**2 * torch.eye(2, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -51,10 +51,10 @@ def test_gt_first_branches_follow_the_recursion():
 
     def branch(depth, pos, angle, draw):
         u = np.array([np.cos(angle), np.sin(angle)])
-        length = 0.292 * 0.8 ** depth * (1 + 0.2 * draw)
-        k, s = 0.2 * 0.8 ** depth / length, scale * length * 0.06
-        Sigma = (np.outer(u, u) + (np.eye(2) - np.outer(u, u)) * k ** 2) * np.outer(s, s)
-        return length * 0.5 ** depth, (pos + u[None] * length * t[:, None]) * scale, Sigma, pos + u * length
+        length = 0.292 * 0.8**depth * (1 + 0.2 * draw)
+        k, s = 0.2 * 0.8**depth / length, scale * length * 0.06
+        Sigma = (np.outer(u, u) + (np.eye(2) - np.outer(u, u)) * k**2) * np.outer(s, s)
+        return length * 0.5**depth, (pos + u[None] * length * t[:, None]) * scale, Sigma, pos + u * length
 
     w0, mu0, Sigma0, end0 = branch(0, origin, np.pi / 4, n[0])  # trunk of A
     w1, mu1, Sigma1, _ = branch(1, end0, np.pi / 4 + (1 + 0.2 * n[1]), n[2])  # its first (+) child
@@ -74,6 +74,7 @@ def test_gt_first_branches_follow_the_recursion():
     assert abs(float(toy.gt("A").phi.double().sum()) - 1) < 1e-6
 
 
+@pytest.mark.slow
 def test_gt_density_integrates_to_one():
     a = toy.gt("A")
     lo, hi = a.mu.min(0).values - 0.4, a.mu.max(0).values + 0.4
@@ -89,13 +90,20 @@ def test_gt_logp_and_score_against_direct_computations():
     x = torch.cat([a.sample(24, 0.03), torch.rand([8, 2], dtype=torch.float64) * 2 - 0.5])
     for sigma in [0.02, 0.3]:
         # Density: a plain sum of scipy normal densities.
-        expected = sum(w * scipy.stats.multivariate_normal(m, S + sigma ** 2 * np.eye(2)).pdf(x.numpy())
-                       for w, m, S in zip(a.phi.numpy(), a.mu.numpy(), a.Sigma.numpy()))
+        expected = sum(
+            w * scipy.stats.multivariate_normal(m, S + sigma**2 * np.eye(2)).pdf(x.numpy())
+            for w, m, S in zip(a.phi.numpy(), a.mu.numpy(), a.Sigma.numpy())
+        )
         np.testing.assert_allclose(a.logp(x, sigma).numpy(), np.log(expected), rtol=1e-9, atol=1e-9)
         # Score: central differences of log p.
         h = 1e-6
-        fd = torch.stack([(a.logp(x + h * e, sigma) - a.logp(x - h * e, sigma)) / (2 * h)
-                          for e in torch.eye(2, dtype=torch.float64)], dim=-1)
+        fd = torch.stack(
+            [
+                (a.logp(x + h * e, sigma) - a.logp(x - h * e, sigma)) / (2 * h)
+                for e in torch.eye(2, dtype=torch.float64)
+            ],
+            dim=-1,
+        )
         score = a.score(x, sigma)
         np.testing.assert_allclose(score.numpy(), fd.numpy(), rtol=1e-5, atol=1e-4 * float(fd.abs().max()))
         # One sigma per sample takes another code path; it must agree.
@@ -103,8 +111,12 @@ def test_gt_logp_and_score_against_direct_computations():
         per_sample[0] = sigma * (1 + 1e-12)
         np.testing.assert_allclose(a.score(x, per_sample).numpy(), score.numpy(), rtol=1e-7, atol=1e-7)
     # float32 (the real thing) stays close to float64.
-    np.testing.assert_allclose(toy.gt("A").score(x.float(), 0.02).numpy(), a.score(x, 0.02).numpy(),
-                               rtol=1e-3, atol=1e-3 * float(a.score(x, 0.02).abs().max()))
+    np.testing.assert_allclose(
+        toy.gt("A").score(x.float(), 0.02).numpy(),
+        a.score(x, 0.02).numpy(),
+        rtol=1e-3,
+        atol=1e-3 * float(a.score(x, 0.02).abs().max()),
+    )
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.3])
@@ -133,7 +145,7 @@ def _random_model(seed=0, **kwargs):
 
 def _direct_logp(net, x, sigma):
     """log p of the model, written out from its definition."""
-    xs = x / np.sqrt(net.sigma_data ** 2 + sigma ** 2)
+    xs = x / np.sqrt(net.sigma_data**2 + sigma**2)
     y = torch.cat([xs, torch.full_like(xs[:, :1], np.log(sigma) / 4), torch.ones_like(xs[:, :1])], dim=1)
     for layer in net.layers:
         if isinstance(layer, toy.MPLinear):
@@ -142,18 +154,26 @@ def _direct_logp(net, x, sigma):
             y = y @ (w / (1e-4 + w.norm(dim=1, keepdim=True) / np.sqrt(fan_in)) / np.sqrt(fan_in)).T
         else:
             y = torch.nn.functional.silu(y) / 0.596
-    return (y ** 2).mean(1) * float(net.gain.detach()) / sigma - (xs ** 2).sum(1) / 2
+    return (y**2).mean(1) * float(net.gain.detach()) / sigma - (xs**2).sum(1) / 2
 
 
 def test_toy_model_layout():
     net = toy.ToyModel()
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {
-        "gain": (), "layers.0.weight": (64, 4), **{f"layers.{i}.weight": (64, 64) for i in [2, 4, 6, 8]}}
+        "gain": (),
+        "layers.0.weight": (64, 4),
+        **{f"layers.{i}.weight": (64, 64) for i in [2, 4, 6, 8]},
+    }
     assert float(net.gain.detach()) == 0
     assert all(persistence.is_persistent(c) for c in [toy.ToyModel, toy.MPLinear, toy.MPSiLU])
     assert toy.ToyModel.__module__ == "toy_example"
     assert [type(m).__name__ for m in toy.ToyModel(num_layers=2, hidden_dim=8).layers] == [
-        "MPLinear", "MPSiLU", "MPLinear", "MPSiLU", "MPLinear"]
+        "MPLinear",
+        "MPSiLU",
+        "MPLinear",
+        "MPSiLU",
+        "MPLinear",
+    ]
 
 
 def test_toy_model_logp_and_score():
@@ -161,11 +181,20 @@ def test_toy_model_logp_and_score():
     x = torch.randn([32, 2], dtype=torch.float64)
     for sigma in [0.01, 0.4, 3.0]:
         direct = _direct_logp(net, x, sigma)  # in float64
-        torch.testing.assert_close(net.logp(x.float(), sigma).double(), direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
+        torch.testing.assert_close(
+            net.logp(x.float(), sigma).double(), direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max())
+        )
         h = 1e-6
-        fd = torch.stack([(_direct_logp(net, x + h * e, sigma) - _direct_logp(net, x - h * e, sigma)) / (2 * h)
-                          for e in torch.eye(2, dtype=torch.float64)], dim=-1)
-        torch.testing.assert_close(net.score(x.float(), sigma).double(), fd, rtol=1e-4, atol=1e-4 * float(fd.abs().max()))
+        fd = torch.stack(
+            [
+                (_direct_logp(net, x + h * e, sigma) - _direct_logp(net, x - h * e, sigma)) / (2 * h)
+                for e in torch.eye(2, dtype=torch.float64)
+            ],
+            dim=-1,
+        )
+        torch.testing.assert_close(
+            net.score(x.float(), sigma).double(), fd, rtol=1e-4, atol=1e-4 * float(fd.abs().max())
+        )
     # With gain 0 the model is the Gaussian N(0, sigma_data^2 + sigma^2): score = -x / (sigma_data^2 + sigma^2).
     with torch.no_grad():
         net.gain.zero_()
@@ -196,15 +225,18 @@ def test_sampler_on_single_gaussians():
     m = np.array([0.3, -0.2])
 
     def gaussian(s):
-        return toy.GaussianMixture([1.0], [m], [np.eye(2) * s ** 2])
+        return toy.GaussianMixture([1.0], [m], [np.eye(2) * s**2])
 
     x0 = torch.randn([256, 2], generator=torch.Generator().manual_seed(0)) * 5
     mt = torch.tensor(m, dtype=torch.float32)
     s1, s2, w, smax = 0.5, 0.8, 3.0, 5.0
-    unguided = (s1 ** 2 / (s1 ** 2 + smax ** 2)) ** 0.5
-    guided = (s1 ** 2 / (s1 ** 2 + smax ** 2)) ** (w / 2) * (s2 ** 2 / (s2 ** 2 + smax ** 2)) ** ((1 - w) / 2)
-    for kwargs, scale in [(dict(), unguided), (dict(gnet=gaussian(s2), guidance=w), guided),
-                          (dict(gnet=gaussian(s2), guidance=1), unguided)]:
+    unguided = (s1**2 / (s1**2 + smax**2)) ** 0.5
+    guided = (s1**2 / (s1**2 + smax**2)) ** (w / 2) * (s2**2 / (s2**2 + smax**2)) ** ((1 - w) / 2)
+    for kwargs, scale in [
+        (dict(), unguided),
+        (dict(gnet=gaussian(s2), guidance=w), guided),
+        (dict(gnet=gaussian(s2), guidance=1), unguided),
+    ]:
         errors = []
         for steps in [32, 128]:
             x = toy.do_sample(gaussian(s1), x0, num_steps=steps, **kwargs)
@@ -225,7 +257,7 @@ def test_training_step_and_ema():
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
     sigma = (torch.randn(64) * 1.5 - 2.3).exp()
     x = toy.gt("A").sample(64, sigma)
-    loss = (sigma ** 2 * ((toy.gt("A").score(x, sigma) - net.score(x, sigma, graph=True)) ** 2).mean(1)).mean()
+    loss = (sigma**2 * ((toy.gt("A").score(x, sigma) - net.score(x, sigma, graph=True)) ** 2).mean(1)).mean()
     loss.backward()
     opt.step()
     ema = toy.do_train(num_layers=1, hidden_dim=8, batch_size=64, total_iter=1, verbose=False, device=CPU)
@@ -234,14 +266,23 @@ def test_training_step_and_ema():
         torch.testing.assert_close(q, p.detach(), msg=name)
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     gen = torch.Generator().manual_seed(123)
     sigma = (torch.randn(2048, generator=gen) * 1.5 - 2.3).exp()
     x = toy.gt("A").sample(2048, sigma, generator=gen)
     torch.manual_seed(0)
     before = float(toy.score_matching_loss(toy.ToyModel(num_layers=2, hidden_dim=16).eval(), "A", x, sigma))
-    ema = toy.do_train(num_layers=2, hidden_dim=16, batch_size=256, total_iter=96, verbose=False, device=CPU,
-                       pkl_pattern=str(tmp_path / "iter%04d.pkl"), pkl_iter=32)
+    ema = toy.do_train(
+        num_layers=2,
+        hidden_dim=16,
+        batch_size=256,
+        total_iter=96,
+        verbose=False,
+        device=CPU,
+        pkl_pattern=str(tmp_path / "iter%04d.pkl"),
+        pkl_iter=32,
+    )
     after = float(toy.score_matching_loss(ema, "A", x, sigma))
     assert after < 0.7 * before, (before, after)
     assert sorted(os.listdir(tmp_path)) == ["iter0032.pkl", "iter0064.pkl", "iter0096.pkl"]
@@ -257,7 +298,7 @@ def test_training_reduces_the_loss(tmp_path):
 
 # A toy module as another program would have written it: a stand-in for the reference's source,
 # whose pickles carry it as module_src. Safe loading must not run it; trusted loading does.
-FOREIGN_SRC = '''
+FOREIGN_SRC = """
 import builtins
 import matplotlib.pyplot
 import numpy as np
@@ -303,7 +344,7 @@ class ToyModel(torch.nn.Module):
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             return torch.autograd.grad(self.logp(x, sigma).sum(), x, create_graph=graph)[0]
-'''
+"""
 
 
 def _metas(data: bytes) -> list:
@@ -337,8 +378,9 @@ def test_reference_format_pickle_loads_safely(tmp_path):
     path = tmp_path / "net.pkl"
     path.write_bytes(data)
     _check_same_model(toy.load_toy_model(str(path), device=CPU), net)
-    _check_same_model(toy.load_toy_model(str(path), trust_embedded_code=True, device=CPU), net,
-                      cls=type(pickle.loads(data)))
+    _check_same_model(
+        toy.load_toy_model(str(path), trust_embedded_code=True, device=CPU), net, cls=type(pickle.loads(data))
+    )
 
 
 def test_foreign_source_pickle_is_rebuilt_with_our_classes(tmp_path, monkeypatch):
@@ -383,12 +425,29 @@ def test_load_refuses_other_objects(tmp_path):
 @pytest.mark.slow
 def test_cli_train_then_plot(tmp_path, single_process_cli):
     for outdir, dim, iterations in [("main", 16, 4), ("guide", 8, 2)]:
-        assert_ok(single_process_cli(toy.cmdline, "train", f"--outdir={tmp_path / outdir}", "--layers=1",
-                                     f"--dim={dim}", f"--iterations={iterations}", "--batch=64", "--snap=2", "--viz"))
+        assert_ok(
+            single_process_cli(
+                toy.cmdline,
+                "train",
+                f"--outdir={tmp_path / outdir}",
+                "--layers=1",
+                f"--dim={dim}",
+                f"--iterations={iterations}",
+                "--batch=64",
+                "--snap=2",
+                "--viz",
+            )
+        )
     assert sorted(os.listdir(tmp_path / "main")) == ["iter0002.pkl", "iter0002.png", "iter0004.pkl", "iter0004.png"]
     save = tmp_path / "figures" / "toy.png"
-    result = single_process_cli(toy.cmdline, "plot", f"--net={tmp_path / 'main/iter0004.pkl'}",
-                                f"--gnet={tmp_path / 'guide/iter0002.pkl'}", "--samples=64", f"--save={save}")
+    result = single_process_cli(
+        toy.cmdline,
+        "plot",
+        f"--net={tmp_path / 'main/iter0004.pkl'}",
+        f"--gnet={tmp_path / 'guide/iter0002.pkl'}",
+        "--samples=64",
+        f"--save={save}",
+    )
     assert_ok(result)
     assert Image.open(save).size == (3840, 2000)  # 48 x 25 inches at 80 dpi
     assert os.listdir(save.parent) == ["toy.png"]  # written atomically, no temporary left
@@ -403,8 +462,12 @@ def test_cli_errors(tmp_path, single_process_cli, http_server, monkeypatch):
     assert_one_line_error(run("train", f"--outdir={net}"), "not a folder")
     png = f"--save={tmp_path / 'out.png'}"
     assert_one_line_error(run("plot", f"--net={tmp_path}/missing.pkl", f"--gnet={net}", png), "--net", "missing.pkl")
-    assert_one_line_error(run("plot", f"--net={net}", f"--gnet={tmp_path}/evil.pkl", png), "--gnet", "posix.system",
-                          "--trust-embedded-code")
+    assert_one_line_error(
+        run("plot", f"--net={net}", f"--gnet={tmp_path}/evil.pkl", png),
+        "--gnet",
+        "posix.system",
+        "--trust-embedded-code",
+    )
     assert_one_line_error(run("plot", f"--net={net}", f"--gnet={net}", f"--save={tmp_path}/out.jpg"), "--save")
     monkeypatch.setattr(matplotlib.pyplot, "get_backend", lambda: "agg")  # no display
     assert_one_line_error(run("plot", f"--net={net}", f"--gnet={net}"), "--save")

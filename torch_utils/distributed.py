@@ -9,7 +9,7 @@ here NCCL is used only with CUDA and Gloo otherwise, so multi-process runs work 
 import os
 import re
 import socket
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -76,8 +76,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def rank_batches(num_items: int, max_batch_size: int, rank: Optional[int] = None,
-                 world_size: Optional[int] = None) -> List[np.ndarray]:
+def rank_batches(
+    num_items: int, max_batch_size: int, rank: Optional[int] = None, world_size: Optional[int] = None
+) -> list[np.ndarray]:
     """Split ``range(num_items)`` into batches of at most ``max_batch_size`` and return this rank's.
 
     Every rank gets the same number of batches (a multiple of the world size, at least one each;
@@ -164,8 +165,13 @@ def _reference_checkpoint_globals() -> list:
     constructor (under ``numpy.core`` in NumPy 1, ``numpy._core`` in NumPy 2) and the float64 dtype."""
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    return [(dict, "dnnlib.util.EasyDict"), (scalar, "numpy.core.multiarray.scalar"),
-            (scalar, "numpy._core.multiarray.scalar"), np.dtype, type(np.dtype(np.float64))]
+    return [
+        (dict, "dnnlib.util.EasyDict"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        type(np.dtype(np.float64)),
+    ]
 
 
 def _load_checkpoint_data(pt_path: str) -> dict:
@@ -180,8 +186,13 @@ def _load_checkpoint_data(pt_path: str) -> dict:
         text = str(err)
         match = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
         lines = [line.strip() for line in text.splitlines() if line.strip() and "Weights only load failed" not in line]
-        why = (f"it holds {match.group(1)}, which a checkpoint may not contain (only tensors, state dicts and plain data load)"
-               if match else lines[0].split(". ")[0] if lines else type(err).__name__)
+        why = (
+            f"it holds {match.group(1)}, which a checkpoint may not contain (only tensors, state dicts and plain data load)"
+            if match
+            else lines[0].split(". ")[0]
+            if lines
+            else type(err).__name__
+        )
         raise ValueError(f"cannot read the checkpoint {pt_path}: {why}") from None
     if not isinstance(data, dict):
         raise ValueError(f"cannot read the checkpoint {pt_path}: it holds a {type(data).__name__}, not a dict")
@@ -259,8 +270,9 @@ class CheckpointIO:
         if verbose:
             print0("done")
 
-    def load_latest(self, run_dir: str, pattern: str = r"training-state-(\d+).pt",
-                    verbose: bool = True) -> Optional[str]:
+    def load_latest(
+        self, run_dir: str, pattern: str = r"training-state-(\d+).pt", verbose: bool = True
+    ) -> Optional[str]:
         """Load the highest-numbered file in ``run_dir`` whose whole name matches ``pattern``.
 
         Returns its path, or None when there is none.

@@ -10,7 +10,8 @@ import contextlib
 import functools
 import re
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,9 +33,13 @@ def default_device() -> torch.device:
 _constant_cache: dict = {}
 
 
-def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
-             device: Optional[torch.device] = None, memory_format: Optional[torch.memory_format] = None
-             ) -> torch.Tensor:
+def constant(
+    value: Any,
+    shape: Optional[Sequence[int]] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    memory_format: Optional[torch.memory_format] = None,
+) -> torch.Tensor:
     """A constant tensor holding ``value`` (broadcast to ``shape``), created once per distinct request.
 
     Repeated calls with the same value, shape, dtype, device and memory format return the same
@@ -54,8 +59,16 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
     memory_format = torch.contiguous_format if memory_format is None else memory_format
 
     # Tensors made under inference mode cannot enter autograd later, so they are cached apart.
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format,
-           torch.is_inference_mode_enabled())
+    key = (
+        value.shape,
+        value.dtype,
+        value.tobytes(),
+        shape,
+        dtype,
+        device,
+        memory_format,
+        torch.is_inference_mode_enabled(),
+    )
     tensor = _constant_cache.get(key)
     if tensor is None:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
@@ -66,12 +79,22 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
     return tensor
 
 
-def const_like(ref: torch.Tensor, value: Any, shape: Optional[Sequence[int]] = None,
-               dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-               memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+def const_like(
+    ref: torch.Tensor,
+    value: Any,
+    shape: Optional[Sequence[int]] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    memory_format: Optional[torch.memory_format] = None,
+) -> torch.Tensor:
     """``constant(value)`` with ``ref``'s dtype and device unless given."""
-    return constant(value, shape=shape, dtype=ref.dtype if dtype is None else dtype,
-                    device=ref.device if device is None else device, memory_format=memory_format)
+    return constant(
+        value,
+        shape=shape,
+        dtype=ref.dtype if dtype is None else dtype,
+        device=ref.device if device is None else device,
+        memory_format=memory_format,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -98,8 +121,15 @@ class InfiniteSampler(torch.utils.data.Sampler):
     ``start_idx = cur_nimg`` therefore continues the same sequence.
     """
 
-    def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, seed: int = 0, start_idx: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        dataset: Any,
+        rank: int = 0,
+        num_replicas: int = 1,
+        seed: int = 0,
+        start_idx: int = 0,
+        shuffle: bool = True,
+    ):
         if len(dataset) <= 0:
             raise ValueError("InfiniteSampler needs a non-empty dataset")
         if num_replicas <= 0 or not 0 <= rank < num_replicas:
@@ -131,19 +161,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
 # Parameters and buffers.
 
 
-def params_and_buffers(module: torch.nn.Module) -> List[torch.Tensor]:
+def params_and_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     """All parameters, then all buffers, in registration order."""
     return list(module.parameters()) + list(module.buffers())
 
 
-def named_params_and_buffers(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
+def named_params_and_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """All named parameters, then all named buffers, in registration order."""
     return list(module.named_parameters()) + list(module.named_buffers())
 
 
 @torch.no_grad()
-def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
-                            require_all: bool = False) -> None:
+def copy_params_and_buffers(
+    src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False
+) -> None:
     """Copy values of same-named parameters and buffers from ``src_module`` into ``dst_module``.
 
     Destination tensors keep their dtype and device. With ``require_all``, every destination
@@ -196,8 +227,9 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
 # Module summary.
 
 
-def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3,
-                         skip_redundant: bool = True) -> Any:
+def print_module_summary(
+    module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3, skip_redundant: bool = True
+) -> Any:
     """Run ``module(*inputs)`` once and print a table of its submodules (up to ``max_nesting``
     levels deep) with their parameter and buffer counts and output shapes. Returns the outputs.
 
@@ -210,7 +242,7 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
         raise TypeError("inputs must be a tuple or list")
 
     # Record the outputs of every submodule call up to the nesting limit.
-    entries: List[dnnlib.EasyDict] = []
+    entries: list[dnnlib.EasyDict] = []
     nesting = [0]
 
     def pre_hook(_mod: torch.nn.Module, _inputs: Any) -> None:
@@ -253,13 +285,15 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
         buffer_size = sum(t.numel() for t in entry.unique_buffers)
         output_shapes = [str(list(t.shape)) for t in entry.outputs]
         output_dtypes = [str(t.dtype).split(".")[-1] for t in entry.outputs]
-        rows += [[
-            name + (":0" if len(entry.outputs) >= 2 else ""),
-            str(param_size) if param_size else "-",
-            str(buffer_size) if buffer_size else "-",
-            (output_shapes + ["-"])[0],
-            (output_dtypes + ["-"])[0],
-        ]]
+        rows += [
+            [
+                name + (":0" if len(entry.outputs) >= 2 else ""),
+                str(param_size) if param_size else "-",
+                str(buffer_size) if buffer_size else "-",
+                (output_shapes + ["-"])[0],
+                (output_dtypes + ["-"])[0],
+            ]
+        ]
         for idx in range(1, len(entry.outputs)):
             rows += [[name + f":{idx}", "-", "-", output_shapes[idx], output_dtypes[idx]]]
         param_total += param_size

@@ -27,18 +27,18 @@ import pickle
 import sys
 import types
 import uuid
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 import torch
 
 import dnnlib
 
-_version = 6                  # Format version written into (and required from) every pickle.
-_decorators = set()           # Every class produced by persistent_class().
-_import_hooks = []            # Functions meta -> meta applied before reconstruction.
-_module_to_src_dict = {}      # Module object -> its source text.
-_src_to_module_dict = {}      # Source text -> module object (so equal sources share one module).
+_version = 6  # Format version written into (and required from) every pickle.
+_decorators = set()  # Every class produced by persistent_class().
+_import_hooks = []  # Functions meta -> meta applied before reconstruction.
+_module_to_src_dict = {}  # Module object -> its source text.
+_src_to_module_dict = {}  # Source text -> module object (so equal sources share one module).
 
 # ----------------------------------------------------------------------------
 # Writing: the persistent_class decorator.
@@ -85,8 +85,13 @@ def persistent_class(orig_class: type) -> type:
                 state = fields[2]
                 if isinstance(state, dict) and "_orig_module_src" in state:  # Recorded source: meta, not state.
                     state = {key: value for key, value in state.items() if key != "_orig_module_src"}
-                meta = dict(type="class", version=_version, module_src=self._orig_module_src,
-                            class_name=self._orig_class_name, state=state)
+                meta = dict(
+                    type="class",
+                    version=_version,
+                    module_src=self._orig_module_src,
+                    class_name=self._orig_class_name,
+                    state=state,
+                )
                 fields[0] = _reconstruct_persistent_obj
                 fields[1] = (meta,)
                 fields[2] = None
@@ -204,7 +209,11 @@ def _check_pickleable(obj: Any) -> None:
             return [[recurse(x), recurse(y)] for x, y in obj.items()]
         if isinstance(obj, (str, int, float, bool, bytes, bytearray)) or obj is None:
             return None  # Python primitive types are pickleable.
-        if f"{type(obj).__module__}.{type(obj).__name__}" in ("numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter"):
+        if f"{type(obj).__module__}.{type(obj).__name__}" in (
+            "numpy.ndarray",
+            "torch.Tensor",
+            "torch.nn.parameter.Parameter",
+        ):
             return None  # Tensors and arrays are pickleable.
         if is_persistent(obj):
             return None  # Persistent objects check themselves.
@@ -266,11 +275,11 @@ class _SafeReconstructor:
     state does not fit the standard class.
     """
 
-    def __init__(self, extra_classes: Optional[Dict[str, type]]):
+    def __init__(self, extra_classes: Optional[dict[str, type]]):
         self.extra_classes = extra_classes or {}
-        self.rebuilt = []           # Every rebuilt object, innermost first (the order pickle builds them).
-        self.unknown_sources = {}   # (module name, sha256) -> class names, for sources we do not know.
-        self._sha256 = {}           # Source text -> its sha256 (snapshots repeat a few sources many times).
+        self.rebuilt = []  # Every rebuilt object, innermost first (the order pickle builds them).
+        self.unknown_sources = {}  # (module name, sha256) -> class names, for sources we do not know.
+        self._sha256 = {}  # Source text -> its sha256 (snapshots repeat a few sources many times).
 
     def __call__(self, meta: dict) -> Any:
         if not isinstance(meta, dict):
@@ -285,7 +294,8 @@ class _SafeReconstructor:
                 known = sorted(set(SAFE_PERSISTENT_CLASSES) | set(self.extra_classes))
                 raise UnsafePickleError(
                     f"Refusing to load class {class_name!r} from the pickle's embedded source: the safe loader knows "
-                    f"only {', '.join(known)}; {_TRUST_HINT}")
+                    f"only {', '.join(known)}; {_TRUST_HINT}"
+                )
             cls = getattr(importlib.import_module(module_name), class_name)
         if not isinstance(meta.get("module_src"), str):
             raise UnsafePickleError(f"Refusing to load pickle: {class_name} has no embedded source text")
@@ -312,9 +322,12 @@ class _SafeReconstructor:
 
     def finish(self) -> None:
         for (module_name, digest), names in self.unknown_sources.items():
-            print(f"Warning: the pickle embeds a source of {module_name} (for {', '.join(reversed(names))}) that is "
-                  f"neither this version's nor the official release's (sha256 {digest[:12]}); rebuilding with the "
-                  f"standard code (--trust-embedded-code runs the pickle's own code instead)", file=sys.stderr)
+            print(
+                f"Warning: the pickle embeds a source of {module_name} (for {', '.join(reversed(names))}) that is "
+                f"neither this version's nor the official release's (sha256 {digest[:12]}); rebuilding with the "
+                f"standard code (--trust-embedded-code runs the pickle's own code instead)",
+                file=sys.stderr,
+            )
         checked = set()  # ids of objects already compared as part of an enclosing one.
         for obj in reversed(self.rebuilt):  # Outermost first, so that a mismatch is named by its full path.
             if id(obj) not in checked:
@@ -337,8 +350,10 @@ def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
         with torch.device("meta"):
             fresh = type(obj)(*obj._init_args, **obj._init_kwargs)
     except Exception as err:
-        return (f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments "
-                f"({type(err).__name__}: {dnnlib.util.one_line(err)})")
+        return (
+            f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments "
+            f"({type(err).__name__}: {dnnlib.util.one_line(err)})"
+        )
     return _compare(obj, fresh, "", checked)
 
 
@@ -373,11 +388,15 @@ def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
                     return mismatch
             elif not (isinstance(pickled[name], torch.Tensor) and isinstance(mine[name], torch.Tensor)):
                 if type(pickled[name]) is not type(mine[name]):
-                    return (f"{label} {path}{name} is a {type(pickled[name]).__name__} in the pickle, "
-                            f"a {type(mine[name]).__name__} in the standard network")
+                    return (
+                        f"{label} {path}{name} is a {type(pickled[name]).__name__} in the pickle, "
+                        f"a {type(mine[name]).__name__} in the standard network"
+                    )
             elif pickled[name].shape != mine[name].shape:
-                return (f"{label} {path}{name} has shape {list(pickled[name].shape)} in the pickle, "
-                        f"{list(mine[name].shape)} in the standard network")
+                return (
+                    f"{label} {path}{name} has shape {list(pickled[name].shape)} in the pickle, "
+                    f"{list(mine[name].shape)} in the standard network"
+                )
     return None
 
 
@@ -421,7 +440,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that hands out only the globals in ``allowed`` ((module, name) -> object) and
     numpy's dtype classes; any other global raises UnsafePickleError naming it, before it is used."""
 
-    def __init__(self, file: BinaryIO, allowed: Dict[Tuple[str, str], Any], what: str = "the pickle"):
+    def __init__(self, file: BinaryIO, allowed: dict[tuple[str, str], Any], what: str = "the pickle"):
         super().__init__(file)
         self._allowed = allowed
         self._what = what
@@ -431,8 +450,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         if obj is None and module.startswith("numpy") and name.endswith("DType"):
             obj = getattr(importlib.import_module("numpy.dtypes"), name, None)  # NumPy 2 dtype classes.
         if obj is None:
-            raise UnsafePickleError(f"Refusing to load global '{module}.{name}' from {self._what}: "
-                                    f"it is not a known EDM2 class or tensor type; {_TRUST_HINT}")
+            raise UnsafePickleError(
+                f"Refusing to load global '{module}.{name}' from {self._what}: "
+                f"it is not a known EDM2 class or tensor type; {_TRUST_HINT}"
+            )
         return obj
 
 
@@ -441,7 +462,7 @@ def load_data_pickle(file: BinaryIO, what: str = "the pickle") -> Any:
     return RestrictedUnpickler(file, _data_globals(), what=what).load()
 
 
-def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[Dict[str, type]] = None) -> Any:
+def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[dict[str, type]] = None) -> Any:
     """Unpickle a network pickle without executing any code it carries.
 
     ``file`` is a path or a binary file object. Returns the unpickled object (e.g. the snapshot
@@ -453,14 +474,21 @@ def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[D
         with open(file, "rb") as f:
             return safe_load(f, extra_classes=extra_classes)
     reconstruct = _SafeReconstructor(extra_classes)
-    allowed = {**_data_globals(), **_tensor_globals(), ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct}
+    allowed = {
+        **_data_globals(),
+        **_tensor_globals(),
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct,
+    }
     data = RestrictedUnpickler(file, allowed).load()
     reconstruct.finish()
     return data
 
 
-def load_pickle(file: Union[str, os.PathLike, BinaryIO], trust_embedded_code: bool = False,
-                extra_classes: Optional[Dict[str, type]] = None) -> Any:
+def load_pickle(
+    file: Union[str, os.PathLike, BinaryIO],
+    trust_embedded_code: bool = False,
+    extra_classes: Optional[dict[str, type]] = None,
+) -> Any:
     """Load a network pickle: safely by default, or by executing its embedded source when asked to."""
     if not trust_embedded_code:
         return safe_load(file, extra_classes=extra_classes)

@@ -10,17 +10,17 @@ exposes the number of samples, mean and standard deviation of each name.
 """
 
 import re
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
 
 import dnnlib
 
-_reduce_dtype = torch.float64   # accumulate in double so long ticks do not lose precision
-_counters: Dict[str, Dict[torch.device, torch.Tensor]] = {}  # name -> device -> [count, sum, sumsq, all] not yet synced
-_cumulative: Dict[str, torch.Tensor] = {}  # name -> [count, sum, sumsq, all] over all processes since start (CPU)
-_names: List[str] = []  # every known name, in first-reported order (rank 0's order once synced)
+_reduce_dtype = torch.float64  # accumulate in double so long ticks do not lose precision
+_counters: dict[str, dict[torch.device, torch.Tensor]] = {}  # name -> device -> [count, sum, sumsq, all] not yet synced
+_cumulative: dict[str, torch.Tensor] = {}  # name -> [count, sum, sumsq, all] over all processes since start (CPU)
+_names: list[str] = []  # every known name, in first-reported order (rank 0's order once synced)
 
 
 def _register(name: str) -> None:
@@ -40,7 +40,9 @@ def report(name: str, value: Any) -> Any:
     elems = torch.as_tensor(value).detach().flatten().to(_reduce_dtype)
     finite = torch.isfinite(elems)
     elems = torch.where(finite, elems, torch.zeros_like(elems))
-    moments = torch.stack([finite.sum().to(_reduce_dtype), elems.sum(), elems.square().sum(), torch.ones_like(elems).sum()])
+    moments = torch.stack(
+        [finite.sum().to(_reduce_dtype), elems.sum(), elems.square().sum(), torch.ones_like(elems).sum()]
+    )
     counters = _counters[name]
     if elems.device not in counters:
         counters[elems.device] = torch.zeros_like(moments)
@@ -75,9 +77,9 @@ def _sync_names() -> None:
     global _names
     if not _dist_active() or torch.distributed.get_world_size() == 1:
         return
-    gathered: List[Any] = [None] * torch.distributed.get_world_size()
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, list(_names))
-    merged: List[str] = []
+    merged: list[str] = []
     for names in gathered:
         merged += [name for name in names if name not in merged]
     for name in merged:
@@ -85,7 +87,7 @@ def _sync_names() -> None:
     _names = merged
 
 
-def _sync(names: List[str]) -> List[torch.Tensor]:
+def _sync(names: list[str]) -> list[torch.Tensor]:
     """Fold the unsynced samples of ``names`` from all processes into ``_cumulative`` (collective)."""
     if len(names) == 0:
         return []
@@ -119,10 +121,10 @@ class Collector:
     def __init__(self, regex: str = ".*", keep_previous: bool = True):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative: Dict[str, torch.Tensor] = {}
-        self._moments: Dict[str, torch.Tensor] = {}
+        self._cumulative: dict[str, torch.Tensor] = {}
+        self._moments: dict[str, torch.Tensor] = {}
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """Matching names known to this process, in first-reported order."""
         return [name for name in _names if self._regex.fullmatch(name)]
 
@@ -161,12 +163,16 @@ class Collector:
             return float("nan")
         if count == 1:
             return 0.0
-        return float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+        return float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
 
     def as_dict(self) -> dnnlib.EasyDict:
         """``{name: EasyDict(num, mean, std)}`` for every matching name."""
-        return dnnlib.EasyDict({name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-                                for name in self.names()})
+        return dnnlib.EasyDict(
+            {
+                name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
+                for name in self.names()
+            }
+        )
 
     def __getitem__(self, name: str) -> float:
         """The mean of ``name``."""

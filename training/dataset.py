@@ -60,7 +60,7 @@ class Dataset(torch.utils.data.Dataset):
 
     # Subclass interface.
     def _fname(self, raw_idx: int) -> str:
-        return self._image_fnames[raw_idx].decode('utf8')
+        return self._image_fnames[raw_idx].decode("utf8")
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
@@ -102,8 +102,10 @@ class Dataset(torch.utils.data.Dataset):
         if image is None:
             image = self._load_raw_image(raw_idx)
             if list(image.shape) != self._raw_shape[1:]:
-                raise OSError(f'Item {raw_idx} of dataset "{self._name}" has shape {list(image.shape)}, '
-                              f'expected {self._raw_shape[1:]} like the first item')
+                raise OSError(
+                    f'Item {raw_idx} of dataset "{self._name}" has shape {list(image.shape)}, '
+                    f"expected {self._raw_shape[1:]} like the first item"
+                )
             if self._cache:
                 self._cached_images[raw_idx] = image
         if self._xflip[idx]:
@@ -201,12 +203,12 @@ def list_folder(path: str) -> list:
                     st = os.stat(entry.path)  # not entry.stat(): it has no inode numbers on Windows
                     key = (st.st_dev, st.st_ino)
                     if key not in ancestors:
-                        walk(entry.path, f'{prefix}{entry.name}/', ancestors | {key})
+                        walk(entry.path, f"{prefix}{entry.name}/", ancestors | {key})
                 elif entry.is_file():
                     names.append(prefix + entry.name)
 
     st = os.stat(path)
-    walk(path, '', frozenset([(st.st_dev, st.st_ino)]))
+    walk(path, "", frozenset([(st.st_dev, st.st_ino)]))
     return sorted(names)
 
 
@@ -215,8 +217,8 @@ def check_labelled_files_exist(labelled: Any, files: Any, where: str) -> None:
     otherwise be lost without a word. `labelled`: the labelled names; `files`: a set of file names."""
     absent = [name for name in labelled if name not in files]
     if absent:
-        shown = ', '.join(absent[:5]) + (', ...' if len(absent) > 5 else '')
-        raise OSError(f'dataset.json in {where} labels {len(absent)} file(s) that it does not contain: {shown}')
+        shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise OSError(f"dataset.json in {where} labels {len(absent)} file(s) that it does not contain: {shown}")
 
 
 class ImageFolderDataset(Dataset):
@@ -233,40 +235,41 @@ class ImageFolderDataset(Dataset):
         self._zipfile_pid: Optional[int] = None
 
         if os.path.isdir(self._path):
-            self._type = 'dir'
+            self._type = "dir"
             all_fnames = list_folder(self._path)
         elif not os.path.exists(self._path):
-            raise OSError(f'Dataset path does not exist: {self._path}')
-        elif file_ext(self._path) == '.zip':
-            self._type = 'zip'
+            raise OSError(f"Dataset path does not exist: {self._path}")
+        elif file_ext(self._path) == ".zip":
+            self._type = "zip"
             try:
                 all_fnames = self._get_zipfile().namelist()
             except (zipfile.BadZipFile, OSError) as err:
-                raise OSError(f'Cannot read ZIP archive {self._path}: {err}') from None
+                raise OSError(f"Cannot read ZIP archive {self._path}: {err}") from None
         else:
-            raise OSError(f'Dataset path must be a directory or a .zip file: {self._path}')
+            raise OSError(f"Dataset path must be a directory or a .zip file: {self._path}")
 
-        supported = image_extensions() | {'.npy'}
-        self._has_json = 'dataset.json' in all_fnames
+        supported = image_extensions() | {".npy"}
+        self._has_json = "dataset.json" in all_fnames
         image_fnames = sorted(f for f in all_fnames if file_ext(f) in supported)
         del all_fnames
         if len(image_fnames) == 0:
-            raise OSError(f'No image or .npy files found in {self._path}')
+            raise OSError(f"No image or .npy files found in {self._path}")
         # One numpy array of UTF-8 bytes rather than a list of str objects: forked data-loader workers that
         # touch the reference counts of millions of small Python objects copy their memory page by page.
-        self._image_fnames = np.array([f.encode('utf8') for f in image_fnames])
+        self._image_fnames = np.array([f.encode("utf8") for f in image_fnames])
         del image_fnames
 
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)
         self.close()  # Open again lazily in whichever process reads items.
         if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise OSError(f'Images in {self._path} are {raw_shape[3]}x{raw_shape[2]}, '
-                          f'but resolution {resolution} was requested')
+            raise OSError(
+                f"Images in {self._path} are {raw_shape[3]}x{raw_shape[2]}, but resolution {resolution} was requested"
+            )
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
 
     def _get_zipfile(self) -> zipfile.ZipFile:
-        assert self._type == 'zip'
+        assert self._type == "zip"
         # A handle inherited through fork() shares its file position with the parent: open our own.
         if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self._path)
@@ -274,9 +277,9 @@ class ImageFolderDataset(Dataset):
         return self._zipfile
 
     def _open_file(self, fname: str):
-        if self._type == 'dir':
-            return open(os.path.join(self._path, fname), 'rb')
-        return self._get_zipfile().open(fname, 'r')
+        if self._type == "dir":
+            return open(os.path.join(self._path, fname), "rb")
+        return self._get_zipfile().open(fname, "r")
 
     def close(self) -> None:
         try:
@@ -291,27 +294,27 @@ class ImageFolderDataset(Dataset):
         return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
 
     def _fname(self, raw_idx: int) -> str:
-        return self._image_fnames[raw_idx].decode('utf8')
+        return self._image_fnames[raw_idx].decode("utf8")
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         fname = self._fname(raw_idx)
         try:
             with self._open_file(fname) as f:
-                if file_ext(fname) == '.npy':
+                if file_ext(fname) == ".npy":
                     image = np.load(f)
                     image = image.reshape(-1, *image.shape[-2:])  # [C, H, W]
                 else:
                     image = np.array(PIL.Image.open(f))  # no RGB conversion: grayscale stays 1 channel
                     image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)  # HW(C) -> CHW
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise OSError(f'Cannot read {fname} in {self._path}: {err}') from None
+            raise OSError(f"Cannot read {fname} in {self._path}: {err}") from None
         return image
 
     def _load_raw_labels(self) -> Optional[np.ndarray]:
         if not self._has_json:
             return None
-        with self._open_file('dataset.json') as f:
-            labels = json.load(f).get('labels')
+        with self._open_file("dataset.json") as f:
+            labels = json.load(f).get("labels")
         if labels is None:
             return None
         labels = dict(labels)  # {relative path with '/': label}
@@ -319,12 +322,14 @@ class ImageFolderDataset(Dataset):
         check_labelled_files_exist(labels, set(fnames), self._path)
         missing = [f for f in fnames if f not in labels]
         if missing:
-            raise OSError(f'dataset.json in {self._path} has no label for {missing[0]} '
-                          f'({len(missing)} of {len(fnames)} files unlabelled)')
+            raise OSError(
+                f"dataset.json in {self._path} has no label for {missing[0]} "
+                f"({len(missing)} of {len(fnames)} files unlabelled)"
+            )
         try:
             labels = np.array([labels[f] for f in fnames])
         except ValueError:
             labels = np.zeros([0, 0, 0])  # ragged lists: rejected below
-        if labels.ndim not in (1, 2) or labels.dtype.kind not in 'biuf':
-            raise OSError(f'Labels in {self._path}/dataset.json must be integers or lists of numbers of equal length')
+        if labels.ndim not in (1, 2) or labels.dtype.kind not in "biuf":
+            raise OSError(f"Labels in {self._path}/dataset.json must be integers or lists of numbers of equal length")
         return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])

@@ -76,13 +76,14 @@ class StabilityVAEEncoder(Encoder):
     ``final_std`` over the data set (``raw_mean`` / ``raw_std`` are the ImageNet-512 statistics).
     """
 
-    def __init__(self,
-        vae_name="stabilityai/sd-vae-ft-mse",   # Hub name or local folder of an AutoencoderKL.
-        raw_mean=[5.81, 3.25, 0.12, -2.15],     # Mean of the raw latents, per channel.
-        raw_std=[4.17, 4.62, 3.71, 3.28],       # Standard deviation of the raw latents, per channel.
-        final_mean=0,                           # Wanted mean of the final latents.
-        final_std=0.5,                          # Wanted standard deviation of the final latents.
-        batch_size=8,                           # Images per VAE call.
+    def __init__(
+        self,
+        vae_name="stabilityai/sd-vae-ft-mse",  # Hub name or local folder of an AutoencoderKL.
+        raw_mean=[5.81, 3.25, 0.12, -2.15],  # Mean of the raw latents, per channel.
+        raw_std=[4.17, 4.62, 3.71, 3.28],  # Standard deviation of the raw latents, per channel.
+        final_mean=0,  # Wanted mean of the final latents.
+        final_std=0.5,  # Wanted standard deviation of the final latents.
+        batch_size=8,  # Images per VAE call.
     ):
         super().__init__()
         self.vae_name = vae_name

@@ -27,7 +27,8 @@ import copy
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,14 +39,14 @@ from torch_utils import training_stats
 
 # Phi^-1(0.25), Phi^-1(0.5), Phi^-1(0.75) of the standard normal distribution.
 NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
-GRID_PAD = 2            # Black pixels around and between the tiles of a sample grid.
-GRID_MAX_ROWS = 10      # A class-conditional grid shows the first classes, one row each.
+GRID_PAD = 2  # Black pixels around and between the tiles of a sample grid.
+GRID_MAX_ROWS = 10  # A class-conditional grid shows the first classes, one row each.
 
 # ----------------------------------------------------------------------------
 # Loss by noise level.
 
 
-def sigma_band_edges(P_mean: float, P_std: float) -> List[float]:
+def sigma_band_edges(P_mean: float, P_std: float) -> list[float]:
     """ln(sigma) edges of the four equally likely bands of ln(sigma) ~ N(P_mean, P_std^2)."""
     return [P_mean + P_std * q for q in NORMAL_QUARTILES]
 
@@ -72,13 +73,14 @@ class SigmaRecorder:
         return self.net(x, sigma, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__['net'], name)
+        return getattr(self.__dict__["net"], name)
+
 
 # ----------------------------------------------------------------------------
 # Sample grids.
 
 
-def grid_shape(num_images: int, label_dim: int) -> Tuple[int, int]:
+def grid_shape(num_images: int, label_dim: int) -> tuple[int, int]:
     """(rows, cols): one row per class (the first GRID_MAX_ROWS classes) for a conditional net,
     else a near-square grid; ``cols = num_images // rows`` (at least 1)."""
     if label_dim > 0:
@@ -88,7 +90,7 @@ def grid_shape(num_images: int, label_dim: int) -> Tuple[int, int]:
     return rows, max(num_images // rows, 1)
 
 
-def grid_size(rows: int, cols: int, height: int, width: int, pad: int = GRID_PAD) -> Tuple[int, int]:
+def grid_size(rows: int, cols: int, height: int, width: int, pad: int = GRID_PAD) -> tuple[int, int]:
     """(width, height) of a grid image: ``pad`` pixels around and between the tiles."""
     return cols * (width + pad) + pad, rows * (height + pad) + pad
 
@@ -101,19 +103,25 @@ def tile_grid(images: np.ndarray, rows: int, cols: int, pad: int = GRID_PAD) -> 
     for idx in range(rows * cols):
         r, col = divmod(idx, cols)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[idx]
+        grid[y : y + h, x : x + w] = images[idx]
     return grid
 
 
-def grid_seeds_and_classes(rows: int, cols: int, label_dim: int) -> Tuple[List[int], List[Optional[int]]]:
+def grid_seeds_and_classes(rows: int, cols: int, label_dim: int) -> tuple[list[int], list[Optional[int]]]:
     """Seeds 0 .. cols-1 in every row (a column shares its noise); row r has class r."""
     seeds = [c for _ in range(rows) for c in range(cols)]
     classes = [(r if label_dim > 0 else None) for r in range(rows) for _ in range(cols)]
     return seeds, classes
 
 
-def sample_grid(net: torch.nn.Module, encoder: Any, num_images: int, device: torch.device,
-                max_batch_size: int = 64, **sampler_kwargs: Any) -> Tuple[np.ndarray, int, int]:
+def sample_grid(
+    net: torch.nn.Module,
+    encoder: Any,
+    num_images: int,
+    device: torch.device,
+    max_batch_size: int = 64,
+    **sampler_kwargs: Any,
+) -> tuple[np.ndarray, int, int]:
     """Sample the grid with the default EDM sampler. Cell (r, c) is the image that
     ``generate_images(net, seeds=[c], class_idx=r)`` gives: noise from the seed's own generator,
     the class drawn and then overridden, as there. Returns (HWC uint8 grid, rows, cols)."""
@@ -123,7 +131,7 @@ def sample_grid(net: torch.nn.Module, encoder: Any, num_images: int, device: tor
     seeds, classes = grid_seeds_and_classes(rows, cols, net.label_dim)
     images = []
     for start in range(0, len(seeds), max_batch_size):
-        batch_seeds, batch_classes = seeds[start:start + max_batch_size], classes[start:start + max_batch_size]
+        batch_seeds, batch_classes = seeds[start : start + max_batch_size], classes[start : start + max_batch_size]
         rnd = StackedRandomGenerator(device, batch_seeds)
         noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
         labels = None
@@ -137,6 +145,7 @@ def sample_grid(net: torch.nn.Module, encoder: Any, num_images: int, device: tor
     if images.shape[3] == 1:
         images = np.repeat(images, 3, axis=3)
     return tile_grid(images, rows, cols), rows, cols
+
 
 # ----------------------------------------------------------------------------
 
@@ -157,14 +166,14 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on every process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    on_nccl = torch.distributed.get_backend() == 'nccl'
-    x = torch.tensor([0 if flag else 1], dtype=torch.int64, device=(device if on_nccl else 'cpu'))
+    on_nccl = torch.distributed.get_backend() == "nccl"
+    x = torch.tensor([0 if flag else 1], dtype=torch.int64, device=(device if on_nccl else "cpu"))
     torch.distributed.all_reduce(x)
     return int(x.item()) == 0
 
 
 def _one_line(err: BaseException) -> str:
-    return ' '.join(str(err).split()) or type(err).__name__
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 class TrainingMonitor:
@@ -173,24 +182,25 @@ class TrainingMonitor:
     loss evaluation, ``report_gradients`` before each optimizer step, ``on_status`` with the items
     of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every process) and ``close``."""
 
-    def __init__(self,
-        run_dir:            str,                        # Run directory.
-        start_nimg:         int = 0,                    # Image count the run (re)starts from.
-        loss_fn:            Any = None,                 # The loss; its P_mean and P_std define the noise bands.
-        device:             Optional[torch.device] = None,
-        tensorboard:        bool = True,                # Write TensorBoard event files?
-        grid:               int = 64,                   # Images in the sample grid at each snapshot; 0 = none.
-        grid_steps:         int = 32,                   # Sampler steps of the grid.
-        grid_batch:         int = 64,                   # Images per sampling batch of the grid.
-        metrics:            Sequence[str] = (),         # Metrics at each snapshot, e.g. ('fid', 'fd_dinov2').
-        metrics_images:     int = 50000,                # Images generated for the metrics.
-        metrics_ref:        Optional[str] = None,       # Reference statistics (path or URL).
-        metrics_seed:       int = 0,                    # First seed of the metrics images (calculate_metrics gen --seed).
-        metrics_batch:      int = 32,                   # Images per process and batch (calculate_metrics gen --batch).
+    def __init__(
+        self,
+        run_dir: str,  # Run directory.
+        start_nimg: int = 0,  # Image count the run (re)starts from.
+        loss_fn: Any = None,  # The loss; its P_mean and P_std define the noise bands.
+        device: Optional[torch.device] = None,
+        tensorboard: bool = True,  # Write TensorBoard event files?
+        grid: int = 64,  # Images in the sample grid at each snapshot; 0 = none.
+        grid_steps: int = 32,  # Sampler steps of the grid.
+        grid_batch: int = 64,  # Images per sampling batch of the grid.
+        metrics: Sequence[str] = (),  # Metrics at each snapshot, e.g. ('fid', 'fd_dinov2').
+        metrics_images: int = 50000,  # Images generated for the metrics.
+        metrics_ref: Optional[str] = None,  # Reference statistics (path or URL).
+        metrics_seed: int = 0,  # First seed of the metrics images (calculate_metrics gen --seed).
+        metrics_batch: int = 32,  # Images per process and batch (calculate_metrics gen --batch).
     ):
         self.run_dir = run_dir
         self.start_nimg = int(start_nimg)
-        self.device = torch.device(device) if device is not None else torch.device('cpu')
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.rank = dist.get_rank()
         self.grid, self.grid_steps, self.grid_batch = int(grid), int(grid_steps), int(grid_batch)
         self.metrics = list(metrics)
@@ -198,7 +208,7 @@ class TrainingMonitor:
         self.metrics_seed, self.metrics_batch = int(metrics_seed), int(metrics_batch)
         self.recorder: Optional[SigmaRecorder] = None
         self.bands = None
-        if loss_fn is not None and hasattr(loss_fn, 'P_mean') and hasattr(loss_fn, 'P_std'):
+        if loss_fn is not None and hasattr(loss_fn, "P_mean") and hasattr(loss_fn, "P_std"):
             self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std))
         self._sampling_encoder = None
         self._detectors_checked = False
@@ -208,15 +218,16 @@ class TrainingMonitor:
         # Validate before any training: the metrics need their reference statistics.
         if self.metrics:
             if metrics_ref is None:
-                raise ValueError('metrics during training need reference statistics (metrics_ref)')
+                raise ValueError("metrics during training need reference statistics (metrics_ref)")
             if self.rank == 0:
                 import calculate_metrics
+
                 self._ref_stats = calculate_metrics.load_stats(metrics_ref, verbose=False)
         if tensorboard and self.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                dist.print0(f'TensorBoard: not available ({_one_line(err)}); install tensorboard to get event files.')
+                dist.print0(f"TensorBoard: not available ({_one_line(err)}); install tensorboard to get event files.")
             else:
                 # One past the resumed kimg: the resumed run's first point comes after it, and
                 # anything a killed run wrote beyond its last checkpoint is superseded.
@@ -239,30 +250,30 @@ class TrainingMonitor:
         if sigma.numel() != per_sample.numel():
             return
         band = sigma_band(sigma, *self.bands)
-        nan = torch.full_like(per_sample, float('nan'))  # non-finite samples are left out of a statistic
+        nan = torch.full_like(per_sample, float("nan"))  # non-finite samples are left out of a statistic
         for k in range(len(NORMAL_QUARTILES) + 1):
-            training_stats.report(f'Loss/loss_sigma_q{k}', torch.where(band == k, per_sample, nan))
+            training_stats.report(f"Loss/loss_sigma_q{k}", torch.where(band == k, per_sample, nan))
 
     def report_gradients(self, net: torch.nn.Module, loss_scaling: float = 1) -> None:
         """Report the L2 norm of the gradient the optimizer is about to use (without loss scaling)."""
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch._foreach_norm(grads) if hasattr(torch, '_foreach_norm') else [g.norm() for g in grads]
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
-        training_stats.report('Loss/grad_norm', total / loss_scaling)
+        training_stats.report("Loss/grad_norm", total / loss_scaling)
 
     # Status ----------------------------------------------------------------
 
-    def on_status(self, cur_nimg: int, items: Sequence[Tuple[str, float]]) -> None:
+    def on_status(self, cur_nimg: int, items: Sequence[tuple[str, float]]) -> None:
         """Write the statistics of one stats.jsonl line (name, value) as TensorBoard scalars."""
         if self.writer is None:
             return
         values = dict(items)
-        walltime = values.pop('timestamp', None)
+        walltime = values.pop("timestamp", None)
         step = int(cur_nimg // 1000)
         for name, value in values.items():
-            if np.isfinite(value) and not name.startswith('Metrics/'):  # metrics go in at their snapshot's kimg
+            if np.isfinite(value) and not name.startswith("Metrics/"):  # metrics go in at their snapshot's kimg
                 self.writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self.writer.flush()
 
@@ -284,81 +295,106 @@ class TrainingMonitor:
 
     def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
         import PIL.Image
+
         start = time.time()
         try:
-            grid, rows, cols = sample_grid(snapshot_net, self._sampling_encoder, self.grid, self.device,
-                                           max_batch_size=self.grid_batch, num_steps=self.grid_steps)
+            grid, rows, cols = sample_grid(
+                snapshot_net,
+                self._sampling_encoder,
+                self.grid,
+                self.device,
+                max_batch_size=self.grid_batch,
+                num_steps=self.grid_steps,
+            )
         except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
-            dist.print0(f'Sample grid: failed ({_one_line(err)}); no more grids in this run.')
+            dist.print0(f"Sample grid: failed ({_one_line(err)}); no more grids in this run.")
             self.grid = 0
             return
-        fname = f'samples-{kimg:07d}.png'
+        fname = f"samples-{kimg:07d}.png"
         with dnnlib.util.atomic_path(os.path.join(self.run_dir, fname)) as tmp:
-            PIL.Image.fromarray(grid, 'RGB').save(tmp, format='PNG')
+            PIL.Image.fromarray(grid, "RGB").save(tmp, format="PNG")
         seconds = time.time() - start
-        training_stats.report0('Timing/grid_sec', seconds)
+        training_stats.report0("Timing/grid_sec", seconds)
         if self.writer is not None:
-            self.writer.add_image('Samples/grid', grid, global_step=kimg, dataformats='HWC')
+            self.writer.add_image("Samples/grid", grid, global_step=kimg, dataformats="HWC")
             self.writer.flush()
-        dist.print0(f'Saved {fname} ({rows}x{cols} images, {self.grid_steps} steps) in {seconds:.1f} s')
+        dist.print0(f"Saved {fname} ({rows}x{cols} images, {self.grid_steps} steps) in {seconds:.1f} s")
 
     def _check_detectors(self) -> None:
         """Load each metric's detector once; drop (with one line in the log) those that fail."""
         import calculate_metrics
+
         available = []
         for metric in self.metrics:
-            message = 'another process cannot load its detector'
+            message = "another process cannot load its detector"
             try:
                 calculate_metrics.get_detector(metric, verbose=False)
                 ok = True
             except Exception as err:  # e.g. offline without the detector's files
-                message = err.format_message() if hasattr(err, 'format_message') else str(err)
+                message = err.format_message() if hasattr(err, "format_message") else str(err)
                 ok = False
             if _all_ranks_agree(ok, self.device):
                 available.append(metric)
             else:
-                dist.print0(f'Metrics: skipping {metric} in this run; training goes on. {_one_line(Exception(message))}')
+                dist.print0(
+                    f"Metrics: skipping {metric} in this run; training goes on. {_one_line(Exception(message))}"
+                )
         self.metrics = available
         self._detectors_checked = True
 
     def _compute_metrics(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
         import calculate_metrics
         from generate_images import generate_images
+
         if not self._detectors_checked:
             self._check_detectors()
         if not self.metrics:
             return
         start = time.time()
-        image_iter = generate_images(net=snapshot_net, encoder=self._sampling_encoder,
-                                     seeds=range(self.metrics_seed, self.metrics_seed + self.metrics_images),
-                                     max_batch_size=self.metrics_batch, verbose=False, device=self.device)
-        stats_iter = calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=self.metrics, verbose=False,
-                                                                    device=self.device)
+        image_iter = generate_images(
+            net=snapshot_net,
+            encoder=self._sampling_encoder,
+            seeds=range(self.metrics_seed, self.metrics_seed + self.metrics_images),
+            max_batch_size=self.metrics_batch,
+            verbose=False,
+            device=self.device,
+        )
+        stats_iter = calculate_metrics.calculate_stats_for_iterable(
+            image_iter, metrics=self.metrics, verbose=False, device=self.device
+        )
         last = None
         for r in stats_iter:
             last = r
         if self.rank != 0:
             return
-        results = calculate_metrics.calculate_metrics_from_stats(last.stats, self._ref_stats, metrics=self.metrics,
-                                                                  verbose=False)
+        results = calculate_metrics.calculate_metrics_from_stats(
+            last.stats, self._ref_stats, metrics=self.metrics, verbose=False
+        )
         seconds = time.time() - start
-        record: Dict[str, Any] = dict(results=results, kimg=kimg, num_images=self.metrics_images, seed=self.metrics_seed,
-                                      ref=self.metrics_ref, timestamp=time.time())
-        fname = f'metrics-{kimg:07d}.jsonl'
-        with dnnlib.util.atomic_write(os.path.join(self.run_dir, fname), mode='w') as f:
-            f.write(json.dumps(record) + '\n')
+        record: dict[str, Any] = dict(
+            results=results,
+            kimg=kimg,
+            num_images=self.metrics_images,
+            seed=self.metrics_seed,
+            ref=self.metrics_ref,
+            timestamp=time.time(),
+        )
+        fname = f"metrics-{kimg:07d}.jsonl"
+        with dnnlib.util.atomic_write(os.path.join(self.run_dir, fname), mode="w") as f:
+            f.write(json.dumps(record) + "\n")
         for metric, value in results.items():
-            training_stats.report0(f'Metrics/{metric}', value)
+            training_stats.report0(f"Metrics/{metric}", value)
             if self.writer is not None:
-                self.writer.add_scalar(f'Metrics/{metric}', value, global_step=kimg)
-        training_stats.report0('Timing/metrics_sec', seconds)
+                self.writer.add_scalar(f"Metrics/{metric}", value, global_step=kimg)
+        training_stats.report0("Timing/metrics_sec", seconds)
         if self.writer is not None:
             self.writer.flush()
-        dist.print0(f'Saved {fname}: ' + ', '.join(f'{m} {v:g}' for m, v in results.items()) + f' in {seconds:.1f} s')
+        dist.print0(f"Saved {fname}: " + ", ".join(f"{m} {v:g}" for m, v in results.items()) + f" in {seconds:.1f} s")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
 
 # ----------------------------------------------------------------------------

@@ -48,14 +48,14 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Weighted sum (1-t)·a + t·b, rescaled so that two unit-variance inputs give a unit-variance output."""
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Concatenation with the two parts weighted (1-t) : t and the result kept at unit magnitude."""
     Na = a.shape[dim]
     Nb = b.shape[dim]
-    C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
+    C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
     wa = C / np.sqrt(Na) * (1 - t)
     wb = C / np.sqrt(Nb) * t
     return torch.cat([wa * a, wb * b], dim=dim)
@@ -111,9 +111,21 @@ class MPConv(torch.nn.Module):
 class Block(torch.nn.Module):
     """Residual block with optional resampling, noise/class modulation and self-attention."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
-                 resample_filter=[1, 1], attention=False, channels_per_head=64, dropout=0,
-                 res_balance=0.3, attn_balance=0.3, clip_act=256):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        emb_channels,
+        flavor="enc",
+        resample_mode="keep",
+        resample_filter=[1, 1],
+        attention=False,
+        channels_per_head=64,
+        dropout=0,
+        res_balance=0.3,
+        attn_balance=0.3,
+        clip_act=256,
+    ):
         # flavor: 'enc' normalises the main path (pixel norm) and projects the skip before the residual;
         #   'dec' projects it after. resample_mode: 'keep', 'down' or 'up'. The balances are the t of
         #   mp_sum (0 keeps the main path, 1 takes the branch). clip_act=None disables clipping.
@@ -180,9 +192,21 @@ class Block(torch.nn.Module):
 class UNet(torch.nn.Module):
     """Magnitude-preserving U-Net: F(x, c_noise, labels) of the EDM preconditioning."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=[1, 2, 3, 4],
-                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=[16, 8],
-                 label_balance=0.5, concat_balance=0.5, **block_kwargs):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim,
+        model_channels=192,
+        channel_mult=[1, 2, 3, 4],
+        channel_mult_noise=None,
+        channel_mult_emb=None,
+        num_blocks=3,
+        attn_resolutions=[16, 8],
+        label_balance=0.5,
+        concat_balance=0.5,
+        **block_kwargs,
+    ):
         # label_dim=0 builds an unconditional network. Channel counts are model_channels times the
         # per-level multipliers; the noise and final embedding widths default to the first and the
         # widest level. block_kwargs go to every Block.
@@ -209,12 +233,15 @@ class UNet(torch.nn.Module):
                 cout = channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = Block(
+                    cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs
+                )
             for idx in range(num_blocks):
                 cin = cout
                 cout = channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="enc",
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="enc", attention=(res in attn_resolutions), **block_kwargs
+                )
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()
@@ -229,8 +256,9 @@ class UNet(torch.nn.Module):
             for idx in range(num_blocks + 1):
                 cin = cout + skips.pop()
                 cout = channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec",
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs
+                )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x, noise_labels, class_labels):
@@ -264,8 +292,9 @@ class UNet(torch.nn.Module):
 class Precond(torch.nn.Module):
     """The denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), plus the log-variance head u(σ)."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
-                 logvar_channels=128, **unet_kwargs):
+    def __init__(
+        self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128, **unet_kwargs
+    ):
         # use_fp16 takes effect on CUDA only; sigma_data is the standard deviation of the training data.
         super().__init__()
         self.img_resolution = img_resolution
@@ -289,9 +318,9 @@ class Precond(torch.nn.Module):
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
 
         # Preconditioning weights (EDM, Table 1).
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+        c_out = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+        c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
         # Run the model. Only x goes to the compute dtype; the embeddings stay float32 (spec §14).

@@ -12,12 +12,13 @@ so that it can be copied into other code bases.
 """
 
 import copy
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
 
-ArrayLike = Union[float, np.ndarray, List[float]]
+ArrayLike = Union[float, np.ndarray, list[float]]
 
 # ----------------------------------------------------------------------------
 # Conversions between the exponent gamma and sigma_rel.
@@ -117,7 +118,9 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
     return (ga + 1) * (gb + 1) / (ga + gb + 1) * (t_min / t_max) ** g_long / t_max
 
 
-def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike, out_std: ArrayLike) -> np.ndarray:
+def solve_posthoc_coefficients(
+    in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike, out_std: ArrayLike
+) -> np.ndarray:
     """Weights X[i, o] such that sum_i X[i, o] * snapshot_i approximates output profile o.
 
     Least squares in the space of profiles: A[i, j] = <p_i, p_j>, B[i, o] = <p_i, p_o>,
@@ -125,10 +128,19 @@ def solve_posthoc_coefficients(in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: Ar
     reproduced exactly. Inputs are (end time, sigma_rel) pairs, broadcast per side; returns
     a float64 array of shape [num_in, num_out].
     """
-    in_ofs, in_std = (a.ravel() for a in np.broadcast_arrays(np.asarray(in_ofs, np.float64), np.asarray(in_std, np.float64)))
-    out_ofs, out_std = (a.ravel() for a in np.broadcast_arrays(np.asarray(out_ofs, np.float64), np.asarray(out_std, np.float64)))
-    col = lambda x: x.reshape(-1, 1)
-    row = lambda x: x.reshape(1, -1)
+    in_ofs, in_std = (
+        a.ravel() for a in np.broadcast_arrays(np.asarray(in_ofs, np.float64), np.asarray(in_std, np.float64))
+    )
+    out_ofs, out_std = (
+        a.ravel() for a in np.broadcast_arrays(np.asarray(out_ofs, np.float64), np.asarray(out_std, np.float64))
+    )
+
+    def col(x):
+        return x.reshape(-1, 1)
+
+    def row(x):
+        return x.reshape(1, -1)
+
     A = power_function_correlation(col(in_ofs), col(in_std), row(in_ofs), row(in_std))
     B = power_function_correlation(col(in_ofs), col(in_std), row(out_ofs), row(out_std))
     X = np.linalg.solve(A, B)
@@ -195,15 +207,15 @@ class PowerFunctionEMA:
             beta = power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size)
             _lerp_params(ema, self.net, 1.0 - beta)
 
-    def get(self) -> List[Tuple[torch.nn.Module, str]]:
+    def get(self) -> list[tuple[torch.nn.Module, str]]:
         for ema in self.emas:
             _copy_buffers(self.net, ema)
         return [(ema, f"-{std:.3f}") for std, ema in zip(self.stds, self.emas)]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return dict(stds=list(self.stds), emas=[ema.state_dict() for ema in self.emas])
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["emas"]) != len(self.emas):
             raise ValueError(f"EMA state holds {len(state['emas'])} averages, expected {len(self.emas)}")
         self.stds = [float(std) for std in state["stds"]]
@@ -245,12 +257,12 @@ class TraditionalEMA:
     def update(self, cur_nimg: int, batch_size: int) -> None:
         _lerp_params(self.ema, self.net, 1.0 - self.beta(cur_nimg, batch_size))
 
-    def get(self) -> List[Tuple[torch.nn.Module, str]]:
+    def get(self) -> list[tuple[torch.nn.Module, str]]:
         _copy_buffers(self.net, self.ema)
         return [(self.ema, "")]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return self.ema.state_dict()
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state)

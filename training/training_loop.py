@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import psutil
@@ -40,20 +40,22 @@ class EDM2Loss:
         # sigma ~ LogNormal(P_mean, P_std), one per sample, drawn before the noise.
         rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         noise = torch.randn_like(images) * sigma
         denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
         # (lambda / exp(u)) * (D - y)^2 + u, per element.
         loss = (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
         return loss
 
+
 # ----------------------------------------------------------------------------
 # Learning-rate schedule: the paper's inverse square-root decay after ref_batches iterations, times
 # a linear ramp-up over rampup_Mimg images.
 
 
-def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3,
-                           rampup_Mimg: float = 10) -> float:
+def learning_rate_schedule(
+    cur_nimg: int, batch_size: int, ref_lr: float = 100e-4, ref_batches: float = 70e3, rampup_Mimg: float = 10
+) -> float:
     lr = ref_lr
     if ref_batches > 0:
         lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
@@ -61,39 +63,54 @@ def learning_rate_schedule(cur_nimg: int, batch_size: int, ref_lr: float = 100e-
         lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
     return float(lr)
 
+
 # ----------------------------------------------------------------------------
 # Validation of the batch layout and the image counts.
 
 
-def check_training_config(batch_size: int, world_size: int = 1, batch_gpu: Optional[int] = None, total_nimg: Optional[int] = None,
-                          slice_nimg: Optional[int] = None, status_nimg: Optional[int] = None, snapshot_nimg: Optional[int] = None,
-                          checkpoint_nimg: Optional[int] = None) -> Tuple[int, int]:
+def check_training_config(
+    batch_size: int,
+    world_size: int = 1,
+    batch_gpu: Optional[int] = None,
+    total_nimg: Optional[int] = None,
+    slice_nimg: Optional[int] = None,
+    status_nimg: Optional[int] = None,
+    snapshot_nimg: Optional[int] = None,
+    checkpoint_nimg: Optional[int] = None,
+) -> tuple[int, int]:
     """Validate the batch layout and the image counts; raise ValueError naming the problem.
 
     Returns the batch of one accumulation round in one process (``batch_gpu`` clamped to the
     per-process batch) and the number of accumulation rounds.
     """
     if batch_size <= 0:
-        raise ValueError(f'batch size must be positive, got {batch_size}')
+        raise ValueError(f"batch size must be positive, got {batch_size}")
     if batch_size % world_size != 0:
-        raise ValueError(f'batch size {batch_size} is not divisible by the number of processes ({world_size})')
+        raise ValueError(f"batch size {batch_size} is not divisible by the number of processes ({world_size})")
     batch_per_process = batch_size // world_size
     if batch_gpu is None or batch_gpu <= 0 or batch_gpu > batch_per_process:
         batch_gpu = batch_per_process
     if batch_per_process % batch_gpu != 0:
-        raise ValueError(f'batch size {batch_size} is not divisible by processes x batch-gpu '
-                         f'({world_size} x {batch_gpu})')
-    for name, value, granule in [('duration', total_nimg, 1), ('slice', slice_nimg, 1), ('status interval', status_nimg, 1),
-                                 ('snapshot interval', snapshot_nimg, 1024), ('checkpoint interval', checkpoint_nimg, 1024)]:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by processes x batch-gpu ({world_size} x {batch_gpu})"
+        )
+    for name, value, granule in [
+        ("duration", total_nimg, 1),
+        ("slice", slice_nimg, 1),
+        ("status interval", status_nimg, 1),
+        ("snapshot interval", snapshot_nimg, 1024),
+        ("checkpoint interval", checkpoint_nimg, 1024),
+    ]:
         if value is None:
             continue
         if value <= 0:
-            raise ValueError(f'{name} must be positive, got {value}')
+            raise ValueError(f"{name} must be positive, got {value}")
         if value % batch_size != 0:
-            raise ValueError(f'{name} {value} is not a multiple of the batch size {batch_size}')
+            raise ValueError(f"{name} {value} is not a multiple of the batch size {batch_size}")
         if value % granule != 0:
-            raise ValueError(f'{name} {value} is not a multiple of {granule} (file names count kimg)')
+            raise ValueError(f"{name} {value} is not a multiple of {granule} (file names count kimg)")
     return batch_gpu, batch_per_process // batch_gpu
+
 
 # ----------------------------------------------------------------------------
 # Main training loop. The defaults are the reference's; None for a *_kwargs argument means that
@@ -101,6 +118,7 @@ def check_training_config(batch_size: int, world_size: int = 1, batch_gpu: Optio
 # hard-codes CUDA), and pinned memory only with CUDA.
 
 
+# fmt: off
 def training_loop(
     dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
     encoder_kwargs      = dict(class_name='training.encoders.StabilityVAEEncoder'),
@@ -128,6 +146,7 @@ def training_loop(
     device              = None,     # None = cuda if available, else cpu.
     monitor_kwargs      = None,     # Watching the run (training.monitoring.TrainingMonitor); None = off.
 ) -> None:
+# fmt: on
     # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
     dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
     encoder_kwargs = _or_default(encoder_kwargs, 'encoder_kwargs')

@@ -49,8 +49,15 @@ def main(outdir: str, resultdir: str) -> None:
     collector = training_stats.Collector(regex="Loss/.*|Only/.*|Progress/.*", keep_previous=False)
     collector.update()
     training_stats.default_collector.update()
-    results.append(dict(rank=rank, interval=0, names=collector.names(), stats=collector.as_dict(),
-                        default_names=training_stats.default_collector.names()))
+    results.append(
+        dict(
+            rank=rank,
+            interval=0,
+            names=collector.names(),
+            stats=collector.as_dict(),
+            default_names=training_stats.default_collector.names(),
+        )
+    )
 
     # Second interval: only rank 1 reports Loss/a.
     if rank == 1:

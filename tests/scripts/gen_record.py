@@ -13,7 +13,7 @@ of ``StackedRandomGenerator`` that keeps a copy of every row it hands out.
 
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from torch_utils import distributed as dist  # noqa: E402
 class RecordingGenerator(gi.StackedRandomGenerator):
     """StackedRandomGenerator that records each image's draws, keyed by seed (seeds must be unique)."""
 
-    records: Dict[int, List[Tuple[str, torch.Tensor]]] = {}
+    records: dict[int, list[tuple[str, torch.Tensor]]] = {}
 
     def __init__(self, device, seeds: Sequence[int]):
         super().__init__(device, seeds)
@@ -40,23 +40,23 @@ class RecordingGenerator(gi.StackedRandomGenerator):
         return out
 
     def randn(self, size, **kwargs):
-        return self._record('randn', super().randn(size, **kwargs))
+        return self._record("randn", super().randn(size, **kwargs))
 
     def randint(self, *args, size, **kwargs):
-        return self._record('randint', super().randint(*args, size=size, **kwargs))
+        return self._record("randint", super().randint(*args, size=size, **kwargs))
 
 
-def split_command_lines(argv: Sequence[str]) -> List[List[str]]:
-    runs: List[List[str]] = []
+def split_command_lines(argv: Sequence[str]) -> list[list[str]]:
+    runs: list[list[str]] = []
     for arg in argv:
-        if arg == '--':
+        if arg == "--":
             runs.append([])
         else:
             runs[-1].append(arg)
     return [run for run in runs if run]
 
 
-def run_recorded(args: Sequence[str]) -> Dict[int, List[Tuple[str, torch.Tensor]]]:
+def run_recorded(args: Sequence[str]) -> dict[int, list[tuple[str, torch.Tensor]]]:
     """Run one generate_images.py command line in this process and return the draws per seed."""
     RecordingGenerator.records = {}
     original = gi.StackedRandomGenerator
@@ -71,10 +71,10 @@ def run_recorded(args: Sequence[str]) -> Dict[int, List[Tuple[str, torch.Tensor]
 def main(argv: Sequence[str]) -> None:
     prefix, runs = argv[0], split_command_lines(argv[1:])
     records = [run_recorded(args) for args in runs]
-    torch.save(records, f'{prefix}.rank{dist.get_rank()}.pt')
+    torch.save(records, f"{prefix}.rank{dist.get_rank()}.pt")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main(sys.argv[1:])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

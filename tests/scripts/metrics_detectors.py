@@ -57,12 +57,13 @@ class TinyInception(torch.nn.Module):
         self.proj = torch.nn.Linear(3, feature_dim)
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert return_features, 'the FID detector must be called with return_features=True'
+        assert return_features, "the FID detector must be called with return_features=True"
         return self.proj(x.to(torch.float32).mean(dim=[2, 3]) / 255)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import calculate_metrics
-    calculate_metrics.register_detector('fid', PoolDetector())
+
+    calculate_metrics.register_detector("fid", PoolDetector())
     calculate_metrics.cmdline(sys.argv[1:])

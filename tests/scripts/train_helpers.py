@@ -20,20 +20,26 @@ def write_dataset_zip(path: str, images: np.ndarray, labels: Optional[np.ndarray
     ``dataset.json`` holding integer ``labels`` (or ``null``), as ``dataset_tool.py convert`` does."""
     assert images.dtype == np.uint8 and images.ndim == 4
     entries = []
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         for idx, img in enumerate(images):
-            name = f'{idx // 1000:05d}/img{idx:08d}.png'
+            name = f"{idx // 1000:05d}/img{idx:08d}.png"
             buf = io.BytesIO()
-            Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format='png', compress_level=0)
+            Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="png", compress_level=0)
             zf.writestr(name, buf.getvalue())
             if labels is not None:
                 entries.append([name, int(labels[idx])])
-        zf.writestr('dataset.json', json.dumps({'labels': entries if labels is not None else None}))
+        zf.writestr("dataset.json", json.dumps({"labels": entries if labels is not None else None}))
     return path
 
 
-def random_dataset_zip(path: str, num_images: int = 64, resolution: int = 8, channels: int = 3,
-                       num_classes: Optional[int] = 4, seed: int = 0) -> str:
+def random_dataset_zip(
+    path: str,
+    num_images: int = 64,
+    resolution: int = 8,
+    channels: int = 3,
+    num_classes: Optional[int] = 4,
+    seed: int = 0,
+) -> str:
     """A ZIP of random images (labels ``idx % num_classes``, or none)."""
     rng = np.random.RandomState(seed)
     images = rng.randint(0, 256, size=[num_images, resolution, resolution, channels]).astype(np.uint8)
@@ -46,14 +52,14 @@ def latent_dataset_dir(path: str, num_images: int = 8, resolution: int = 8, num_
     rng = np.random.RandomState(seed)
     entries = []
     for idx in range(num_images):
-        name = f'{idx // 1000:05d}/img-mean-std-{idx:08d}.npy'
+        name = f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy"
         os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
         mean = rng.randn(4, resolution, resolution) * 4
         std = np.abs(rng.randn(4, resolution, resolution)) * 0.1
         np.save(os.path.join(path, name), np.concatenate([mean, std]).astype(np.float32))
         entries.append([name, idx % num_classes])
-    with open(os.path.join(path, 'dataset.json'), 'w') as f:
-        json.dump({'labels': entries}, f)
+    with open(os.path.join(path, "dataset.json"), "w") as f:
+        json.dump({"labels": entries}, f)
     return path
 
 
@@ -66,13 +72,17 @@ def digits_dataset_zip(path: str, resolution: int = 16) -> str:
     from sklearn.datasets import load_digits
 
     import dataset_tool
+
     digits = load_digits()
     with tempfile.TemporaryDirectory() as source:
         for idx, (img, label) in enumerate(zip(digits.images, digits.target)):
             os.makedirs(os.path.join(source, str(label)), exist_ok=True)
-            Image.fromarray(np.uint8(np.clip(img / 16 * 255, 0, 255))).save(os.path.join(source, str(label), f'{idx:04d}.png'))
+            Image.fromarray(np.uint8(np.clip(img / 16 * 255, 0, 255))).save(
+                os.path.join(source, str(label), f"{idx:04d}.png")
+            )
         dataset_tool.convert_dataset(source=source, dest=path, resolution=(resolution, resolution))
     return path
+
 
 # ----------------------------------------------------------------------------
 # A loss without random draws, for checking the distributed and accumulation mechanics.
@@ -91,17 +101,25 @@ class DeterministicLoss:
         sigma = (images.reshape(n, -1).mean(dim=1) * 2).exp().reshape(n, 1, 1, 1)
         grid = torch.arange(images[0].numel(), dtype=torch.float32, device=images.device).reshape(images.shape[1:])
         noise = torch.sin(grid * 12.9898 + images * 78.233) * sigma
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+
 
 # ----------------------------------------------------------------------------
 # Sampling: a deterministic Heun sampler (EDM time steps), independent of generate_images.py.
 
 
 @torch.no_grad()
-def heun_sample(net, labels: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80,
-                rho: float = 7, seed: int = 0) -> torch.Tensor:
+def heun_sample(
+    net,
+    labels: torch.Tensor,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80,
+    rho: float = 7,
+    seed: int = 0,
+) -> torch.Tensor:
     """Generate one image per row of ``labels``; returns float32 NCHW in the model's space."""
     gen = torch.Generator().manual_seed(seed)
     shape = [labels.shape[0], net.img_channels, net.img_resolution, net.img_resolution]
@@ -131,7 +149,7 @@ def save_grid(images_uint8: np.ndarray, path: str, cols: int, scale: int = 4) ->
     grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
     for idx, img in enumerate(images_uint8):
         r, q = divmod(idx, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img.transpose(1, 2, 0)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img.transpose(1, 2, 0)
     pil = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

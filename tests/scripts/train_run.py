@@ -27,5 +27,5 @@ def main() -> None:
         torch.distributed.destroy_process_group()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()
