@@ -119,7 +119,7 @@ def subset(num_total, num, seed):
 
 
 def test_ref_then_calc(data, detectors, run_cli, tmp_path):
-    # ref on a dataset ZIP: every image, in the spec's layout, equal to numpy's statistics.
+    # ref on a dataset ZIP: every image, in the dataset_tool layout, equal to numpy's statistics.
     dest = tmp_path / "refs" / "data.pkl"
     result = run_cli("ref", "--data", data.zip, "--dest", dest, "--batch", 4, "--workers", 0)
     assert_ok(result)

@@ -235,7 +235,7 @@ def test_pkl_layout_and_roundtrip(tmp_path):
         detectors={"fid": md.PoolDetector(), "fd_dinov2": md.ConvDetector()},
     )
     with open(path, "rb") as f:
-        raw = pickle.load(f)  # the spec's layout, readable by plain pickle
+        raw = pickle.load(f)  # the reference's layout, readable by plain pickle
     assert type(raw) is dict and list(raw) == ["num_images", "fid", "fd_dinov2"] and raw["num_images"] == 6
     assert type(raw["fid"]) is dict and list(raw["fid"]) == ["mu", "sigma"]
     assert raw["fid"]["mu"].shape == (12,) and raw["fid"]["sigma"].shape == (12, 12)

@@ -1,4 +1,4 @@
-"""The EDM2 network: exact sizes and names (spec §3) and magnitude preservation in numbers."""
+"""The EDM2 network: exact sizes and names (as the reference builds it) and magnitude preservation in numbers."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 
 from training import networks_edm2 as N
 
-# Spec §3.5: (model_channels, dropout, img_channels) -> parameters in millions, for all twelve presets.
+# The reference's table: (model_channels, dropout, img_channels) -> parameters in millions, for all twelve presets.
 PRESET_PARAMS = {
     "edm2-img512-xxs": (64, 0.0, 4, 31.31),
     "edm2-img512-xs": (128, 0.0, 4, 124.71),
@@ -51,7 +51,7 @@ def small_config(**overrides):
 
 
 def _block_keys(prefix, cin, cout, cemb, flavor, attention):
-    # Spec §3.2: conv_res0 takes `out` channels in the encoder (after the skip projection) and `in` in the decoder.
+    # conv_res0 takes `out` channels in the encoder (after the skip projection) and `in` in the decoder.
     keys = [
         (f"{prefix}.emb_gain", ()),
         (f"{prefix}.conv_res0.weight", (cout, cout if flavor == "enc" else cin, 3, 3)),
@@ -69,7 +69,7 @@ def _block_keys(prefix, cin, cout, cemb, flavor, attention):
 
 
 def test_state_dict_keys_and_shapes_small_config():
-    # Written out from spec §3.3 for resolution 16, channel_mult [1,2] (cblock = [32, 64]), one block per
+    # Written out from the reference architecture (EDM2 paper, appendix) for resolution 16, channel_mult [1,2] (cblock = [32, 64]), one block per
     # level, attention at 8x8 (64 channels = one head of 64), cnoise = 32, cemb = 64, 10 classes.
     e = 64
     expected = [
@@ -100,7 +100,7 @@ def test_state_dict_keys_and_shapes_small_config():
     net = N.Precond(**small_config())
     actual = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
     assert actual == expected
-    # Optional submodules that are absent are plain None attributes, not _modules entries (spec §14).
+    # Optional submodules that are absent are plain None attributes, not _modules entries (as in the reference).
     block = net.unet.enc["16x16_block0"]
     assert block.conv_skip is None and "conv_skip" in block.__dict__ and "conv_skip" not in block._modules
     assert N.Precond(**small_config(label_dim=0)).unet.emb_label is None

@@ -3,7 +3,7 @@
 The snapshots are tiny EDM2 networks (``training.networks_edm2.Precond``) whose parameters are
 set by hand to the *analytic* power-function EMA of a known training trajectory, so the right
 answer for any other EMA length is known in closed form. Expected reconstructions are
-computed here from the spec's formulas, independently of training/phema.py.
+computed here from the EDM2 paper's formulas, independently of training/phema.py.
 """
 
 import copy
@@ -47,7 +47,7 @@ def std_to_exp(std):
 
 
 def inner(ta, ga, tb, gb):
-    """<p_a, p_b> by the spec's closed form, times in units of T."""
+    """<p_a, p_b> by the closed form, times in units of T."""
     return (ga + 1) * (gb + 1) / (ga + gb + 1) * min(ta, tb) ** (ga + gb + 1) / (ta ** (ga + 1) * tb ** (gb + 1))
 
 

@@ -113,7 +113,7 @@ def set_random_seed(*args: Any) -> None:
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless dataset indices, reshuffled every epoch, strided across processes (spec §14).
+    """Endless dataset indices, reshuffled every epoch, strided across processes (as in the reference).
 
     Global index ``idx`` starts at ``start_idx + rank`` and advances by ``num_replicas``; it yields
     ``perm_e[idx % N]`` where ``e = idx // N`` and ``perm_e`` is a legacy

@@ -1,4 +1,4 @@
-"""The magnitude-preserving EDM2 network ("config G" of Karras et al., CVPR 2024), spec §3.
+"""The magnitude-preserving EDM2 network ("config G" of Karras et al., CVPR 2024).
 
 Every layer is designed so that unit-variance inputs give unit-variance outputs and so that the
 weights keep a fixed magnitude during training (forced weight normalisation). The module is embedded
@@ -12,7 +12,7 @@ import torch
 from torch_utils import misc, persistence
 
 # ----------------------------------------------------------------------------
-# Magnitude-preserving primitives (spec §3.1).
+# Magnitude-preserving primitives (EDM2 paper, Section 2).
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
@@ -89,7 +89,7 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x, gain=1):
         # For a float32 weight, .to() returns the parameter itself, so after the in-place update
-        # below `w` already holds the force-normalised weight and is normalised a second time (spec §14).
+        # below `w` already holds the force-normalised weight and is normalised a second time (as in the reference).
         w = self.weight.to(torch.float32)
         if self.training:
             with torch.no_grad():
@@ -104,7 +104,7 @@ class MPConv(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# U-Net encoder/decoder block (spec §3.2).
+# U-Net encoder/decoder block.
 
 
 @persistence.persistent_class
@@ -185,7 +185,7 @@ class Block(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# The U-Net (spec §3.3).
+# The U-Net.
 
 
 @persistence.persistent_class
@@ -285,7 +285,7 @@ class UNet(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Preconditioning and the learned uncertainty (spec §3.4).
+# Preconditioning (EDM, Karras et al. 2022) and the learned uncertainty (EDM2 paper, appendix).
 
 
 @persistence.persistent_class
@@ -323,7 +323,7 @@ class Precond(torch.nn.Module):
         c_in = 1 / (self.sigma_data**2 + sigma**2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
-        # Run the model. Only x goes to the compute dtype; the embeddings stay float32 (spec §14).
+        # Run the model. Only x goes to the compute dtype; the embeddings stay float32 (as in the reference).
         x_in = (c_in * x).to(dtype)
         F_x = self.unet(x_in, c_noise, class_labels, **unet_kwargs)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
