@@ -172,10 +172,6 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return int(x.item()) == 0
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 class TrainingMonitor:
     """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl`` (see the module
     docstring). Construct it on every process after resuming; then call ``report_loss`` after each
@@ -227,7 +223,7 @@ class TrainingMonitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                dist.print0(f"TensorBoard: not available ({_one_line(err)}); install tensorboard to get event files.")
+                dist.print0(f"TensorBoard: not available ({dnnlib.util.one_line(err)}); install tensorboard to get event files.")
             else:
                 # One past the resumed kimg: the resumed run's first point comes after it, and
                 # anything a killed run wrote beyond its last checkpoint is superseded.
@@ -307,7 +303,7 @@ class TrainingMonitor:
                 num_steps=self.grid_steps,
             )
         except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
-            dist.print0(f"Sample grid: failed ({_one_line(err)}); no more grids in this run.")
+            dist.print0(f"Sample grid: failed ({dnnlib.util.one_line(err)}); no more grids in this run.")
             self.grid = 0
             return
         fname = f"samples-{kimg:07d}.png"
@@ -337,7 +333,7 @@ class TrainingMonitor:
                 available.append(metric)
             else:
                 dist.print0(
-                    f"Metrics: skipping {metric} in this run; training goes on. {_one_line(Exception(message))}"
+                    f"Metrics: skipping {metric} in this run; training goes on. {dnnlib.util.one_line(Exception(message))}"
                 )
         self.metrics = available
         self._detectors_checked = True
