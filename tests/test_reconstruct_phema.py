@@ -654,3 +654,31 @@ def test_end_to_end_train_reconstruct_generate(tmp_path):
     for name in os.listdir(images):
         img = np.asarray(Image.open(images / name))
         assert img.shape == (8, 8, 3) and img.dtype == np.uint8
+
+
+def test_output_keeps_the_embedded_sources_of_its_inputs(tmp_path, monkeypatch, capsys):
+    # Snapshots written by another revision of the network module (e.g. the official release): the
+    # reconstruction is rebuilt with our code, but its pickle embeds the inputs' source, as the
+    # reference's outputs do (they are copies of the input objects).
+    from tests.test_persistence import NETWORK_CLASSES, embedded_sources
+
+    edited_src = networks_edm2.Precond._orig_module_src + "\n# Another revision of the same network.\n"
+    with monkeypatch.context() as m:
+        for cls in NETWORK_CLASSES:
+            m.setattr(cls, "_orig_module_src", edited_src)
+        for nimg in (T // 2, T):
+            for std in (0.05, 0.1):
+                write_snapshot(str(tmp_path), nimg, std)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    pkls = reconstruct_phema.list_input_pickles(str(tmp_path))
+    for _ in reconstruct_phema.reconstruct_phema(pkls, out_std=[0.07], out_dir=str(out_dir), verbose=False):
+        pass
+    assert "rebuilding with the standard code" in capsys.readouterr().err
+    (out_path,) = out_dir.iterdir()
+    sources = embedded_sources(out_path.read_bytes())
+    assert {name: src == edited_src for name, src in sources.items() if name in ("MPConv", "UNet", "Precond")} == {
+        "MPConv": True,
+        "UNet": True,
+        "Precond": True,
+    }
