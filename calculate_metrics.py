@@ -606,10 +606,11 @@ def cmdline() -> None:
     """
 
 
-@cmdline.command()
-@click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", type=str, required=True)
-@click.option("--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True)
-@click.option(
+# Options shared by the commands.
+_ref_option = click.option(
+    "--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True
+)
+_metrics_option = click.option(
     "--metrics",
     help="List of metrics to compute",
     metavar="LIST",
@@ -617,6 +618,30 @@ def cmdline() -> None:
     default="fid,fd_dinov2",
     show_default=True,
 )
+_file_batch_option = click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+)
+_workers_option = click.option(
+    "--workers",
+    "num_workers",
+    help="Subprocesses to use for data loading",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+)
+
+
+@cmdline.command()
+@click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", type=str, required=True)
+@_ref_option
+@_metrics_option
 @click.option(
     "--num",
     "num_images",
@@ -629,24 +654,8 @@ def cmdline() -> None:
 @click.option(
     "--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0, show_default=True
 )
-@click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-)
-@click.option(
-    "--workers",
-    "num_workers",
-    help="Subprocesses to use for data loading",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-)
+@_file_batch_option
+@_workers_option
 def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a given set of images."""
     with _cli_errors():
@@ -659,15 +668,8 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 
 @cmdline.command()
 @click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", type=str, required=True)
-@click.option("--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True)
-@click.option(
-    "--metrics",
-    help="List of metrics to compute",
-    metavar="LIST",
-    type=MetricListParam(),
-    default="fid,fd_dinov2",
-    show_default=True,
-)
+@_ref_option
+@_metrics_option
 @click.option(
     "--num",
     "num_images",
@@ -722,32 +724,9 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
 @cmdline.command()
 @click.option("--data", "image_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
 @click.option("--dest", "dest_path", help="Destination file", metavar="PKL", type=str, required=True)
-@click.option(
-    "--metrics",
-    help="List of metrics to compute",
-    metavar="LIST",
-    type=MetricListParam(),
-    default="fid,fd_dinov2",
-    show_default=True,
-)
-@click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-)
-@click.option(
-    "--workers",
-    "num_workers",
-    help="Subprocesses to use for data loading",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-)
+@_metrics_option
+@_file_batch_option
+@_workers_option
 def ref(image_path, dest_path, metrics, max_batch_size, num_workers):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
     with _cli_errors():
