@@ -71,147 +71,47 @@ def build_preset_network(preset: str, device: Union[str, torch.device] = "meta")
 # Flop conventions, keyed by ATen op name (in-place variants share their op's weight).
 
 _PER_OUTPUT_ELEMENT = {
-    "silu": 3,
-    "sigmoid": 3,
-    "_softmax": 3,
-    "softmax": 3,
-    "lerp": 2,
-    "clamp": 2,
-    "clamp_min": 2,
-    "clamp_max": 2,
-    "clip": 2,
-    "leaky_relu": 2,
+    **dict.fromkeys(["silu", "sigmoid", "_softmax", "softmax"], 3),
+    **dict.fromkeys(["lerp", "clamp", "clamp_min", "clamp_max", "clip", "leaky_relu"], 2),
     "gelu": 14,
-    "native_group_norm": 4,
-    "group_norm": 4,
-    "native_layer_norm": 4,
-    "layer_norm": 4,
-    "upsample_bilinear2d": 4,
-    "_upsample_bilinear2d_aa": 4,
+    **dict.fromkeys(["native_group_norm", "group_norm", "native_layer_norm", "layer_norm"], 4),
+    **dict.fromkeys(["upsample_bilinear2d", "_upsample_bilinear2d_aa"], 4),
 }
 
-_PER_INPUT_ELEMENT = {
-    "linalg_vector_norm",
-    "norm",
-    "frobenius_norm",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "_adaptive_avg_pool2d",
-    "_adaptive_avg_pool3d",
-}
+_PER_INPUT_ELEMENT = set(
+    """
+    linalg_vector_norm norm frobenius_norm avg_pool1d avg_pool2d avg_pool3d
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d
+    """.split()
+)
 
-_CONVOLUTIONS = {
-    "convolution",
-    "_convolution",
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "conv_transpose1d",
-    "conv_transpose2d",
-    "conv_transpose3d",
-    "cudnn_convolution",
-    "cudnn_convolution_transpose",
-    "mkldnn_convolution",
-    "convolution_overrideable",
-    "_slow_conv2d_forward",
-    "slow_conv_transpose2d",
-    "slow_conv3d_forward",
-}
+_CONVOLUTIONS = set(
+    """
+    convolution _convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d
+    cudnn_convolution cudnn_convolution_transpose mkldnn_convolution convolution_overrideable
+    _slow_conv2d_forward slow_conv_transpose2d slow_conv3d_forward
+    """.split()
+)
 
 # Matmuls: index of the multiplicand whose last dimension is the inner (summed) dimension, and
 # whether an added term contributes one more op per output element.
 _MATMULS = {
-    "mm": (0, 0),
-    "bmm": (0, 0),
-    "matmul": (0, 0),
-    "mv": (0, 0),
-    "dot": (0, 0),
-    "vdot": (0, 0),
-    "linear": (0, 0),
-    "addmm": (1, 1),
-    "addbmm": (1, 1),
-    "baddbmm": (1, 1),
-    "addmv": (1, 1),
+    **dict.fromkeys(["mm", "bmm", "matmul", "mv", "dot", "vdot", "linear"], (0, 0)),
+    **dict.fromkeys(["addmm", "addbmm", "baddbmm", "addmv"], (1, 1)),
 }
 
-_FREE = {
-    # Copies and casts.
-    "_to_copy",
-    "copy",
-    "clone",
-    "cat",
-    "stack",
-    "_unsafe_view",
-    "contiguous",
-    "lift_fresh",
-    "lift_fresh_copy",
-    "constant_pad_nd",
-    "repeat",
-    "tile",
-    "index_select",
-    "resize",
-    "_reshape_alias",
-    "view_copy",
-    "expand_copy",
-    "permute_copy",
-    "t_copy",
-    "transpose_copy",
-    "unsqueeze_copy",
-    "squeeze_copy",
-    "slice_copy",
-    "select_copy",
-    "split_copy",
-    "unbind_copy",
-    "detach_copy",
-    "alias_copy",
-    "_local_scalar_dense",
-    "item",
-    "set",
-    # Dropout.
-    "native_dropout",
-    "dropout",
-    "feature_dropout",
-    "alpha_dropout",
-    "bernoulli",
-    # Creation.
-    "empty",
-    "empty_like",
-    "empty_strided",
-    "new_empty",
-    "new_empty_strided",
-    "zeros",
-    "zeros_like",
-    "new_zeros",
-    "ones",
-    "ones_like",
-    "new_ones",
-    "full",
-    "full_like",
-    "new_full",
-    "fill",
-    "zero",
-    "scalar_tensor",
-    "arange",
-    "linspace",
-    "logspace",
-    "eye",
-    "rand",
-    "rand_like",
-    "randn",
-    "randn_like",
-    "randint",
-    "randint_like",
-    "randperm",
-    "normal",
-    "uniform",
-    "random",
-    "exponential",
-    "multinomial",
-}
+# Copies and casts, then dropout, then creation.
+_FREE = set(
+    """
+    _to_copy copy clone cat stack _unsafe_view contiguous lift_fresh lift_fresh_copy constant_pad_nd repeat tile
+    index_select resize _reshape_alias view_copy expand_copy permute_copy t_copy transpose_copy unsqueeze_copy
+    squeeze_copy slice_copy select_copy split_copy unbind_copy detach_copy alias_copy _local_scalar_dense item set
+    native_dropout dropout feature_dropout alpha_dropout bernoulli
+    empty empty_like empty_strided new_empty new_empty_strided zeros zeros_like new_zeros ones ones_like new_ones
+    full full_like new_full fill zero scalar_tensor arange linspace logspace eye rand rand_like randn randn_like
+    randint randint_like randperm normal uniform random exponential multinomial
+    """.split()
+)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -226,12 +126,10 @@ def op_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> Optional[int]:
     outputs = _tensors(out)
     out_numel = outputs[0].numel() if outputs else 0
     if name in _CONVOLUTIONS:
-        weight = args[1]
-        return out_numel * weight[0].numel()
+        return out_numel * args[1][0].numel()  # args[1] is the weight
     if name in _MATMULS:
         operand, extra = _MATMULS[name]
-        inner = args[operand].shape[-1]
-        return out_numel * (inner + extra)
+        return out_numel * (args[operand].shape[-1] + extra)
     if name in _PER_INPUT_ELEMENT:
         return args[0].numel()
     if name in _PER_OUTPUT_ELEMENT:
@@ -301,25 +199,17 @@ def _has_storage(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def _exact_math():
     """TF32 and reduced-precision fp16 reductions off, cuDNN benchmark off; restored after."""
-    saved = (
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-        torch.backends.cudnn.benchmark,
-    )
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    torch.backends.cudnn.benchmark = False
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = [(cudnn, "allow_tf32"), (matmul, "allow_tf32"), (matmul, "allow_fp16_reduced_precision_reduction")]
+    flags.append((cudnn, "benchmark"))
+    saved = [getattr(obj, name) for obj, name in flags]
+    for obj, name in flags:
+        setattr(obj, name, False)
     try:
         yield
     finally:
-        (
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-            torch.backends.cudnn.benchmark,
-        ) = saved
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
 
 
 # ----------------------------------------------------------------------------
@@ -395,10 +285,7 @@ def count_flops(
 
 def format_report(result: dnnlib.EasyDict) -> str:
     """The printed summary: totals, then one row per op."""
-    if result.device.startswith("cuda"):
-        where = "peak CUDA allocation"
-    else:
-        where = f"peak of live tensors on {result.device}"
+    where = "peak CUDA allocation" if result.device.startswith("cuda") else f"peak of live tensors on {result.device}"
     lines = [
         f"Parameters:        {result.params / 1e6:.2f} M ({result.params} parameters)",
         f"Gflops per sample: {result.gflops:.2f} ({result.flops} flops)",
@@ -417,15 +304,6 @@ def format_report(result: dnnlib.EasyDict) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Loading.
-
-
-def is_preset(source: str) -> bool:
-    """Whether the command-line argument names a training preset (an existing file of that name wins)."""
-    return source in PRESETS and not os.path.exists(source)
-
-
-# ----------------------------------------------------------------------------
 # Command line.
 
 
@@ -434,16 +312,9 @@ def is_preset(source: str) -> bool:
 @click.option(
     "--device",
     type=click.Choice(["cuda", "cpu", "meta"]),
-    default=None,
-    help="Where the pass runs; meta counts and tracks memory exactly as cpu, without the arithmetic  "
-    "[default: cuda if available, else meta]",
+    help="Where the pass runs; meta counts as cpu, without the arithmetic  [default: cuda if available, else meta]",
 )
-@click.option(
-    "--trust-embedded-code",
-    is_flag=True,
-    default=False,
-    help="Load pickles by running their embedded source code (only for pickles you trust)",
-)
+@click.option("--trust-embedded-code", is_flag=True, help="Load pickles by running their embedded code (trusted only)")
 def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None:
     """Count parameters, Gflops and memory per sample of an EDM2 network.
 
@@ -464,7 +335,7 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
     device = device or ("cuda" if torch.cuda.is_available() else "meta")
     try:
-        if is_preset(network):
+        if network in PRESETS and not os.path.exists(network):  # An existing file of that name wins.
             net = build_preset_network(network, device=device)
         elif dnnlib.util.is_url(network, allow_file_urls=True) or os.path.isfile(network):
             net = persistence.load_network_pickle(network, trust_embedded_code=trust_embedded_code)["ema"]
