@@ -321,13 +321,7 @@ def reconstruct_phema(
     return dnnlib.util.SizedIterable(run, num_steps)
 
 
-def _print_plan(
-    in_pkls: Sequence[dnnlib.EasyDict],
-    out_nimg: int,
-    out_std: Sequence[float],
-    out_dir: Optional[str],
-    num_batches: int,
-) -> None:
+def _print_plan(in_pkls, out_nimg, out_std, out_dir, num_batches) -> None:
     stds = sorted({p.std for p in in_pkls})
     print(
         f"Inputs: {len(in_pkls)} snapshots from kimg {in_pkls[0].nimg // 1000} to {out_nimg // 1000}, "
@@ -350,15 +344,9 @@ def _print_plan(
 @click.command()
 @click.option("--indir", help="Directory with the input snapshots", metavar="DIR", type=str, required=True)
 @click.option("--inprefix", help="Use only inputs with this file name prefix", metavar="STR", type=str, default=None)
-@click.option(
-    "--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList(), default=None
-)
-@click.option(
-    "--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", type=str, required=True
-)
-@click.option(
-    "--outprefix", help="Output file name prefix", metavar="STR", type=str, default="phema", show_default=True
-)
+@click.option("--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList())
+@click.option("--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", required=True)
+@click.option("--outprefix", help="Output file name prefix", metavar="STR", default="phema", show_default=True)
 @click.option(
     "--outstd",
     help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250",
@@ -367,24 +355,13 @@ def _print_plan(
     required=True,
 )
 @click.option(
-    "--outkimg",
-    help="Training time of the outputs; must match an input  [default: latest]",
-    metavar="KIMG",
-    type=click.IntRange(min=1),
-    default=None,
+    "--outkimg", help="Output time; must match an input  [default: latest]", metavar="KIMG", type=click.IntRange(1)
 )
 @click.option("--skip", help="Skip outputs that already exist", is_flag=True)
 @click.option(
-    "--batch",
-    help="Outputs built per pass over the inputs",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
+    "--batch", help="Outputs per pass over inputs", metavar="INT", type=click.IntRange(1), default=8, show_default=True
 )
-@click.option(
-    "--trust-embedded-code", help="Load inputs by running the code they carry (only for trusted pickles)", is_flag=True
-)
+@click.option("--trust-embedded-code", help="Load inputs by running their embedded code (trusted only)", is_flag=True)
 def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, trust_embedded_code):
     """Perform post-hoc EMA reconstruction.
 
