@@ -317,9 +317,8 @@ def make_transform(
                 f"{transform} letterboxes into a {width}x{width} square, so the height must not exceed the width, got {width}x{height}"
             )
         check_output_size(width, width)
-        return functools.partial(
-            center_crop_wide if transform == "center-crop-wide" else center_crop_wide_aspect, width, height
-        )
+        crop = center_crop_wide if transform == "center-crop-wide" else center_crop_wide_aspect
+        return functools.partial(crop, width, height)
     check_output_size(width, height)
     if transform == "center-crop":
         return functools.partial(center_crop, width, height)
@@ -352,8 +351,7 @@ def convert_dataset(
     transform_image = make_transform(transform, resolution)
     src = Source(source, image_extensions(), max_images)
     with contextlib.closing(src), out:
-        labels = []
-        first = None
+        labels, first = [], None
         for idx, file in enumerate(tqdm(src.files, desc="convert", unit="img")):
             img = transform_image(src.read_image(file))
             if img is None:
@@ -371,26 +369,18 @@ def convert_dataset(
     return len(labels)
 
 
-def _vae_pass(
-    source: str,
-    extensions: set,
-    dest: str,
-    model_url: str,
-    max_images: Optional[int],
-    batch: int,
-    device: Optional[str],
-    desc: str,
-    load_item: Any,
-    run_vae: Any,
-    out_name: Any,
-    to_bytes: Any,
-) -> int:
-    """The loop shared by encode and decode: read `batch` inputs at a time (`load_item` gives a CHW array
-    per file), run them through the VAE, and write one output per input (same index, same label) plus
-    dataset.json, atomically."""
+def _vae_pass(op: str, source, dest, model_url, max_images, batch, device, load_item, run_vae) -> int:
+    """The loop shared by encode and decode (`op`): read `batch` inputs at a time (`load_item` gives a CHW
+    array per file), run them through the VAE, and write one output per input (same index, same label)
+    plus dataset.json, atomically."""
     import torch
 
     from training.encoders import StabilityVAEEncoder
+
+    if op == "encode":
+        extensions, out_name, to_bytes = image_extensions(), latent_name, npy_bytes
+    else:
+        extensions, out_name, to_bytes = {".npy"}, image_name, png_bytes
 
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
@@ -403,7 +393,7 @@ def _vae_pass(
             vae.init(device)  # the slow part: after every check
         except (OSError, ValueError) as err:
             raise OSError(f"Cannot load the VAE {model_url}: {str(err).splitlines()[0]}") from None
-        with out, tqdm(total=len(src.files), desc=desc, unit="img") as bar:
+        with out, tqdm(total=len(src.files), desc=op, unit="img") as bar:
             labels, first = [], None
             for i in range(0, len(src.files), batch):
                 chunk = list(enumerate(src.files[i : i + batch], start=i))
@@ -437,20 +427,7 @@ def encode_dataset(
     def run_vae(vae, x, chunk):
         return vae.encode_pixels(x).to(torch.float32).cpu().numpy()
 
-    return _vae_pass(
-        source,
-        image_extensions(),
-        dest,
-        model_url,
-        max_images,
-        batch,
-        device,
-        "encode",
-        load_item,
-        run_vae,
-        latent_name,
-        npy_bytes,
-    )
+    return _vae_pass("encode", source, dest, model_url, max_images, batch, device, load_item, run_vae)
 
 
 def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = None) -> Any:
@@ -490,30 +467,12 @@ def decode_dataset(
     def run_vae(vae, x, chunk):
         noise = None
         if sample:  # one generator per image: a draw does not depend on the batch it lands in
-            noise = torch.as_tensor(
-                np.stack(
-                    [
-                        np.random.default_rng([seed, idx]).standard_normal([4, *x.shape[2:]], dtype=np.float32)
-                        for idx, _file in chunk
-                    ]
-                )
-            ).to(x.device)
+            shape = [4, *x.shape[2:]]
+            noise = [np.random.default_rng([seed, idx]).standard_normal(shape, dtype=np.float32) for idx, _ in chunk]
+            noise = torch.as_tensor(np.stack(noise)).to(x.device)
         return vae.decode(final_latents(vae, x, sample=sample, noise=noise)).permute(0, 2, 3, 1).cpu().numpy()
 
-    return _vae_pass(
-        source,
-        {".npy"},
-        dest,
-        model_url,
-        max_images,
-        batch,
-        device,
-        "decode",
-        load_item,
-        run_vae,
-        image_name,
-        png_bytes,
-    )
+    return _vae_pass("decode", source, dest, model_url, max_images, batch, device, load_item, run_vae)
 
 
 # ----------------------------------------------------------------------------
@@ -552,9 +511,23 @@ def _resolution_option(ctx: click.Context, param: click.Parameter, value: Option
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
+_dest_option = click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+_model_url_option = click.option(
+    "--model-url",
+    help="VAE: Hugging Face name or local folder",
+    metavar="URL",
+    type=str,
+    default="stabilityai/sd-vae-ft-mse",
+    show_default=True,
+)
+_batch_option = click.option(
+    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
+)
+
+
 @cmdline.command()
 @click.option("--source", help="Input folder or ZIP archive", metavar="PATH", type=str, required=True)
-@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@_dest_option
 @click.option("--max-images", help="Maximum number of input images", metavar="INT", type=click.IntRange(min=1))
 @click.option("--transform", help="Input crop/resize mode (see above)", type=click.Choice(TRANSFORMS))
 @click.option("--resolution", help="Output resolution (e.g. 512x512)", metavar="WxH", callback=_resolution_option)
@@ -587,20 +560,11 @@ def convert(
 
 
 @cmdline.command()
-@click.option(
-    "--model-url",
-    help="VAE: Hugging Face name or local folder",
-    metavar="URL",
-    type=str,
-    default="stabilityai/sd-vae-ft-mse",
-    show_default=True,
-)
+@_model_url_option
 @click.option("--source", help="Input folder or ZIP archive of images", metavar="PATH", type=str, required=True)
-@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@_dest_option
 @click.option("--max-images", help="Maximum number of images to encode", metavar="INT", type=click.IntRange(min=1))
-@click.option(
-    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
-)
+@_batch_option
 def encode(model_url: str, source: str, dest: str, max_images: Optional[int], batch: int) -> None:
     """Encode images into VAE latents (mean and std, float32 .npy)."""
     with _one_line_errors():
@@ -608,24 +572,15 @@ def encode(model_url: str, source: str, dest: str, max_images: Optional[int], ba
 
 
 @cmdline.command()
+@_model_url_option
 @click.option(
-    "--model-url",
-    help="VAE: Hugging Face name or local folder",
-    metavar="URL",
-    type=str,
-    default="stabilityai/sd-vae-ft-mse",
-    show_default=True,
+    "--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", required=True
 )
-@click.option(
-    "--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", type=str, required=True
-)
-@click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
+@_dest_option
 @click.option("--max-images", help="Maximum number of images to decode", metavar="INT", type=click.IntRange(min=1))
 @click.option("--sample", help="Decode a posterior draw mean + randn*std instead of the mean", is_flag=True)
 @click.option("--seed", help="Random seed for --sample", metavar="INT", type=int, default=0, show_default=True)
-@click.option(
-    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
-)
+@_batch_option
 def decode(
     model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
 ) -> None:
