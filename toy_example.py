@@ -66,9 +66,8 @@ class GaussianMixture(torch.nn.Module):
         # Sampling picks a component by a uniform index into a table where component k fills a
         # share phi_k of the entries.
         self.register_buffer("_sample_lut", torch.zeros(sample_lut_size, dtype=torch.int64))
-        edges = (torch.cat([torch.zeros_like(self.phi[:1]), self.phi.cumsum(0)]) * sample_lut_size + 0.5).to(
-            torch.int32
-        )
+        edges = torch.cat([torch.zeros_like(self.phi[:1]), self.phi.cumsum(0)])
+        edges = (edges * sample_lut_size + 0.5).to(torch.int32)
         for idx, (begin, end) in enumerate(zip(edges[:-1], edges[1:])):
             self._sample_lut[begin:end] = idx
 
@@ -260,12 +259,8 @@ def do_train(
     every `pkl_iter` iterations. Returns the final EMA model."""
     device = torch.device(device) if device is not None else misc.default_device()
     torch.manual_seed(seed)
-    net = (
-        ToyModel(num_layers=num_layers, hidden_dim=hidden_dim, sigma_data=sigma_data)
-        .to(device)
-        .train()
-        .requires_grad_(True)
-    )
+    net = ToyModel(num_layers=num_layers, hidden_dim=hidden_dim, sigma_data=sigma_data)
+    net = net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), betas=(0.9, 0.99))
     pbar = tqdm.tqdm(range(total_iter), disable=not verbose)
@@ -379,18 +374,8 @@ def do_plot(
             for i in range(1, len(samples)):
                 ok[i] = (samples[i] - samples[:i][ok[:i]]).norm(dim=-1).min() >= sample_distance
             samples = samples[ok]
-        traj = (
-            do_sample(
-                net=(net or gt("A", device)),
-                x_init=samples,
-                guidance=guidance,
-                gnet=gnet,
-                sigma_max=sigma_max,
-                return_traj=True,
-            )
-            .cpu()
-            .numpy()
-        )
+        traj = do_sample(net or gt("A", device), samples, guidance, gnet, sigma_max=sigma_max, return_traj=True)
+        traj = traj.cpu().numpy()
 
     grid_args = (view_x, view_y, view_size, grid_resolution, device)
     gridxy = _grid(*grid_args)
@@ -414,46 +399,30 @@ def do_plot(
     sigma_min = 0.002  # the models' densities are drawn at the last noise level of sampling
     outline = dict(levels=[-2.12, 0], linewidth=1.5)  # 4.5 nats below the peak
     with torch.no_grad():
+        gt_a = functools.partial(_gt_logp_on_grid, "A", *grid_args)
         if "gt_uncond" in elems:
-            contours(
-                _gt_logp_on_grid("AB", *grid_args), colors=[[0.9, 0.9, 0.9]], linecolors=[[0.7, 0.7, 0.7]], **outline
-            )
+            contours(_gt_logp_on_grid("AB", *grid_args), colors=[[0.9] * 3], linecolors=[[0.7] * 3], **outline)
         if "gt_outline" in elems:
-            contours(
-                _gt_logp_on_grid("A", *grid_args), colors=[[1.0, 0.8, 0.6]], linecolors=[[0.8, 0.6, 0.5]], **outline
-            )
+            contours(gt_a(), colors=[[1.0, 0.8, 0.6]], linecolors=[[0.8, 0.6, 0.5]], **outline)
         if "p_net" in elems:
             contours(net.logp(gridxy, sigma_min), levels=np.linspace(-2.5, 0, num=15), cmap="Greens", linealpha=0.2)
         if "p_gnet" in elems:
             contours(gnet.logp(gridxy, sigma_min), levels=np.linspace(-2.5, 0, num=15), cmap="Reds", linealpha=0.2)
         if "p_ratio" in elems:
-            contours(
-                net.logp(gridxy, sigma_min) - gnet.logp(gridxy, sigma_min),
-                levels=np.linspace(-2.2, 0, num=15),
-                cmap="Blues",
-                linealpha=0.2,
-            )
+            ratio = net.logp(gridxy, sigma_min) - gnet.logp(gridxy, sigma_min)
+            contours(ratio, levels=np.linspace(-2.2, 0, num=15), cmap="Blues", linealpha=0.2)
         if "gt_line" in elems:
-            contours(_gt_logp_on_grid("A", *grid_args), linecolors=[[0.8, 0.4, 0.1]], fill=False, **outline)
+            contours(gt_a(), linecolors=[[0.8, 0.4, 0.1]], fill=False, **outline)
     if "trajectories" in elems:
         import matplotlib.collections
 
-        ax.add_collection(
-            matplotlib.collections.LineCollection(
-                traj.transpose(1, 0, 2), colors="black", alpha=line_alpha, linewidths=2
-            )
-        )
+        lines = traj.transpose(1, 0, 2)
+        ax.add_collection(matplotlib.collections.LineCollection(lines, colors="black", alpha=line_alpha, linewidths=2))
     if "samples_before" in elems:
         ax.plot(*traj[0].T, ".", color="C1", markeredgecolor="none", markersize=15)
     if "samples" in elems or "trajectories" in elems:
-        ax.plot(
-            *traj[-1].T,
-            ".",
-            color="black",
-            markeredgecolor="none",
-            alpha=0.25 if "samples" in elems else 1,
-            markersize=8 if "samples" in elems else 12,
-        )
+        alpha, size = (0.25, 8) if "samples" in elems else (1, 12)
+        ax.plot(*traj[-1].T, ".", color="black", markeredgecolor="none", alpha=alpha, markersize=size)
 
 
 def _savefig(fig, path: str, dpi: int) -> None:
@@ -485,31 +454,18 @@ def plot_figure(
 
     zoom = dict(view_x=0.45, view_y=1.22, view_size=0.3)
     zoom_traj = dict(num_samples=num_samples // 4, sample_distance=0.045, sigma_max=0.03, line_alpha=0.5)
+    guided = dict(net=net, gnet=gnet, guidance=guidance)
+    samples = {"gt_uncond", "gt_outline", "samples"}
+    trajectories = {"gt_uncond", "gt_outline", "trajectories", "samples_before"}
     panels = [
-        ("Ground truth distribution", dict(elems={"gt_uncond", "gt_outline", "samples"})),
-        ("Sample distribution without guidance", dict(net=net, elems={"gt_uncond", "gt_outline", "samples"})),
-        (
-            "Sample distribution with guidance",
-            dict(net=net, gnet=gnet, guidance=guidance, elems={"gt_uncond", "gt_outline", "samples"}),
-        ),
-        (
-            "Trajectories without guidance",
-            dict(net=net, elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"}),
-        ),
+        ("Ground truth distribution", dict(elems=samples)),
+        ("Sample distribution without guidance", dict(net=net, elems=samples)),
+        ("Sample distribution with guidance", dict(**guided, elems=samples)),
+        ("Trajectories without guidance", dict(net=net, elems=trajectories)),
         ("PDF of main model", dict(net=net, elems={"p_net", "gt_line"}, **zoom)),
         ("PDF of guiding model", dict(gnet=gnet, elems={"p_gnet", "gt_line"}, **zoom)),
         ("PDF ratio (main / guiding)", dict(net=net, gnet=gnet, elems={"p_ratio", "gt_line"}, **zoom)),
-        (
-            "Trajectories with guidance",
-            dict(
-                net=net,
-                gnet=gnet,
-                guidance=guidance,
-                **zoom,
-                **zoom_traj,
-                elems={"gt_uncond", "gt_outline", "trajectories", "samples_before"},
-            ),
-        ),
+        ("Trajectories with guidance", dict(**guided, **zoom, **zoom_traj, elems=trajectories)),
     ]
     with plt.rc_context({"font.size": 28}):
         fig = plt.figure(figsize=[48, 25], dpi=40, tight_layout=True)
@@ -568,15 +524,15 @@ def _device(device: Optional[str]) -> torch.device:
     return device
 
 
+_int_option = functools.partial(click.option, metavar="INT", type=click.IntRange(min=1), show_default=True)
+_device_option = click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR")
+
+
 @cmdline.command()
 @click.option("--outdir", help="Output directory", metavar="DIR", type=str, required=True)
 @click.option("--cls", help="Target classes", type=click.Choice(["A", "B", "AB"]), default="A", show_default=True)
-@click.option(
-    "--layers", help="Number of hidden layers", metavar="INT", type=click.IntRange(min=1), default=4, show_default=True
-)
-@click.option(
-    "--dim", help="Hidden dimension", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True
-)
+@_int_option("--layers", help="Number of hidden layers", default=4)
+@_int_option("--dim", help="Hidden dimension", default=64)
 @click.option(
     "--viz",
     help="Save a picture of the samples with every snapshot",
@@ -587,26 +543,10 @@ def _device(device: Optional[str]) -> torch.device:
     default=False,
     show_default=True,
 )
-@click.option(
-    "--iterations",
-    help="[extra] Training iterations",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=4096,
-    show_default=True,
-)
-@click.option(
-    "--batch", help="[extra] Batch size", metavar="INT", type=click.IntRange(min=1), default=4096, show_default=True
-)
-@click.option(
-    "--snap",
-    help="[extra] Snapshot interval in iterations",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-)
-@click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR", type=str)
+@_int_option("--iterations", help="[extra] Training iterations", default=4096)
+@_int_option("--batch", help="[extra] Batch size", default=4096)
+@_int_option("--snap", help="[extra] Snapshot interval in iterations", default=256)
+@_device_option
 def train(
     outdir: str,
     cls: str,
@@ -625,47 +565,23 @@ def train(
     try:
         os.makedirs(outdir, exist_ok=True)
         dnnlib.util.remove_stale_temp_files(outdir)
-        do_train(
-            classes=cls,
-            num_layers=layers,
-            hidden_dim=dim,
-            batch_size=batch,
-            total_iter=iterations,
-            pkl_pattern=os.path.join(outdir, "iter%04d.pkl"),
-            pkl_iter=snap,
-            viz=viz,
-            device=device,
-        )
+        pattern = os.path.join(outdir, "iter%04d.pkl")
+        do_train(cls, layers, dim, batch, iterations, pkl_pattern=pattern, pkl_iter=snap, viz=viz, device=device)
     except OSError as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
     click.echo(f"Saved snapshots to {outdir}")
 
 
 @cmdline.command()
-@click.option(
-    "--net",
-    help="Main model  [default: the published class-A model, 4x64, iteration 4096]",
-    metavar="PKL|URL",
-    type=str,
-)
-@click.option(
-    "--gnet",
-    help="Guiding model  [default: the published class-A model, 4x32, iteration 512]",
-    metavar="PKL|URL",
-    type=str,
-)
+@click.option("--net", help="Main model  [default: published class-A 4x64 model, iteration 4096]", metavar="PKL|URL")
+@click.option("--gnet", help="Guiding model  [default: published class-A 4x32 model, iteration 512]", metavar="PKL|URL")
 @click.option("--guidance", help="Guidance weight", metavar="FLOAT", type=float, default=3, show_default=True)
 @click.option("--save", help="Save the figure (PNG or PDF) instead of displaying it", metavar="PNG|PDF", type=str)
 @click.option("--trust-embedded-code", help="[extra] Run the code the pickles carry (trusted files only)", is_flag=True)
-@click.option(
-    "--samples",
-    help="[extra] Samples in the top row (a quarter in the bottom row)",
-    metavar="INT",
-    type=click.IntRange(min=4),
-    default=1 << 14,
-    show_default=True,
+@_int_option(
+    "--samples", help="[extra] Top-row samples (a quarter in the bottom row)", type=click.IntRange(4), default=1 << 14
 )
-@click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR", type=str)
+@_device_option
 def plot(
     net: Optional[str],
     gnet: Optional[str],
