@@ -702,13 +702,22 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 @click.option(
     "--compile", help="torch.compile the network: faster steps after a one-time compile  [default: off]", is_flag=True
 )
-def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile):
+@click.option(
+    "--precision",
+    help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
+    metavar="NAME",
+    type=click.Choice(misc.PRECISIONS),
+    default=None,
+)
+@click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
+def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile, precision, tf32):
     """Calculate metrics for a given network pickle."""
     from generate_images import generate_images
 
     with _cli_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dnnlib.util.check_input_file(net, "--net", what="network pickle")
+        misc.resolve_precision(precision, False, misc.default_device(), tf32)  # before the reference statistics
         dist.init()
         ref = _load_ref(ref_path)
         image_iter = generate_images(
@@ -717,6 +726,8 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
             max_batch_size=max_batch_size,
             trust_embedded_code=trust_embedded_code,
             compile=compile,
+            precision=precision,
+            tf32=tf32,
         )
         _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
 

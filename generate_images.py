@@ -277,19 +277,25 @@ def _device_of(net: Any) -> torch.device:
 
 
 @contextlib.contextmanager
-def _sampling_mode(net: Any, device: torch.device) -> Iterator[Any]:
+def _sampling_mode(net: Any, device: torch.device, precision: Optional[str] = None) -> Iterator[Any]:
     """Use a network for sampling: on ``device``, in eval mode (MPConv rewrites its weights in
-    training mode) and without gradients. The caller's module is restored afterwards: its device,
-    training flags and requires_grad. No dtype change: float16 networks run as stored."""
+    training mode), without gradients and, for a ``precision``, with ``use_fp16`` set to match. The
+    caller's module is restored afterwards: its device, training flags, requires_grad and use_fp16.
+    No dtype change: float16 networks run as stored."""
     if not isinstance(net, torch.nn.Module):
         yield net
         return
     old_device = _device_of(net)
     training = [(m, m.training) for m in net.modules()]
     requires_grad = [(p, p.requires_grad) for p in net.parameters()]
+    use_fp16 = getattr(net, "use_fp16", None)
     try:
+        if precision is not None and use_fp16 is not None:
+            net.use_fp16 = precision == "fp16"
         yield net.eval().requires_grad_(False).to(device)
     finally:
+        if use_fp16 is not None:
+            net.use_fp16 = use_fp16
         net.to(old_device)
         for m, flag in training:
             m.training = flag
@@ -334,6 +340,8 @@ def generate_images(
     sampler_fn: Union[str, Callable] = edm_sampler,
     trust_embedded_code: bool = False,
     compile: bool = False,
+    precision: Optional[str] = None,
+    tf32: bool = False,
     **sampler_kwargs: Any,
 ) -> Iterable[dnnlib.EasyDict]:
     """Generate one image per seed, split over the processes of a distributed run.
@@ -346,9 +354,11 @@ def generate_images(
     ``indices`` (into ``seeds``) and ``seeds``; with ``outdir`` the images are also written as PNG
     files. Networks passed as modules are left as they were (device, mode, requires_grad).
     ``compile`` runs the networks through ``torch.compile`` (see ``CompiledNetwork``): faster per
-    step, after a one-time compile.
+    step, after a one-time compile. ``precision`` (fp32, fp16 or bf16 autocast; None = each network's
+    own use_fp16) and ``tf32`` (allowed while sampling) need CUDA except for fp32.
     """
     device = torch.device(device) if device is not None else misc.default_device()
+    misc.resolve_precision(precision, False, device, tf32)  # refused before anything is loaded
     net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose)
     if encoder_batch_size is not None and hasattr(encoder, "batch_size"):
         encoder.batch_size = encoder_batch_size
@@ -384,11 +394,17 @@ def generate_images(
                 classes if class_idx is None else [class_idx] * len(r.seeds)
             ]
 
-        # No autograd: it would only waste memory.
+        # No autograd: it would only waste memory. Autocast and TF32 for the sampler only.
+        old_tf32 = misc.set_tf32(True) if tf32 else None
+        try:
+            with torch.no_grad(), misc.autocast(precision):
+                latents = sampler(
+                    net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
+                )
+        finally:
+            if old_tf32 is not None:
+                misc.set_tf32(*old_tf32)
         with torch.no_grad():
-            latents = sampler(
-                net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
-            )
             r.images = encoder.decode(latents)
         if outdir is not None:
             for seed, image in zip(r.seeds, r.images.permute(0, 2, 3, 1).cpu().numpy()):
@@ -396,7 +412,7 @@ def generate_images(
         return r
 
     def run() -> Iterator[dnnlib.EasyDict]:
-        with _sampling_mode(net, device) as main, _sampling_mode(gnet, device) as guide:
+        with _sampling_mode(net, device, precision) as main, _sampling_mode(gnet, device, precision) as guide:
             if compile:
                 main = CompiledNetwork(main)
                 guide = CompiledNetwork(guide) if guide is not None else None
@@ -582,6 +598,14 @@ Presets (see config_presets for the exact models and guidance):
     help="torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  [default: off]",
     is_flag=True,
 )
+@click.option(
+    "--precision",
+    help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
+    metavar="NAME",
+    type=click.Choice(misc.PRECISIONS),
+    default=None,
+)
+@click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
 def cmdline(preset: Optional[str], **opts: Any) -> None:
     """Generate random images using the given model.
 

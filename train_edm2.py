@@ -27,6 +27,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import training_loop
 
 warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")  # DDP on channels-last grads
@@ -132,6 +133,17 @@ def _open_dataset(dataset_kwargs: dict) -> Any:
         raise ValueError(f"--data: {dnnlib.util.one_line(err)}") from None
 
 
+def _resolve_precision(precision: Optional[str], fp16: Optional[bool], tf32: bool) -> tuple[str, bool]:
+    """The precision of the run on this device and network_kwargs.use_fp16 (None = unset option)."""
+    if precision is not None and fp16 is not None and fp16 != (precision == "fp16"):
+        raise ValueError(f"--precision={precision} contradicts --fp16={fp16}")
+    use_fp16 = fp16 if fp16 is not None else precision in (None, "fp16")
+    try:
+        return misc.resolve_precision(precision, use_fp16, misc.default_device(), tf32), use_fp16
+    except ValueError as err:
+        raise ValueError(f"--{'precision' if precision not in (None, 'fp32') else 'tf32'}: {err}") from None
+
+
 def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **opts: Any) -> dnnlib.EasyDict:
     """Resolve a preset and option overrides (None = take the preset's value) into the keyword
     arguments of ``training_loop``. Raises ValueError, naming the option, for bad input."""
@@ -141,6 +153,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     opts = dnnlib.EasyDict({**_io_defaults, **copy.deepcopy(config_presets[preset]), **opts})  # explicit options win
     if opts.channels < 64 and not is_cpu_preset(preset):
         raise ValueError(f"--channels: {opts.channels} is below 64, which only the CPU presets (cpu-*) allow")
+    precision, use_fp16 = _resolve_precision(opts.get("precision"), opts.get("fp16"), opts.get("tf32", False))
 
     # Dataset and encoder: 3 channels are RGB pixels, 8 are the mean and std of Stable Diffusion VAE latents.
     if opts.get("data") is None:
@@ -162,9 +175,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
 
     # Hyperparameters; performance- and I/O-related options (the reference's key order).
     c.update(total_nimg=opts.duration, batch_size=opts.batch)
-    c.network_kwargs = preset_network_kwargs(
-        preset, channels=opts.channels, dropout=opts.dropout, use_fp16=opts.get("fp16", True)
-    )
+    c.network_kwargs = preset_network_kwargs(preset, channels=opts.channels, dropout=opts.dropout, use_fp16=use_fp16)
     c.loss_kwargs = dnnlib.EasyDict(class_name="training.training_loop.EDM2Loss", P_mean=opts.P_mean, P_std=opts.P_std)
     c.lr_kwargs = dnnlib.EasyDict(
         func_name="training.training_loop.learning_rate_schedule", ref_lr=opts.lr, ref_batches=opts.decay
@@ -182,6 +193,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
         checkpoint_nimg=(opts.checkpoint or None),
     )
     c.seed = opts.get("seed", 0)
+    c.update(precision=precision, tf32=opts.get("tf32", False))  # not in the reference's options
     training_loop.check_training_config(
         batch_size=c.batch_size,
         world_size=world_size,
@@ -206,6 +218,7 @@ RUNTIME_OPTIONS = {
     "snapshot_nimg": "--snapshot",
     "checkpoint_nimg": "--checkpoint",
     "cudnn_benchmark": "--bench",
+    "tf32": "--tf32",  # rounds float32 matmuls, like a cuDNN algorithm choice: not the recipe
     "dataset_kwargs.path": "--data",
 }
 
@@ -215,6 +228,7 @@ _MATH_OPTIONS = {
     "network_kwargs.model_channels": "--channels",
     "network_kwargs.dropout": "--dropout",
     "network_kwargs.use_fp16": "--fp16",
+    "precision": "--precision",
     "loss_kwargs.P_mean": "--P_mean",
     "loss_kwargs.P_std": "--P_std",
     "lr_kwargs.ref_lr": "--lr",
@@ -283,6 +297,11 @@ def check_run_dir(run_dir: str, c: dict) -> dict[str, tuple]:
     stored = _read_json(os.path.join(run_dir, "training_options.json"))
     if stored is None:
         return {}
+    if "precision" not in stored:  # a run of the reference (or from before --precision): fp16 as use_fp16 says
+        stored["precision"] = misc.resolve_precision(
+            None, stored["network_kwargs"].get("use_fp16", True), misc.default_device()
+        )
+    stored.setdefault("tf32", False)
     changes = diff_training_options(stored, c)
     if "dataset_kwargs.path" in changes:  # a moved or another dataset: compare the content
         stored_identity = _read_json(os.path.join(run_dir, "dataset_identity.json"))
@@ -316,7 +335,7 @@ def print_training_config(run_dir: str, c: dict, preset: str) -> None:
     dist.print0(f"Number of processes:     {dist.get_world_size()}")
     dist.print0(f"Device:                  {'cuda' if torch.cuda.is_available() else 'cpu'}")
     dist.print0(f"Batch size:              {c['batch_size']}")
-    dist.print0(f"Mixed-precision:         {c['network_kwargs']['use_fp16'] and torch.cuda.is_available()}")
+    dist.print0(f"Precision:               {c['precision']}{' with TF32' if c['tf32'] else ''}")
     dist.print0()
 
 
@@ -458,12 +477,19 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
 )
 @click.option(
     "--fp16",
-    help="Enable mixed-precision training (CUDA only)",
+    help="Enable mixed-precision training (CUDA only)  [default: True]",
     metavar="BOOL",
     type=bool,
-    default=True,
-    show_default=True,
+    default=None,
 )
+@click.option(
+    "--precision",
+    help="fp32, fp16 (= --fp16=True) or bf16 (autocast); fp16 and bf16 need CUDA  [default: as --fp16]",
+    metavar="NAME",
+    type=click.Choice(misc.PRECISIONS),
+    default=None,
+)
+@click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
 @click.option(
     "--ls",
     help="Loss scaling",

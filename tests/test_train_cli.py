@@ -42,6 +42,8 @@ OPTION_KEYS = [
     "snapshot_nimg",
     "checkpoint_nimg",
     "seed",
+    "precision",  # not in the reference's options
+    "tf32",
 ]
 
 

@@ -348,3 +348,44 @@ def profiled_function(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return decorator
+
+
+# ----------------------------------------------------------------------------
+# Precision of training and sampling (train_edm2.py, generate_images.py, calculate_metrics.py gen).
+# fp16 is the networks' own use_fp16 (float16 on CUDA only); bf16 runs them in float32 under
+# bfloat16 autocast; TF32 rounds the inputs of float32 CUDA matmuls and convolutions to 10 bits.
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def resolve_precision(
+    precision: Optional[str], use_fp16: bool, device: "str | torch.device", tf32: bool = False
+) -> str:
+    """The precision a network runs at on ``device``: ``precision``, or for None the one of its
+    ``use_fp16``. Raises ValueError for an unknown name, and for fp16, bf16 or TF32 that the device
+    cannot run."""
+    device = torch.device(device)
+    if precision is None:
+        precision = "fp16" if use_fp16 and device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision "{precision}"; choose from {", ".join(PRECISIONS)}')
+    for what, needs_cuda in [(f"precision {precision}", precision != "fp32"), ("tf32", tf32)]:
+        if needs_cuda and device.type != "cuda":
+            raise ValueError(f"{what} needs a CUDA device, not {device.type}")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision bf16: this CUDA device does not support bfloat16")
+    return precision
+
+
+def autocast(precision: Optional[str]) -> contextlib.AbstractContextManager:
+    """bfloat16 CUDA autocast for precision bf16; nothing for the others."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def set_tf32(matmul: bool, cudnn: Optional[bool] = None) -> tuple[bool, bool]:
+    """Allow TF32 in CUDA float32 matmuls and (``cudnn`` None = the same) cuDNN convolutions, or
+    not; returns the previous ``(matmul, cudnn)`` flags."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = matmul if cudnn is None else cudnn
+    return old

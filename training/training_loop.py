@@ -140,6 +140,8 @@ def training_loop(
     checkpoint_nimg     = 128 << 20,  # Save a training checkpoint every N images; None = disable.
 
     loss_scaling        = 1,        # Loss scaling factor against FP16 under/overflow.
+    precision           = None,     # 'fp32', 'fp16' or 'bf16' (CUDA autocast); None = from network_kwargs.use_fp16.
+    tf32                = False,    # Allow TF32 in CUDA float32 matmuls and convolutions.
     force_finite        = True,     # Replace NaN/Inf gradient entries by zero before the optimizer step.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     preset_name         = None,     # Name of the configuration preset (informational).
@@ -161,11 +163,15 @@ def training_loop(
     device = torch.device(device)
     if device.type != 'cuda' and data_loader_kwargs.get('pin_memory'):
         data_loader_kwargs['pin_memory'] = False  # pinning needs CUDA
+    use_fp16 = network_kwargs.get('use_fp16', True)
+    precision = misc.resolve_precision(precision, use_fp16, device, tf32)
+    if (precision == 'fp16') != (use_fp16 and device.type == 'cuda'):  # fp16 is the network's own
+        raise ValueError(f'precision {precision} contradicts network_kwargs.use_fp16={use_fp16} on {device.type}')
 
     # Initialize.
     start_time = time.time()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    _initialize(run_dir=run_dir, seed=seed, rank=rank, cudnn_benchmark=cudnn_benchmark)
+    _initialize(run_dir=run_dir, seed=seed, rank=rank, cudnn_benchmark=cudnn_benchmark, tf32=tf32)
     batch_gpu, num_accumulation_rounds = check_training_config(
         batch_size=batch_size, world_size=world_size, batch_gpu=batch_gpu, total_nimg=total_nimg, slice_nimg=slice_nimg,
         status_nimg=status_nimg, snapshot_nimg=snapshot_nimg, checkpoint_nimg=checkpoint_nimg)
@@ -237,7 +243,7 @@ def training_loop(
             step_start_time = time.time()
             _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, seed=seed,
                                rank=rank, batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds,
-                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor)
+                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor, precision=precision)
             tick.training_time += time.time() - step_start_time
             if progress is not None:
                 progress.update(batch_size)
@@ -255,14 +261,13 @@ def _or_default(value, name):
     return copy.deepcopy(inspect.signature(training_loop).parameters[name].default if value is None else value)
 
 
-def _initialize(run_dir, seed, rank, cudnn_benchmark):
-    """Fresh statistics, the global seed, deterministic float32 math, and a clean run directory."""
+def _initialize(run_dir, seed, rank, cudnn_benchmark, tf32=False):
+    """Fresh statistics, the global seed, float32 math (TF32 only if asked for), and a clean run directory."""
     if hasattr(training_stats, 'reset'):  # Fresh statistics per run (the reference's module has no reset).
         training_stats.reset()
     misc.set_random_seed(seed, rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    misc.set_tf32(tf32)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
@@ -395,7 +400,7 @@ def _save_checkpoint(run_dir, cur_nimg, checkpoint, net, world_size):
 
 
 def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, *, seed, rank,
-                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None):
+                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None, precision=None):
     """One iteration: reseed, accumulate the gradients of the whole batch, set the learning rate,
     step the optimizer, advance the image count and update the EMA."""
     misc.set_random_seed(seed, rank, state.cur_nimg)
@@ -406,7 +411,8 @@ def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, datase
         with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):  # DDP syncs on the last round only
             images, labels = next(dataset_iterator)
             images = encoder.encode_latents(images.to(device))
-            loss = loss_fn(net=loss_net, images=images, labels=labels.to(device))
+            with misc.autocast(precision):  # the forward pass; backward runs in the dtypes it recorded
+                loss = loss_fn(net=loss_net, images=images, labels=labels.to(device))
             training_stats.report('Loss/loss', loss)
             if monitor is not None:
                 monitor.report_loss(loss)
