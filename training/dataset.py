@@ -1,13 +1,9 @@
 """Datasets of images or latents stored as a folder or a ZIP archive (`dataset_tool.py` writes them).
 
-A dataset holds files with an image extension known to Pillow (uint8 pixels) or `.npy` files (e.g. the
-8-channel VAE mean/std latents), sorted by their path inside the dataset, plus an optional `dataset.json`
-at the root: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`. Integer labels
-become one-hot float32 vectors; lists of floats are used as they are.
-
-Large ZIPs are read through a handle that every process opens for itself on first use (a handle shared
-by forked data-loader workers would share one file position), and nothing that grows with the number
-of images is kept in memory unless `cache=True` asks for it. Bad paths and files raise OSError (IOError).
+Items are Pillow-readable images (uint8) or `.npy` arrays (e.g. 8-channel VAE mean/std latents), sorted by
+path, plus an optional `dataset.json`: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`.
+Integer labels become one-hot float32 vectors; lists of floats are used as they are. Nothing that grows with
+the number of images is kept in memory unless `cache=True`. Bad paths and files raise OSError.
 """
 
 import json
@@ -59,9 +55,6 @@ class Dataset(torch.utils.data.Dataset):
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
 
     # Subclass interface.
-    def _fname(self, raw_idx: int) -> str:
-        return self._image_fnames[raw_idx].decode("utf8")
-
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -123,11 +116,9 @@ class Dataset(torch.utils.data.Dataset):
 
     def get_details(self, idx: int) -> dnnlib.EasyDict:
         """Where item idx comes from: raw_idx (file index), xflip, raw_label."""
-        d = dnnlib.EasyDict()
-        d.raw_idx = int(self._raw_idx[idx])
-        d.xflip = int(self._xflip[idx]) != 0
-        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
-        return d
+        raw_idx = int(self._raw_idx[idx])
+        xflip = int(self._xflip[idx]) != 0
+        return dnnlib.EasyDict(raw_idx=raw_idx, xflip=xflip, raw_label=self._get_raw_labels()[raw_idx].copy())
 
     @property
     def name(self) -> str:
@@ -188,12 +179,8 @@ def image_extensions() -> set:
 
 
 def list_folder(path: str) -> list:
-    """The files under a folder: sorted paths relative to it, '/' separated.
-
-    Symbolic links to files and folders are followed (a tree of links to the real class folders is a
-    common way to assemble a dataset); a link back to a folder that is already being listed is
-    skipped, since following it would never end.
-    """
+    """The files under a folder: sorted paths relative to it, '/' separated. Symbolic links are followed (a tree
+    of links to the class folders is a common way to assemble a dataset), except links back to an ancestor."""
     names = []
 
     def walk(folder: str, prefix: str, ancestors: frozenset) -> None:
