@@ -4,23 +4,9 @@
 training math: it reads the loss tensor, the noise levels the loss drew (as the network receives
 them) and the gradients, and samples from copies of the EMA networks with generators of its own.
 Unlike ``training_loop.py`` this module is not embedded in network pickles, so it may import
-TensorBoard, PIL and the sampling and metric scripts (lazily, where they are needed).
-
-What it writes into the run directory (rank 0):
-- TensorBoard event files: every statistic of a ``stats.jsonl`` line as a scalar of the same name,
-  step = training images in kimg (``cur_nimg // 1000``, as StyleGAN does), walltime = its timestamp;
-  a resumed run opens a new writer with ``purge_step`` one past the resumed kimg, so TensorBoard
-  drops points a killed run wrote after its last checkpoint and the curves go on without duplicates.
-- ``samples-{kimg:07d}.png`` at every network snapshot, and the same grid as a TensorBoard image.
-- ``metrics-{kimg:07d}.jsonl`` at every snapshot when metrics are on: one JSON line with the
-  metrics of the first EMA profile's snapshot, equal to what ``calculate_metrics.py gen`` computes
-  on that snapshot file with the same seeds and image count.
-
-Statistics it adds to the training statistics (and so to ``stats.jsonl`` and TensorBoard):
-``Loss/loss_sigma_q0`` .. ``Loss/loss_sigma_q3``, the loss of the samples whose ln(sigma) falls in
-each quartile of the training noise distribution N(P_mean, P_std^2) (edges at P_mean + P_std *
-Phi^-1(0.25, 0.5, 0.75)); ``Loss/grad_norm``, the L2 norm of the (unscaled) gradient the optimizer
-steps with; ``Timing/grid_sec`` and ``Timing/metrics_sec``; ``Metrics/<name>`` at snapshots.
+TensorBoard, PIL and the sampling and metric scripts (lazily, where they are needed). What it writes
+(event files, ``samples-*.png``, ``metrics-*.jsonl``, extra statistics) is described in the README,
+"Watching a run".
 """
 
 import copy
@@ -107,13 +93,6 @@ def tile_grid(images: np.ndarray, rows: int, cols: int, pad: int = GRID_PAD) -> 
     return grid
 
 
-def grid_seeds_and_classes(rows: int, cols: int, label_dim: int) -> tuple[list[int], list[Optional[int]]]:
-    """Seeds 0 .. cols-1 in every row (a column shares its noise); row r has class r."""
-    seeds = [c for _ in range(rows) for c in range(cols)]
-    classes = [(r if label_dim > 0 else None) for r in range(rows) for _ in range(cols)]
-    return seeds, classes
-
-
 def sample_grid(
     net: torch.nn.Module,
     encoder: Any,
@@ -128,7 +107,8 @@ def sample_grid(
     from generate_images import StackedRandomGenerator, edm_sampler
 
     rows, cols = grid_shape(num_images, net.label_dim)
-    seeds, classes = grid_seeds_and_classes(rows, cols, net.label_dim)
+    seeds = list(range(cols)) * rows  # A column shares its noise; row r has class r.
+    classes = [r for r in range(rows) for _ in range(cols)]
     images = []
     for start in range(0, len(seeds), max_batch_size):
         batch_seeds, batch_classes = seeds[start : start + max_batch_size], classes[start : start + max_batch_size]
@@ -148,18 +128,6 @@ def sample_grid(
 
 
 # ----------------------------------------------------------------------------
-
-
-def _snapshot_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The network as a snapshot file holds it (float16, eval mode), on the compute device."""
-    return copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16).to(device)
-
-
-def _first_ema(ema: Any, net: torch.nn.Module) -> torch.nn.Module:
-    if ema is None:
-        return net
-    ema_list = ema.get()
-    return ema_list[0][0] if isinstance(ema_list, list) else ema_list
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -223,7 +191,9 @@ class TrainingMonitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                dist.print0(f"TensorBoard: not available ({dnnlib.util.one_line(err)}); install tensorboard to get event files.")
+                dist.print0(
+                    f"TensorBoard: not available ({dnnlib.util.one_line(err)}); install tensorboard to get event files."
+                )
             else:
                 # One past the resumed kimg: the resumed run's first point comes after it, and
                 # anything a killed run wrote beyond its last checkpoint is superseded.
@@ -255,8 +225,7 @@ class TrainingMonitor:
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in torch._foreach_norm(grads)]))
         training_stats.report("Loss/grad_norm", total / loss_scaling)
 
     # Status ----------------------------------------------------------------
@@ -279,7 +248,11 @@ class TrainingMonitor:
         """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""
         if (self.grid <= 0 or self.rank != 0) and not self.metrics:
             return
-        snapshot_net = _snapshot_copy(_first_ema(ema, net), self.device)
+        if ema is not None:
+            net = ema.get()
+            net = net[0][0] if isinstance(net, list) else net
+        # The network as a snapshot file holds it (float16, eval mode), on the compute device.
+        snapshot_net = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16).to(self.device)
         if self._sampling_encoder is None:
             self._sampling_encoder = copy.copy(encoder)  # its own attributes: never alter the run's encoder
         kimg = cur_nimg // 1000
@@ -295,12 +268,7 @@ class TrainingMonitor:
         start = time.time()
         try:
             grid, rows, cols = sample_grid(
-                snapshot_net,
-                self._sampling_encoder,
-                self.grid,
-                self.device,
-                max_batch_size=self.grid_batch,
-                num_steps=self.grid_steps,
+                snapshot_net, self._sampling_encoder, self.grid, self.device, self.grid_batch, num_steps=self.grid_steps
             )
         except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
             dist.print0(f"Sample grid: failed ({dnnlib.util.one_line(err)}); no more grids in this run.")
@@ -347,34 +315,22 @@ class TrainingMonitor:
         if not self.metrics:
             return
         start = time.time()
+        seeds = range(self.metrics_seed, self.metrics_seed + self.metrics_images)
+        kwargs = dict(verbose=False, device=self.device)
         image_iter = generate_images(
-            net=snapshot_net,
-            encoder=self._sampling_encoder,
-            seeds=range(self.metrics_seed, self.metrics_seed + self.metrics_images),
-            max_batch_size=self.metrics_batch,
-            verbose=False,
-            device=self.device,
-        )
-        stats_iter = calculate_metrics.calculate_stats_for_iterable(
-            image_iter, metrics=self.metrics, verbose=False, device=self.device
+            snapshot_net, encoder=self._sampling_encoder, seeds=seeds, max_batch_size=self.metrics_batch, **kwargs
         )
         last = None
-        for r in stats_iter:
-            last = r
+        for result in calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=self.metrics, **kwargs):
+            last = result
         if self.rank != 0:
             return
         results = calculate_metrics.calculate_metrics_from_stats(
             last.stats, self._ref_stats, metrics=self.metrics, verbose=False
         )
         seconds = time.time() - start
-        record: dict[str, Any] = dict(
-            results=results,
-            kimg=kimg,
-            num_images=self.metrics_images,
-            seed=self.metrics_seed,
-            ref=self.metrics_ref,
-            timestamp=time.time(),
-        )
+        record = dict(results=results, kimg=kimg, num_images=self.metrics_images, seed=self.metrics_seed)
+        record.update(ref=self.metrics_ref, timestamp=time.time())
         fname = f"metrics-{kimg:07d}.jsonl"
         with dnnlib.util.atomic_write(os.path.join(self.run_dir, fname), mode="w") as f:
             f.write(json.dumps(record) + "\n")
@@ -391,6 +347,3 @@ class TrainingMonitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-# ----------------------------------------------------------------------------
