@@ -299,10 +299,8 @@ def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
         with torch.device("meta"):
             fresh = type(obj)(*obj._init_args, **obj._init_kwargs)
     except Exception as err:
-        return (
-            f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments "
-            f"({type(err).__name__}: {dnnlib.util.one_line(err)})"
-        )
+        why = f"{type(err).__name__}: {dnnlib.util.one_line(err)}"
+        return f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments ({why})"
     return _compare(obj, fresh, "", checked)
 
 
@@ -414,11 +412,8 @@ def _open(file: PathOrFile) -> Any:
 
 
 def safe_load(file: PathOrFile, extra_classes: Optional[dict[str, type]] = None) -> Any:
-    """Unpickle a network pickle (a path or binary file) without executing any code it carries.
-
-    Known persistent classes (``SAFE_PERSISTENT_CLASSES``, plus ``extra_classes``: class name -> class) are
-    rebuilt from their pickled state with this project's code; anything else raises UnsafePickleError.
-    """
+    """Unpickle a network pickle (path or binary file) without running its code: the persistent classes of
+    ``SAFE_PERSISTENT_CLASSES`` and ``extra_classes`` (name -> class) are rebuilt, the rest is refused."""
     reconstruct = _SafeReconstructor(extra_classes)
     allowed = {**_data_globals(), **_tensor_globals()}
     allowed[("torch_utils.persistence", "_reconstruct_persistent_obj")] = reconstruct
@@ -443,8 +438,7 @@ def load_pickle(
 
 
 class NetworkPickleError(ValueError):
-    """A network pickle that could not be opened, was refused, or holds no network; the message is
-    one line naming the source and the reason."""
+    """A network pickle that could not be opened, was refused, or holds no network (one-line message)."""
 
 
 def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:

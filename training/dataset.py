@@ -237,14 +237,12 @@ class ImageFolderDataset(Dataset):
 
         supported = image_extensions() | {".npy"}
         self._has_json = "dataset.json" in all_fnames
-        image_fnames = sorted(f for f in all_fnames if file_ext(f) in supported)
+        # One numpy array of UTF-8 bytes (which sort as the names do) rather than a list of str objects: forked
+        # data-loader workers that touch the reference counts of millions of small objects copy their memory.
+        self._image_fnames = np.array(sorted(f.encode("utf8") for f in all_fnames if file_ext(f) in supported))
         del all_fnames
-        if len(image_fnames) == 0:
+        if len(self._image_fnames) == 0:
             raise OSError(f"No image or .npy files found in {self._path}")
-        # One numpy array of UTF-8 bytes rather than a list of str objects: forked data-loader workers that
-        # touch the reference counts of millions of small Python objects copy their memory page by page.
-        self._image_fnames = np.array([f.encode("utf8") for f in image_fnames])
-        del image_fnames
 
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)

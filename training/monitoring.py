@@ -44,11 +44,8 @@ def sigma_band(sigma: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor
 
 
 class SigmaRecorder:
-    """Calls the network exactly as given and remembers the noise level of the latest call.
-
-    The loss draws sigma inside ``EDM2Loss.__call__`` and passes it to the network as its second
-    argument, so recording it there leaves the loss's math and its pickled state untouched.
-    """
+    """Calls the network exactly as given and remembers the noise level (its second argument) of the latest
+    call: the loss draws sigma inside ``EDM2Loss.__call__``, whose math and pickled state stay untouched."""
 
     def __init__(self, net: Any):
         self.net = net
@@ -69,10 +66,7 @@ class SigmaRecorder:
 def grid_shape(num_images: int, label_dim: int) -> tuple[int, int]:
     """(rows, cols): one row per class (the first GRID_MAX_ROWS classes) for a conditional net,
     else a near-square grid; ``cols = num_images // rows`` (at least 1)."""
-    if label_dim > 0:
-        rows = min(label_dim, GRID_MAX_ROWS, num_images)
-    else:
-        rows = max(int(np.sqrt(num_images)), 1)
+    rows = min(label_dim, GRID_MAX_ROWS, num_images) if label_dim > 0 else max(int(np.sqrt(num_images)), 1)
     return rows, max(num_images // rows, 1)
 
 
@@ -125,9 +119,6 @@ def sample_grid(
     if images.shape[3] == 1:
         images = np.repeat(images, 3, axis=3)
     return tile_grid(images, rows, cols), rows, cols
-
-
-# ----------------------------------------------------------------------------
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:

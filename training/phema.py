@@ -5,10 +5,8 @@ with the density p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1). Its width is de
 the relative standard deviation sigma_rel (``exp_to_std``), the quantity the tools and file
 names use. During training, ``PowerFunctionEMA`` tracks a few such averages exactly (up to
 the step size); afterwards, any other profile is approximated by a least-squares combination
-of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024).
-
-Times are counted in training images throughout. This module depends only on numpy and torch
-so that it can be copied into other code bases.
+of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024). Times
+are counted in training images. Only numpy and torch are imported, so the module can be copied.
 """
 
 import copy
@@ -32,15 +30,13 @@ def _scalar_or_array(x: np.ndarray, like: Any) -> Union[float, np.ndarray]:
 def exp_to_std(exp: ArrayLike) -> Union[float, np.ndarray]:
     """sigma_rel of the power profile with exponent gamma: sqrt((g+1) / ((g+2)^2 (g+3)))."""
     g = np.asarray(exp, dtype=np.float64)
-    std = np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
-    return _scalar_or_array(std, exp)
+    return _scalar_or_array(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), exp)
 
 
 def _std_to_exp_one(std: float) -> float:
     """Largest real root of g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0 for one sigma_rel."""
     inv = 1.0 / (std * std)
-    coefs = np.array([1.0, 7.0, 16.0 - inv, 12.0 - inv])
-    roots = np.roots(coefs)
+    roots = np.roots(np.array([1.0, 7.0, 16.0 - inv, 12.0 - inv]))
     g = max(r.real for r in roots if abs(r.imag) <= 1e-6 * max(1.0, abs(r.real)))
     # np.roots goes through an eigenvalue solver; a few Newton steps on the cubic bring the
     # root to full float64 accuracy so that exp_to_std(std_to_exp(s)) == s to ~1e-15.
@@ -59,8 +55,7 @@ def std_to_exp(std: ArrayLike) -> Union[float, np.ndarray]:
     s = np.asarray(std, dtype=np.float64)
     if np.any(~(s > 0)):
         raise ValueError("sigma_rel must be positive")
-    g = np.vectorize(_std_to_exp_one, otypes=[np.float64])(s)
-    return _scalar_or_array(g, std)
+    return _scalar_or_array(np.vectorize(_std_to_exp_one, otypes=[np.float64])(s), std)
 
 
 # ----------------------------------------------------------------------------
@@ -110,12 +105,11 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
 def solve_posthoc_coefficients(
     in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike, out_std: ArrayLike
 ) -> np.ndarray:
-    """Weights X[i, o] such that sum_i X[i, o] * snapshot_i approximates output profile o.
+    """Weights X[i, o] (float64, [num_in, num_out]) such that sum_i X[i, o] * snapshot_i approximates profile o.
 
-    Least squares in the space of profiles: A[i, j] = <p_i, p_j>, B[i, o] = <p_i, p_o>,
-    X = A^-1 B; each column is then divided by its sum so that a constant trajectory is
-    reproduced exactly. Inputs are (end time, sigma_rel) pairs, broadcast per side; returns
-    a float64 array of shape [num_in, num_out].
+    Least squares in the space of profiles: X = A^-1 B with A[i, j] = <p_i, p_j>, B[i, o] = <p_i, p_o>, each
+    column divided by its sum so that a constant trajectory is reproduced exactly. Inputs are (end time,
+    sigma_rel) pairs, broadcast per side.
     """
 
     def flat(ofs, std):
@@ -159,10 +153,9 @@ def _lerp_params(ema: torch.nn.Module, net: torch.nn.Module, weight: float) -> N
 class PowerFunctionEMA:
     """Tracks one power-function EMA of ``net`` per sigma_rel in ``stds``.
 
-    Call ``update(cur_nimg, batch_size)`` after every optimizer step, with the image count
-    *after* the step. ``get()`` refreshes the buffers from ``net`` and returns the live EMA
-    modules as ``[(ema_net, '-0.050'), ...]``; the caller copies them (e.g. to float16) for
-    a snapshot, and must not modify them.
+    Call ``update(cur_nimg, batch_size)`` after every optimizer step, with the image count *after* it.
+    ``get()`` refreshes the buffers from ``net`` and returns the live EMA modules as ``[(ema_net, '-0.050'),
+    ...]``, which the caller copies (e.g. to float16) for a snapshot and must not modify.
     """
 
     def __init__(self, net: torch.nn.Module, stds: Sequence[float] = (0.050, 0.100)):
