@@ -1,13 +1,12 @@
 """Pickles that carry the source code of the classes they contain, and a loader that does not run it.
 
-Every instance of a *persistent class* is pickled as ``_reconstruct_persistent_obj(meta)``, ``meta``
-holding the defining module's full source, the class name and the state (the StyleGAN/EDM2 format,
-version 6). Plain ``pickle.load`` executes that source: a network outlives the code that made it, and
-whoever loads it runs whatever code it carries. ``safe_load`` instead rebuilds the known classes of
-this project from their state with our own code, refuses every other global, refuses a state that does
-not fit the standard class, and warns when the embedded source is neither ours nor the official
-release's (keeping it, so that re-saving embeds it again). ``trust_embedded_code=True`` opts in to
-the trusting path.
+Every instance of a *persistent class* is pickled as ``_reconstruct_persistent_obj(meta)``, ``meta`` holding the
+defining module's full source, the class name and the state (the StyleGAN/EDM2 format, version 6). Plain
+``pickle.load`` executes that source: a network outlives the code that made it, and whoever loads it runs whatever
+code it carries. ``safe_load`` instead rebuilds the known classes of this project from their state with our own
+code, refuses every other global, refuses a state that does not fit the standard class, and warns when the embedded
+source is neither ours nor the official release's (keeping it, so that re-saving embeds it again).
+``trust_embedded_code=True`` opts in to the trusting path.
 """
 
 import collections
@@ -387,8 +386,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, allowed: dict[tuple[str, str], Any], what: str = "the pickle"):
         super().__init__(file)
-        self._allowed = allowed
-        self._what = what
+        self._allowed, self._what = allowed, what
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))

@@ -142,11 +142,9 @@ class Dataset(torch.utils.data.Dataset):
     @property
     def label_shape(self) -> list:
         if self._label_shape is None:
-            raw_labels = self._get_raw_labels()
-            if raw_labels.dtype == np.int64:
-                self._label_shape = [int(np.max(raw_labels)) + 1]  # one-hot over 0..max
-            else:
-                self._label_shape = list(raw_labels.shape[1:])
+            raw_labels = self._get_raw_labels()  # One-hot over 0..max for integer labels.
+            onehot = raw_labels.dtype == np.int64
+            self._label_shape = [int(np.max(raw_labels)) + 1] if onehot else list(raw_labels.shape[1:])
         return list(self._label_shape)
 
     @property
@@ -272,8 +270,7 @@ class ImageFolderDataset(Dataset):
             if self._zipfile is not None and self._zipfile_pid == os.getpid():
                 self._zipfile.close()
         finally:
-            self._zipfile = None
-            self._zipfile_pid = None
+            self._zipfile = self._zipfile_pid = None
 
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)

@@ -1,12 +1,11 @@
 """Watching a training run: TensorBoard curves, the loss by noise level, sample grids and metrics.
 
-``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the
-training math: it reads the loss tensor, the noise levels the loss drew (as the network receives
-them) and the gradients, and samples from copies of the EMA networks with generators of its own.
-Unlike ``training_loop.py`` this module is not embedded in network pickles, so it may import
-TensorBoard, PIL and the sampling and metric scripts (lazily, where they are needed). What it writes
-(event files, ``samples-*.png``, ``metrics-*.jsonl``, extra statistics) is described in the README,
-"Watching a run".
+``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the training math: it
+reads the loss tensor, the noise levels the loss drew (as the network receives them) and the gradients, and samples
+from copies of the EMA networks with generators of its own. Unlike ``training_loop.py`` this module is not embedded
+in network pickles, so it may import TensorBoard, PIL and the sampling and metric scripts (lazily, where they are
+needed). What it writes (event files, ``samples-*.png``, ``metrics-*.jsonl``, extra statistics) is described in the
+README, "Watching a run".
 """
 
 import copy
@@ -162,13 +161,10 @@ class TrainingMonitor:
         self.metrics_images, self.metrics_ref = int(metrics_images), metrics_ref
         self.metrics_seed, self.metrics_batch = int(metrics_seed), int(metrics_batch)
         self.recorder: Optional[SigmaRecorder] = None
-        self.bands = None
-        if loss_fn is not None and hasattr(loss_fn, "P_mean") and hasattr(loss_fn, "P_std"):
-            self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std))
-        self._sampling_encoder = None
+        has_bands = hasattr(loss_fn, "P_mean") and hasattr(loss_fn, "P_std")
+        self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std)) if has_bands else None
+        self._sampling_encoder = self._ref_stats = self.writer = None
         self._detectors_checked = False
-        self._ref_stats = None
-        self.writer = None
 
         # Validate before any training: the metrics need their reference statistics.
         if self.metrics:
@@ -281,19 +277,17 @@ class TrainingMonitor:
 
         available = []
         for metric in self.metrics:
-            message = "another process cannot load its detector"
+            message = None
             try:
                 calculate_metrics.get_detector(metric, verbose=False)
-                ok = True
             except Exception as err:  # e.g. offline without the detector's files
                 message = err.format_message() if hasattr(err, "format_message") else str(err)
-                ok = False
-            if _all_ranks_agree(ok, self.device):
+            if _all_ranks_agree(message is None, self.device):
                 available.append(metric)
             else:
-                dist.print0(
-                    f"Metrics: skipping {metric} in this run; training goes on. {dnnlib.util.one_line(Exception(message))}"
-                )
+                message = "another process cannot load its detector" if message is None else message
+                why = dnnlib.util.one_line(Exception(message))
+                dist.print0(f"Metrics: skipping {metric} in this run; training goes on. {why}")
         self.metrics = available
         self._detectors_checked = True
 

@@ -1,12 +1,11 @@
 """Power-function EMA: the averaging profiles of EDM2 and their post-hoc reconstruction.
 
-An EMA profile with exponent gamma averages the training trajectory w(tau), tau in [0, t],
-with the density p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1). Its width is described by
-the relative standard deviation sigma_rel (``exp_to_std``), the quantity the tools and file
-names use. During training, ``PowerFunctionEMA`` tracks a few such averages exactly (up to
-the step size); afterwards, any other profile is approximated by a least-squares combination
-of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024). Times
-are counted in training images. Only numpy and torch are imported, so the module can be copied.
+An EMA profile with exponent gamma averages the training trajectory w(tau), tau in [0, t], with the density p(tau) =
+(gamma + 1) tau^gamma / t^(gamma + 1). Its width is described by the relative standard deviation sigma_rel
+(``exp_to_std``), the quantity the tools and file names use. During training, ``PowerFunctionEMA`` tracks a few such
+averages exactly (up to the step size); afterwards, any other profile is approximated by a least-squares combination
+of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024). Times are counted in
+training images. Only numpy and torch are imported, so the module can be copied.
 """
 
 import copy
@@ -172,8 +171,7 @@ class PowerFunctionEMA:
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> None:
         for std, ema in zip(self.stds, self.emas):
-            beta = power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size)
-            _lerp_params(ema, self.net, 1.0 - beta)
+            _lerp_params(ema, self.net, 1.0 - power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
 
     def get(self) -> list[tuple[torch.nn.Module, str]]:
         for ema in self.emas:
