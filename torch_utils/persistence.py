@@ -156,9 +156,8 @@ def _src_to_module(src: str) -> types.ModuleType:
         module_name = "_imported_module_" + uuid.uuid4().hex
         module = types.ModuleType(module_name)
         # Register before executing, so that persistent_class() inside the source finds the module.
-        sys.modules[module_name] = module
+        sys.modules[module_name] = _src_to_module_dict[src] = module
         _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
         try:
             exec(src, module.__dict__)  # noqa: S102 -- this is the trusting path by definition.
         except BaseException:

@@ -6,6 +6,7 @@ Integer labels become one-hot float32 vectors; lists of floats are used as they 
 the number of images is kept in memory unless `cache=True`. Bad paths and files raise OSError.
 """
 
+import contextlib
 import json
 import os
 import zipfile
@@ -81,10 +82,8 @@ class Dataset(torch.utils.data.Dataset):
         return dict(self.__dict__, _raw_labels=None)
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __len__(self) -> int:
         return self._raw_idx.size

@@ -131,10 +131,10 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 class TrainingMonitor:
-    """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl`` (see the module
-    docstring). Construct it on every process after resuming; then call ``report_loss`` after each
-    loss evaluation, ``report_gradients`` before each optimizer step, ``on_status`` with the items
-    of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every process) and ``close``."""
+    """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl``. Construct it on every process
+    after resuming; then call ``report_loss`` after each loss evaluation, ``report_gradients`` before each optimizer
+    step, ``on_status`` with the items of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every
+    process) and ``close``."""
 
     def __init__(
         self,
@@ -247,7 +247,6 @@ class TrainingMonitor:
             self._write_grid(kimg, snapshot_net)
         if self.metrics:
             self._compute_metrics(kimg, snapshot_net)
-        del snapshot_net
 
     def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
         import PIL.Image

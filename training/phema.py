@@ -22,7 +22,6 @@ ArrayLike = Union[float, np.ndarray, list[float]]
 
 
 def _scalar_or_array(x: np.ndarray, like: Any) -> Union[float, np.ndarray]:
-    """Return a Python float when the caller passed a scalar, else the array itself."""
     return float(x) if np.ndim(like) == 0 else x
 
 
@@ -144,7 +143,6 @@ def _copy_buffers(src: torch.nn.Module, dst: torch.nn.Module, params: bool = Fal
 
 @torch.no_grad()
 def _lerp_params(ema: torch.nn.Module, net: torch.nn.Module, weight: float) -> None:
-    """ema <- ema + weight * (net - ema) for every parameter."""
     for p_net, p_ema in zip(net.parameters(), ema.parameters()):
         p_ema.lerp_(p_net.detach(), weight)
 
