@@ -81,8 +81,7 @@ def persistent_class(orig_class: type) -> type:
                 fields[:3] = [_reconstruct_persistent_obj, (meta,), None]
             return tuple(fields)
 
-        # Copies keep the class (and any recorded source) instead of going through __reduce__,
-        # which would rebuild them by executing the recorded source.
+        # Copies keep the class and any recorded source: __reduce__ would rebuild them by executing that source.
         def __copy__(self):
             return _restore_instance(type(self), dict(self.__getstate__()))
 
@@ -181,8 +180,7 @@ def _check_pickleable(obj: Any) -> None:
             return None  # Persistent objects check themselves.
         return obj
 
-    with io.BytesIO() as f:
-        pickle.dump(recurse(obj), f)
+    pickle.dumps(recurse(obj))
 
 
 # ----------------------------------------------------------------------------

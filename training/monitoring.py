@@ -187,8 +187,6 @@ class TrainingMonitor:
                 purge_step = self.start_nimg // 1000 + 1 if self.start_nimg > 0 else None
                 self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
 
-    # Loss and gradients -----------------------------------------------------
-
     def wrap_net(self, net: Any) -> Any:
         """The network to hand to the loss: records the noise levels it is called with."""
         self.recorder = SigmaRecorder(net)
@@ -215,8 +213,6 @@ class TrainingMonitor:
         total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in torch._foreach_norm(grads)]))
         training_stats.report("Loss/grad_norm", total / loss_scaling)
 
-    # Status ----------------------------------------------------------------
-
     def on_status(self, cur_nimg: int, items: Sequence[tuple[str, float]]) -> None:
         """Write the statistics of one stats.jsonl line (name, value) as TensorBoard scalars."""
         if self.writer is None:
@@ -228,8 +224,6 @@ class TrainingMonitor:
             if np.isfinite(value) and not name.startswith("Metrics/"):  # metrics go in at their snapshot's kimg
                 self.writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self.writer.flush()
-
-    # Snapshots -------------------------------------------------------------
 
     def on_snapshot(self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any) -> None:
         """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""

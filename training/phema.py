@@ -198,8 +198,7 @@ class TraditionalEMA:
 
     def __init__(self, net: torch.nn.Module, halflife_Mimg: float = float("inf"), rampup_ratio: float = 0.09):
         self.net = net
-        self.halflife_Mimg = halflife_Mimg
-        self.rampup_ratio = rampup_ratio
+        self.halflife_Mimg, self.rampup_ratio = halflife_Mimg, rampup_ratio
         self.ema = _make_ema_copy(net)
 
     def reset(self) -> None:
