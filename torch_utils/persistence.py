@@ -1,21 +1,16 @@
 """Pickles that carry the source code of the classes they contain, and a loader that does not run it.
 
-Network pickles store every instance of a *persistent class* as a call
-``_reconstruct_persistent_obj(meta)``, where ``meta`` holds the complete source of the defining
-module, the class name and the instance state (the StyleGAN/EDM2 persistence format, version 6).
-Loading such a pickle with plain ``pickle.load`` executes that embedded source, so a network keeps
-working even after the code that created it has changed or disappeared -- and, equally, whoever
-loads it runs whatever code it carries.
-
-``safe_load`` is the alternative: it rebuilds the known classes of this project (the network of
-``training/networks_edm2.py``, the encoders and the loss) from their pickled *state* with this
-project's own code, never executes ``module_src``, and refuses every other global with a one-line
-error. It also refuses a state that does not fit the standard class, warns (one line on stderr)
-when the embedded source is neither ours nor the official release's, and remembers that source on
-the rebuilt object so that re-saving it embeds the input's source again.
-``load_pickle(file, trust_embedded_code=True)`` is the explicit opt-in to the trusting path.
+Every instance of a *persistent class* is pickled as ``_reconstruct_persistent_obj(meta)``, ``meta`` holding the
+defining module's full source, the class name and the state (the StyleGAN/EDM2 format, version 6). Plain
+``pickle.load`` executes that source: a network outlives the code that made it, and whoever loads it runs whatever
+code it carries. ``safe_load`` instead rebuilds the known classes of this project from their state with our own
+code, refuses every other global, refuses a state that does not fit the standard class, and warns when the embedded
+source is neither ours nor the official release's (keeping it, so that re-saving embeds it again).
+``trust_embedded_code=True`` opts in to the trusting path.
 """
 
+import collections
+import contextlib
 import copy
 import functools
 import hashlib
@@ -39,19 +34,15 @@ _decorators = set()  # Every class produced by persistent_class().
 _import_hooks = []  # Functions meta -> meta applied before reconstruction.
 _module_to_src_dict = {}  # Module object -> its source text.
 _src_to_module_dict = {}  # Source text -> module object (so equal sources share one module).
+PathOrFile = Union[str, os.PathLike, BinaryIO]
 
 # ----------------------------------------------------------------------------
 # Writing: the persistent_class decorator.
 
 
 def persistent_class(orig_class: type) -> type:
-    """Class decorator: instances record their constructor arguments and pickle with their module's source.
-
-    The returned class derives from ``orig_class`` and keeps its name and module. Its instances get
-    ``init_args`` / ``init_kwargs`` (stored as ``_init_args`` / ``_init_kwargs``) and are pickled as
-    ``_reconstruct_persistent_obj(meta)``. An instance-level ``_orig_module_src`` (set by the safe
-    loader) overrides the class's source, so a re-saved object embeds the source it came with.
-    """
+    """Class decorator: instances record their constructor arguments (``init_args``, ``init_kwargs``) and
+    pickle with their module's source; an instance's ``_orig_module_src`` (set by the safe loader) wins."""
     assert isinstance(orig_class, type)
     if is_persistent(orig_class):
         return orig_class
@@ -85,53 +76,34 @@ def persistent_class(orig_class: type) -> type:
                 state = fields[2]
                 if isinstance(state, dict) and "_orig_module_src" in state:  # Recorded source: meta, not state.
                     state = {key: value for key, value in state.items() if key != "_orig_module_src"}
-                meta = dict(
-                    type="class",
-                    version=_version,
-                    module_src=self._orig_module_src,
-                    class_name=self._orig_class_name,
-                    state=state,
-                )
-                fields[0] = _reconstruct_persistent_obj
-                fields[1] = (meta,)
-                fields[2] = None
+                src, name = self._orig_module_src, self._orig_class_name
+                meta = dict(type="class", version=_version, module_src=src, class_name=name, state=state)
+                fields[:3] = [_reconstruct_persistent_obj, (meta,), None]
             return tuple(fields)
 
-        # Copies keep the class (and any recorded source) instead of going through __reduce__,
-        # which would rebuild them by executing the recorded source.
+        # Copies keep the class and any recorded source: __reduce__ would rebuild them by executing that source.
         def __copy__(self):
             return _restore_instance(type(self), dict(self.__getstate__()))
 
         def __deepcopy__(self, memo):
-            obj = type(self).__new__(type(self))
-            memo[id(self)] = obj
+            obj = memo[id(self)] = type(self).__new__(type(self))
             _set_state(obj, copy.deepcopy(dict(self.__getstate__()), memo))
             return obj
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    Decorator.__doc__ = orig_class.__doc__
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(Decorator, attr, getattr(orig_class, attr))
     _decorators.add(Decorator)
     return Decorator
 
 
 def is_persistent(obj: Any) -> bool:
     """Whether an object (or a class) was made with persistent_class()."""
-    try:
-        if obj in _decorators:
-            return True
-    except TypeError:  # unhashable objects
-        pass
-    return type(obj) in _decorators
+    return (isinstance(obj, type) and obj in _decorators) or type(obj) in _decorators
 
 
 def import_hook(hook: Callable[[dnnlib.EasyDict], dnnlib.EasyDict]) -> None:
-    """Register ``hook(meta) -> meta``, applied to every persistent object before it is rebuilt.
-
-    Hooks let old pickles load after the code changed, e.g. by editing ``meta.module_src`` or
-    renaming entries of ``meta.state``.
-    """
+    """Register ``hook(meta) -> meta``, applied to every persistent object before it is rebuilt (e.g. to
+    let old pickles load after the code changed, by editing ``meta.module_src`` or ``meta.state``)."""
     assert callable(hook)
     _import_hooks.append(hook)
 
@@ -166,20 +138,15 @@ def _restore_instance(cls: type, state: dict) -> Any:
 
 
 def _set_state(obj: Any, state: dict) -> None:
-    setstate = getattr(obj, "__setstate__", None)
-    if callable(setstate):
-        setstate(state)  # torch.nn.Module.__setstate__ also fills in hook dicts added by newer torch.
-    else:
-        obj.__dict__.update(state)
+    setstate = getattr(obj, "__setstate__", None)  # torch.nn.Module's also fills in hook dicts of newer torch.
+    (setstate if callable(setstate) else obj.__dict__.update)(state)
 
 
 def _module_to_src(module: types.ModuleType) -> str:
-    src = _module_to_src_dict.get(module, None)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src_dict[module] = src
+    if module not in _module_to_src_dict:
+        src = _module_to_src_dict[module] = inspect.getsource(module)
         _src_to_module_dict[src] = module
-    return src
+    return _module_to_src_dict[module]
 
 
 def _src_to_module(src: str) -> types.ModuleType:
@@ -188,9 +155,8 @@ def _src_to_module(src: str) -> types.ModuleType:
         module_name = "_imported_module_" + uuid.uuid4().hex
         module = types.ModuleType(module_name)
         # Register before executing, so that persistent_class() inside the source finds the module.
-        sys.modules[module_name] = module
+        sys.modules[module_name] = _src_to_module_dict[src] = module
         _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
         try:
             exec(src, module.__dict__)  # noqa: S102 -- this is the trusting path by definition.
         except BaseException:
@@ -208,19 +174,13 @@ def _check_pickleable(obj: Any) -> None:
         if isinstance(obj, dict):
             return [[recurse(x), recurse(y)] for x, y in obj.items()]
         if isinstance(obj, (str, int, float, bool, bytes, bytearray)) or obj is None:
-            return None  # Python primitive types are pickleable.
-        if f"{type(obj).__module__}.{type(obj).__name__}" in (
-            "numpy.ndarray",
-            "torch.Tensor",
-            "torch.nn.parameter.Parameter",
-        ):
-            return None  # Tensors and arrays are pickleable.
-        if is_persistent(obj):
+            return None
+        name = f"{type(obj).__module__}.{type(obj).__name__}"
+        if name in ("numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter") or is_persistent(obj):
             return None  # Persistent objects check themselves.
         return obj
 
-    with io.BytesIO() as f:
-        pickle.dump(recurse(obj), f)
+    pickle.dumps(recurse(obj))
 
 
 # ----------------------------------------------------------------------------
@@ -233,14 +193,8 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 # Persistent classes the safe loader rebuilds with this project's code: class name -> module.
 SAFE_PERSISTENT_CLASSES = {
-    "MPFourier": "training.networks_edm2",
-    "MPConv": "training.networks_edm2",
-    "Block": "training.networks_edm2",
-    "UNet": "training.networks_edm2",
-    "Precond": "training.networks_edm2",
-    "Encoder": "training.encoders",
-    "StandardRGBEncoder": "training.encoders",
-    "StabilityVAEEncoder": "training.encoders",
+    **dict.fromkeys(["MPFourier", "MPConv", "Block", "UNet", "Precond"], "training.networks_edm2"),
+    **dict.fromkeys(["Encoder", "StandardRGBEncoder", "StabilityVAEEncoder"], "training.encoders"),
     "EDM2Loss": "training.training_loop",
 }
 
@@ -268,12 +222,8 @@ def source_sha256(src: str) -> str:
 
 
 class _SafeReconstructor:
-    """The stand-in for ``_reconstruct_persistent_obj`` that the safe unpickler hands out (one per load).
-
-    Each call rebuilds one persistent object with our class and notes where its embedded source is
-    unknown; ``finish()`` then prints one warning per unknown source and refuses any object whose
-    state does not fit the standard class.
-    """
+    """The safe unpickler's ``_reconstruct_persistent_obj`` (one per load): each call rebuilds one object with
+    our class; ``finish()`` warns once per unknown source and refuses states that do not fit the standard class."""
 
     def __init__(self, extra_classes: Optional[dict[str, type]]):
         self.extra_classes = extra_classes or {}
@@ -286,37 +236,35 @@ class _SafeReconstructor:
             raise UnsafePickleError("Refusing to load pickle: malformed persistent object")
         meta = _apply_import_hooks(meta)
         class_name = meta.get("class_name")
-        cls = self.extra_classes.get(class_name) if isinstance(class_name, str) else None
-        module_name = cls.__module__ if cls is not None else None
+        name = class_name if isinstance(class_name, str) else None
+        cls = self.extra_classes.get(name)
         if cls is None:
-            module_name = SAFE_PERSISTENT_CLASSES.get(class_name) if isinstance(class_name, str) else None
-            if module_name is None:
+            if name not in SAFE_PERSISTENT_CLASSES:
                 known = sorted(set(SAFE_PERSISTENT_CLASSES) | set(self.extra_classes))
                 raise UnsafePickleError(
                     f"Refusing to load class {class_name!r} from the pickle's embedded source: the safe loader knows "
                     f"only {', '.join(known)}; {_TRUST_HINT}"
                 )
-            cls = getattr(importlib.import_module(module_name), class_name)
+            cls = getattr(importlib.import_module(SAFE_PERSISTENT_CLASSES[name]), name)
         if not isinstance(meta.get("module_src"), str):
             raise UnsafePickleError(f"Refusing to load pickle: {class_name} has no embedded source text")
-        for key, value in meta.state.items():
-            # State holds data only: a function or class stored as an attribute could shadow a method.
+        for key, value in meta.state.items():  # Data only: a function or class attribute could shadow a method.
             if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
                 raise UnsafePickleError(f"Refusing to load pickle: attribute {key!r} of {class_name} is a callable")
-        self._note_source(meta.module_src, cls, module_name)
+        self._note_source(meta.module_src, cls)
         obj = _restore_instance(cls, meta.state)
         if is_persistent(cls) and meta.module_src != cls._orig_module_src:
             obj._orig_module_src = meta.module_src  # Re-saving the object embeds the source it came with.
         self.rebuilt.append(obj)
         return obj
 
-    def _note_source(self, src: str, cls: type, module_name: str) -> None:
+    def _note_source(self, src: str, cls: type) -> None:
         digest = self._sha256.get(src)
         if digest is None:
             digest = self._sha256[src] = source_sha256(src)
         ours = cls._orig_module_src if is_persistent(cls) else None
-        if digest != OFFICIAL_SOURCE_SHA256.get(module_name) and src != ours:
-            names = self.unknown_sources.setdefault((module_name, digest), [])
+        if digest != OFFICIAL_SOURCE_SHA256.get(cls.__module__) and src != ours:
+            names = self.unknown_sources.setdefault((cls.__module__, digest), [])
             if cls.__name__ not in names:
                 names.append(cls.__name__)
 
@@ -341,27 +289,26 @@ _TORCH_MODULE_ATTRIBUTES = frozenset(vars(torch.nn.Module())) | {"_orig_module_s
 
 
 def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
-    """The first way ``obj`` differs from the standard network its init arguments describe, or None.
-
-    The standard one is built on the meta device (no memory, no initialisation cost). Submodules,
-    attributes, parameters and buffers are compared by name, type and shape; values are not.
-    """
+    """The first way ``obj`` differs from the standard network its init arguments describe (built on the meta
+    device: no memory, no initialisation), or None. Names, types and shapes are compared; values are not."""
     try:
         with torch.device("meta"):
             fresh = type(obj)(*obj._init_args, **obj._init_kwargs)
     except Exception as err:
-        return (
-            f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments "
-            f"({type(err).__name__}: {dnnlib.util.one_line(err)})"
-        )
+        why = f"{type(err).__name__}: {dnnlib.util.one_line(err)}"
+        return f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments ({why})"
     return _compare(obj, fresh, "", checked)
+
+
+def _differ(what: str, theirs: str, ours: Any) -> str:
+    return f"{what} {theirs} in the pickle, {ours} in the standard network"
 
 
 def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
     checked.add(id(obj))
     what = f"submodule {path[:-1]}" if path else "the object"
     if type(obj) is not type(fresh):
-        return f"{what} is a {type(obj).__name__} in the pickle, a {type(fresh).__name__} in the standard network"
+        return _differ(what, f"is a {type(obj).__name__}", f"a {type(fresh).__name__}")
     if fresh is None:
         return None
     ours, theirs = set(vars(fresh)) - _TORCH_MODULE_ATTRIBUTES, set(vars(obj)) - _TORCH_MODULE_ATTRIBUTES
@@ -372,31 +319,25 @@ def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
             return f"the pickle has an extra attribute {path}{name}"
     if not isinstance(fresh, torch.nn.Module):
         return None
-    for kind in ("_modules", "_parameters", "_buffers"):
+    for kind, label in (("_modules", "submodule"), ("_parameters", "parameter"), ("_buffers", "buffer")):
         mine, pickled = vars(fresh)[kind], vars(obj).get(kind)
         if not isinstance(pickled, dict):
             return f"{what} has a malformed {kind} in the pickle"
-        label = {"_modules": "submodule", "_parameters": "parameter", "_buffers": "buffer"}[kind]
         for name in [*mine, *(name for name in pickled if name not in mine)]:
             if name not in pickled:
                 return f"{label} {path}{name} is missing from the pickle"
             if name not in mine:
                 return f"the pickle has an extra {label} {path}{name}"
+            p, m = pickled[name], mine[name]
             if kind == "_modules":
-                mismatch = _compare(pickled[name], mine[name], f"{path}{name}.", checked)
+                mismatch = _compare(p, m, f"{path}{name}.", checked)
                 if mismatch is not None:
                     return mismatch
-            elif not (isinstance(pickled[name], torch.Tensor) and isinstance(mine[name], torch.Tensor)):
-                if type(pickled[name]) is not type(mine[name]):
-                    return (
-                        f"{label} {path}{name} is a {type(pickled[name]).__name__} in the pickle, "
-                        f"a {type(mine[name]).__name__} in the standard network"
-                    )
-            elif pickled[name].shape != mine[name].shape:
-                return (
-                    f"{label} {path}{name} has shape {list(pickled[name].shape)} in the pickle, "
-                    f"{list(mine[name].shape)} in the standard network"
-                )
+            elif not (isinstance(p, torch.Tensor) and isinstance(m, torch.Tensor)):
+                if type(p) is not type(m):
+                    return _differ(f"{label} {path}{name}", f"is a {type(p).__name__}", f"a {type(m).__name__}")
+            elif p.shape != m.shape:
+                return _differ(f"{label} {path}{name}", f"has shape {list(p.shape)}", list(m.shape))
     return None
 
 
@@ -405,7 +346,7 @@ def _data_globals() -> dict:
     """(module, name) -> object for plain data: containers, numpy arrays, scalars and dtypes."""
     allowed = {
         ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
-        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("numpy", "ndarray"): np.ndarray,
@@ -442,8 +383,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file: BinaryIO, allowed: dict[tuple[str, str], Any], what: str = "the pickle"):
         super().__init__(file)
-        self._allowed = allowed
-        self._what = what
+        self._allowed, self._what = allowed, what
 
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
@@ -462,40 +402,30 @@ def load_data_pickle(file: BinaryIO, what: str = "the pickle") -> Any:
     return RestrictedUnpickler(file, _data_globals(), what=what).load()
 
 
-def safe_load(file: Union[str, os.PathLike, BinaryIO], extra_classes: Optional[dict[str, type]] = None) -> Any:
-    """Unpickle a network pickle without executing any code it carries.
+def _open(file: PathOrFile) -> Any:
+    return open(file, "rb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file)
 
-    ``file`` is a path or a binary file object. Returns the unpickled object (e.g. the snapshot
-    EasyDict). Known persistent classes (``SAFE_PERSISTENT_CLASSES``, plus ``extra_classes``:
-    class name -> class) are rebuilt from their pickled state with this project's code; anything
-    else raises UnsafePickleError with a one-line message naming it.
-    """
-    if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as f:
-            return safe_load(f, extra_classes=extra_classes)
+
+def safe_load(file: PathOrFile, extra_classes: Optional[dict[str, type]] = None) -> Any:
+    """Unpickle a network pickle (path or binary file) without running its code: the persistent classes of
+    ``SAFE_PERSISTENT_CLASSES`` and ``extra_classes`` (name -> class) are rebuilt, the rest is refused."""
     reconstruct = _SafeReconstructor(extra_classes)
-    allowed = {
-        **_data_globals(),
-        **_tensor_globals(),
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct,
-    }
-    data = RestrictedUnpickler(file, allowed).load()
+    allowed = {**_data_globals(), **_tensor_globals()}
+    allowed[("torch_utils.persistence", "_reconstruct_persistent_obj")] = reconstruct
+    with _open(file) as f:
+        data = RestrictedUnpickler(f, allowed).load()
     reconstruct.finish()
     return data
 
 
 def load_pickle(
-    file: Union[str, os.PathLike, BinaryIO],
-    trust_embedded_code: bool = False,
-    extra_classes: Optional[dict[str, type]] = None,
+    file: PathOrFile, trust_embedded_code: bool = False, extra_classes: Optional[dict[str, type]] = None
 ) -> Any:
     """Load a network pickle: safely by default, or by executing its embedded source when asked to."""
     if not trust_embedded_code:
         return safe_load(file, extra_classes=extra_classes)
-    if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as f:
-            return pickle.load(f)
-    return pickle.load(file)
+    with _open(file) as f:
+        return pickle.load(f)
 
 
 # ----------------------------------------------------------------------------
@@ -503,17 +433,12 @@ def load_pickle(
 
 
 class NetworkPickleError(ValueError):
-    """A network pickle that could not be opened, was refused, or holds no network; the message is
-    one line naming the source and the reason."""
+    """A network pickle that could not be opened, was refused, or holds no network (one-line message)."""
 
 
 def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:
-    """Load a network pickle (a snapshot dict with a ``torch.nn.Module`` under ``ema``) from a path,
-    a ``file://`` URL or an http(s) URL (downloaded once into the dnnlib cache).
-
-    Safe by default (``load_pickle``); ``trust_embedded_code`` runs the code the pickle carries.
-    Every failure raises NetworkPickleError.
-    """
+    """Load a network pickle (a snapshot dict with a ``torch.nn.Module`` under ``ema``) from a path, a
+    ``file://`` or an http(s) URL (cached), safely unless ``trust_embedded_code``; failures raise NetworkPickleError."""
     try:
         f = dnnlib.util.open_url(source, verbose=verbose)
     except Exception as err:  # OSError, requests errors, malformed URLs, ...

@@ -1,15 +1,12 @@
 """Datasets of images or latents stored as a folder or a ZIP archive (`dataset_tool.py` writes them).
 
-A dataset holds files with an image extension known to Pillow (uint8 pixels) or `.npy` files (e.g. the
-8-channel VAE mean/std latents), sorted by their path inside the dataset, plus an optional `dataset.json`
-at the root: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`. Integer labels
-become one-hot float32 vectors; lists of floats are used as they are.
-
-Large ZIPs are read through a handle that every process opens for itself on first use (a handle shared
-by forked data-loader workers would share one file position), and nothing that grows with the number
-of images is kept in memory unless `cache=True` asks for it. Bad paths and files raise OSError (IOError).
+Items are Pillow-readable images (uint8) or `.npy` arrays (e.g. 8-channel VAE mean/std latents), sorted by
+path, plus an optional `dataset.json`: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`.
+Integer labels become one-hot float32 vectors; lists of floats are used as they are. Nothing that grows with
+the number of images is kept in memory unless `cache=True`. Bad paths and files raise OSError.
 """
 
+import contextlib
 import json
 import os
 import zipfile
@@ -59,9 +56,6 @@ class Dataset(torch.utils.data.Dataset):
             self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
 
     # Subclass interface.
-    def _fname(self, raw_idx: int) -> str:
-        return self._image_fnames[raw_idx].decode("utf8")
-
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -88,10 +82,8 @@ class Dataset(torch.utils.data.Dataset):
         return dict(self.__dict__, _raw_labels=None)
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __len__(self) -> int:
         return self._raw_idx.size
@@ -123,11 +115,9 @@ class Dataset(torch.utils.data.Dataset):
 
     def get_details(self, idx: int) -> dnnlib.EasyDict:
         """Where item idx comes from: raw_idx (file index), xflip, raw_label."""
-        d = dnnlib.EasyDict()
-        d.raw_idx = int(self._raw_idx[idx])
-        d.xflip = int(self._xflip[idx]) != 0
-        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
-        return d
+        raw_idx = int(self._raw_idx[idx])
+        xflip = int(self._xflip[idx]) != 0
+        return dnnlib.EasyDict(raw_idx=raw_idx, xflip=xflip, raw_label=self._get_raw_labels()[raw_idx].copy())
 
     @property
     def name(self) -> str:
@@ -151,11 +141,9 @@ class Dataset(torch.utils.data.Dataset):
     @property
     def label_shape(self) -> list:
         if self._label_shape is None:
-            raw_labels = self._get_raw_labels()
-            if raw_labels.dtype == np.int64:
-                self._label_shape = [int(np.max(raw_labels)) + 1]  # one-hot over 0..max
-            else:
-                self._label_shape = list(raw_labels.shape[1:])
+            raw_labels = self._get_raw_labels()  # One-hot over 0..max for integer labels.
+            onehot = raw_labels.dtype == np.int64
+            self._label_shape = [int(np.max(raw_labels)) + 1] if onehot else list(raw_labels.shape[1:])
         return list(self._label_shape)
 
     @property
@@ -188,12 +176,8 @@ def image_extensions() -> set:
 
 
 def list_folder(path: str) -> list:
-    """The files under a folder: sorted paths relative to it, '/' separated.
-
-    Symbolic links to files and folders are followed (a tree of links to the real class folders is a
-    common way to assemble a dataset); a link back to a folder that is already being listed is
-    skipped, since following it would never end.
-    """
+    """The files under a folder: sorted paths relative to it, '/' separated. Symbolic links are followed (a tree
+    of links to the class folders is a common way to assemble a dataset), except links back to an ancestor."""
     names = []
 
     def walk(folder: str, prefix: str, ancestors: frozenset) -> None:
@@ -250,14 +234,12 @@ class ImageFolderDataset(Dataset):
 
         supported = image_extensions() | {".npy"}
         self._has_json = "dataset.json" in all_fnames
-        image_fnames = sorted(f for f in all_fnames if file_ext(f) in supported)
+        # One numpy array of UTF-8 bytes (which sort as the names do) rather than a list of str objects: forked
+        # data-loader workers that touch the reference counts of millions of small objects copy their memory.
+        self._image_fnames = np.array(sorted(f.encode("utf8") for f in all_fnames if file_ext(f) in supported))
         del all_fnames
-        if len(image_fnames) == 0:
+        if len(self._image_fnames) == 0:
             raise OSError(f"No image or .npy files found in {self._path}")
-        # One numpy array of UTF-8 bytes rather than a list of str objects: forked data-loader workers that
-        # touch the reference counts of millions of small Python objects copy their memory page by page.
-        self._image_fnames = np.array([f.encode("utf8") for f in image_fnames])
-        del image_fnames
 
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)
@@ -287,8 +269,7 @@ class ImageFolderDataset(Dataset):
             if self._zipfile is not None and self._zipfile_pid == os.getpid():
                 self._zipfile.close()
         finally:
-            self._zipfile = None
-            self._zipfile_pid = None
+            self._zipfile = self._zipfile_pid = None
 
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)

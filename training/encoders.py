@@ -14,15 +14,10 @@ import torch
 
 from torch_utils import misc, persistence
 
-# ----------------------------------------------------------------------------
-
 
 @persistence.persistent_class
 class Encoder:
     """Abstract base class: pixels <-> raw latents <-> final latents."""
-
-    def __init__(self):
-        pass
 
     def init(self, device):  # Force lazy set-up (e.g. loading a VAE) to happen now.
         pass
@@ -43,15 +38,9 @@ class Encoder:
         raise NotImplementedError
 
 
-# ----------------------------------------------------------------------------
-
-
 @persistence.persistent_class
 class StandardRGBEncoder(Encoder):
     """Pixel-space models: the raw latents are the pixels, the final latents are pixels in [-1, 1]."""
-
-    def __init__(self):
-        super().__init__()
 
     def encode_pixels(self, x):
         return x
@@ -62,9 +51,6 @@ class StandardRGBEncoder(Encoder):
     def decode(self, x):
         # +128 rather than +127.5: the uint8 cast truncates toward zero, so this rounds to nearest.
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-# ----------------------------------------------------------------------------
 
 
 @persistence.persistent_class
@@ -130,14 +116,8 @@ class StabilityVAEEncoder(Encoder):
         return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------
-
-
 def load_stability_vae(vae_name="stabilityai/sd-vae-ft-mse", device=torch.device("cpu")):
-    """Load a diffusers AutoencoderKL by hub name or local folder, trying local files first.
-
-    Hub downloads are cached under the dnnlib cache (``make_cache_dir_path('diffusers')``).
-    """
+    """Load a diffusers AutoencoderKL by hub name or local folder, local files first, hub downloads cached."""
     import dnnlib
 
     cache_dir = dnnlib.make_cache_dir_path("diffusers")

@@ -1,26 +1,11 @@
 """Watching a training run: TensorBoard curves, the loss by noise level, sample grids and metrics.
 
-``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the
-training math: it reads the loss tensor, the noise levels the loss drew (as the network receives
-them) and the gradients, and samples from copies of the EMA networks with generators of its own.
-Unlike ``training_loop.py`` this module is not embedded in network pickles, so it may import
-TensorBoard, PIL and the sampling and metric scripts (lazily, where they are needed).
-
-What it writes into the run directory (rank 0):
-- TensorBoard event files: every statistic of a ``stats.jsonl`` line as a scalar of the same name,
-  step = training images in kimg (``cur_nimg // 1000``, as StyleGAN does), walltime = its timestamp;
-  a resumed run opens a new writer with ``purge_step`` one past the resumed kimg, so TensorBoard
-  drops points a killed run wrote after its last checkpoint and the curves go on without duplicates.
-- ``samples-{kimg:07d}.png`` at every network snapshot, and the same grid as a TensorBoard image.
-- ``metrics-{kimg:07d}.jsonl`` at every snapshot when metrics are on: one JSON line with the
-  metrics of the first EMA profile's snapshot, equal to what ``calculate_metrics.py gen`` computes
-  on that snapshot file with the same seeds and image count.
-
-Statistics it adds to the training statistics (and so to ``stats.jsonl`` and TensorBoard):
-``Loss/loss_sigma_q0`` .. ``Loss/loss_sigma_q3``, the loss of the samples whose ln(sigma) falls in
-each quartile of the training noise distribution N(P_mean, P_std^2) (edges at P_mean + P_std *
-Phi^-1(0.25, 0.5, 0.75)); ``Loss/grad_norm``, the L2 norm of the (unscaled) gradient the optimizer
-steps with; ``Timing/grid_sec`` and ``Timing/metrics_sec``; ``Metrics/<name>`` at snapshots.
+``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the training math: it
+reads the loss tensor, the noise levels the loss drew (as the network receives them) and the gradients, and samples
+from copies of the EMA networks with generators of its own. Unlike ``training_loop.py`` this module is not embedded
+in network pickles, so it may import TensorBoard, PIL and the sampling and metric scripts (lazily, where they are
+needed). What it writes (event files, ``samples-*.png``, ``metrics-*.jsonl``, extra statistics) is described in the
+README, "Watching a run".
 """
 
 import copy
@@ -58,11 +43,8 @@ def sigma_band(sigma: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor
 
 
 class SigmaRecorder:
-    """Calls the network exactly as given and remembers the noise level of the latest call.
-
-    The loss draws sigma inside ``EDM2Loss.__call__`` and passes it to the network as its second
-    argument, so recording it there leaves the loss's math and its pickled state untouched.
-    """
+    """Calls the network exactly as given and remembers the noise level (its second argument) of the latest
+    call: the loss draws sigma inside ``EDM2Loss.__call__``, whose math and pickled state stay untouched."""
 
     def __init__(self, net: Any):
         self.net = net
@@ -83,10 +65,7 @@ class SigmaRecorder:
 def grid_shape(num_images: int, label_dim: int) -> tuple[int, int]:
     """(rows, cols): one row per class (the first GRID_MAX_ROWS classes) for a conditional net,
     else a near-square grid; ``cols = num_images // rows`` (at least 1)."""
-    if label_dim > 0:
-        rows = min(label_dim, GRID_MAX_ROWS, num_images)
-    else:
-        rows = max(int(np.sqrt(num_images)), 1)
+    rows = min(label_dim, GRID_MAX_ROWS, num_images) if label_dim > 0 else max(int(np.sqrt(num_images)), 1)
     return rows, max(num_images // rows, 1)
 
 
@@ -107,13 +86,6 @@ def tile_grid(images: np.ndarray, rows: int, cols: int, pad: int = GRID_PAD) -> 
     return grid
 
 
-def grid_seeds_and_classes(rows: int, cols: int, label_dim: int) -> tuple[list[int], list[Optional[int]]]:
-    """Seeds 0 .. cols-1 in every row (a column shares its noise); row r has class r."""
-    seeds = [c for _ in range(rows) for c in range(cols)]
-    classes = [(r if label_dim > 0 else None) for r in range(rows) for _ in range(cols)]
-    return seeds, classes
-
-
 def sample_grid(
     net: torch.nn.Module,
     encoder: Any,
@@ -128,7 +100,8 @@ def sample_grid(
     from generate_images import StackedRandomGenerator, edm_sampler
 
     rows, cols = grid_shape(num_images, net.label_dim)
-    seeds, classes = grid_seeds_and_classes(rows, cols, net.label_dim)
+    seeds = list(range(cols)) * rows  # A column shares its noise; row r has class r.
+    classes = [r for r in range(rows) for _ in range(cols)]
     images = []
     for start in range(0, len(seeds), max_batch_size):
         batch_seeds, batch_classes = seeds[start : start + max_batch_size], classes[start : start + max_batch_size]
@@ -147,21 +120,6 @@ def sample_grid(
     return tile_grid(images, rows, cols), rows, cols
 
 
-# ----------------------------------------------------------------------------
-
-
-def _snapshot_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The network as a snapshot file holds it (float16, eval mode), on the compute device."""
-    return copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16).to(device)
-
-
-def _first_ema(ema: Any, net: torch.nn.Module) -> torch.nn.Module:
-    if ema is None:
-        return net
-    ema_list = ema.get()
-    return ema_list[0][0] if isinstance(ema_list, list) else ema_list
-
-
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on every process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or dist.get_world_size() == 1:
@@ -173,10 +131,10 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 class TrainingMonitor:
-    """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl`` (see the module
-    docstring). Construct it on every process after resuming; then call ``report_loss`` after each
-    loss evaluation, ``report_gradients`` before each optimizer step, ``on_status`` with the items
-    of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every process) and ``close``."""
+    """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl``. Construct it on every process
+    after resuming; then call ``report_loss`` after each loss evaluation, ``report_gradients`` before each optimizer
+    step, ``on_status`` with the items of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every
+    process) and ``close``."""
 
     def __init__(
         self,
@@ -203,13 +161,10 @@ class TrainingMonitor:
         self.metrics_images, self.metrics_ref = int(metrics_images), metrics_ref
         self.metrics_seed, self.metrics_batch = int(metrics_seed), int(metrics_batch)
         self.recorder: Optional[SigmaRecorder] = None
-        self.bands = None
-        if loss_fn is not None and hasattr(loss_fn, "P_mean") and hasattr(loss_fn, "P_std"):
-            self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std))
-        self._sampling_encoder = None
+        has_bands = hasattr(loss_fn, "P_mean") and hasattr(loss_fn, "P_std")
+        self.bands = (float(loss_fn.P_mean), float(loss_fn.P_std)) if has_bands else None
+        self._sampling_encoder = self._ref_stats = self.writer = None
         self._detectors_checked = False
-        self._ref_stats = None
-        self.writer = None
 
         # Validate before any training: the metrics need their reference statistics.
         if self.metrics:
@@ -223,14 +178,14 @@ class TrainingMonitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                dist.print0(f"TensorBoard: not available ({dnnlib.util.one_line(err)}); install tensorboard to get event files.")
+                dist.print0(
+                    f"TensorBoard: not available ({dnnlib.util.one_line(err)}); install tensorboard to get event files."
+                )
             else:
                 # One past the resumed kimg: the resumed run's first point comes after it, and
                 # anything a killed run wrote beyond its last checkpoint is superseded.
                 purge_step = self.start_nimg // 1000 + 1 if self.start_nimg > 0 else None
                 self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
-
-    # Loss and gradients -----------------------------------------------------
 
     def wrap_net(self, net: Any) -> Any:
         """The network to hand to the loss: records the noise levels it is called with."""
@@ -255,11 +210,8 @@ class TrainingMonitor:
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in torch._foreach_norm(grads)]))
         training_stats.report("Loss/grad_norm", total / loss_scaling)
-
-    # Status ----------------------------------------------------------------
 
     def on_status(self, cur_nimg: int, items: Sequence[tuple[str, float]]) -> None:
         """Write the statistics of one stats.jsonl line (name, value) as TensorBoard scalars."""
@@ -273,13 +225,15 @@ class TrainingMonitor:
                 self.writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self.writer.flush()
 
-    # Snapshots -------------------------------------------------------------
-
     def on_snapshot(self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any) -> None:
         """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""
         if (self.grid <= 0 or self.rank != 0) and not self.metrics:
             return
-        snapshot_net = _snapshot_copy(_first_ema(ema, net), self.device)
+        if ema is not None:
+            net = ema.get()
+            net = net[0][0] if isinstance(net, list) else net
+        # The network as a snapshot file holds it (float16, eval mode), on the compute device.
+        snapshot_net = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float16).to(self.device)
         if self._sampling_encoder is None:
             self._sampling_encoder = copy.copy(encoder)  # its own attributes: never alter the run's encoder
         kimg = cur_nimg // 1000
@@ -287,7 +241,6 @@ class TrainingMonitor:
             self._write_grid(kimg, snapshot_net)
         if self.metrics:
             self._compute_metrics(kimg, snapshot_net)
-        del snapshot_net
 
     def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
         import PIL.Image
@@ -295,12 +248,7 @@ class TrainingMonitor:
         start = time.time()
         try:
             grid, rows, cols = sample_grid(
-                snapshot_net,
-                self._sampling_encoder,
-                self.grid,
-                self.device,
-                max_batch_size=self.grid_batch,
-                num_steps=self.grid_steps,
+                snapshot_net, self._sampling_encoder, self.grid, self.device, self.grid_batch, num_steps=self.grid_steps
             )
         except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
             dist.print0(f"Sample grid: failed ({dnnlib.util.one_line(err)}); no more grids in this run.")
@@ -322,19 +270,17 @@ class TrainingMonitor:
 
         available = []
         for metric in self.metrics:
-            message = "another process cannot load its detector"
+            message = None
             try:
                 calculate_metrics.get_detector(metric, verbose=False)
-                ok = True
             except Exception as err:  # e.g. offline without the detector's files
                 message = err.format_message() if hasattr(err, "format_message") else str(err)
-                ok = False
-            if _all_ranks_agree(ok, self.device):
+            if _all_ranks_agree(message is None, self.device):
                 available.append(metric)
             else:
-                dist.print0(
-                    f"Metrics: skipping {metric} in this run; training goes on. {dnnlib.util.one_line(Exception(message))}"
-                )
+                message = "another process cannot load its detector" if message is None else message
+                why = dnnlib.util.one_line(Exception(message))
+                dist.print0(f"Metrics: skipping {metric} in this run; training goes on. {why}")
         self.metrics = available
         self._detectors_checked = True
 
@@ -347,34 +293,22 @@ class TrainingMonitor:
         if not self.metrics:
             return
         start = time.time()
+        seeds = range(self.metrics_seed, self.metrics_seed + self.metrics_images)
+        kwargs = dict(verbose=False, device=self.device)
         image_iter = generate_images(
-            net=snapshot_net,
-            encoder=self._sampling_encoder,
-            seeds=range(self.metrics_seed, self.metrics_seed + self.metrics_images),
-            max_batch_size=self.metrics_batch,
-            verbose=False,
-            device=self.device,
-        )
-        stats_iter = calculate_metrics.calculate_stats_for_iterable(
-            image_iter, metrics=self.metrics, verbose=False, device=self.device
+            snapshot_net, encoder=self._sampling_encoder, seeds=seeds, max_batch_size=self.metrics_batch, **kwargs
         )
         last = None
-        for r in stats_iter:
-            last = r
+        for result in calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=self.metrics, **kwargs):
+            last = result
         if self.rank != 0:
             return
         results = calculate_metrics.calculate_metrics_from_stats(
             last.stats, self._ref_stats, metrics=self.metrics, verbose=False
         )
         seconds = time.time() - start
-        record: dict[str, Any] = dict(
-            results=results,
-            kimg=kimg,
-            num_images=self.metrics_images,
-            seed=self.metrics_seed,
-            ref=self.metrics_ref,
-            timestamp=time.time(),
-        )
+        record = dict(results=results, kimg=kimg, num_images=self.metrics_images, seed=self.metrics_seed)
+        record.update(ref=self.metrics_ref, timestamp=time.time())
         fname = f"metrics-{kimg:07d}.jsonl"
         with dnnlib.util.atomic_write(os.path.join(self.run_dir, fname), mode="w") as f:
             f.write(json.dumps(record) + "\n")
@@ -391,6 +325,3 @@ class TrainingMonitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-# ----------------------------------------------------------------------------

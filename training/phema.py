@@ -1,14 +1,11 @@
 """Power-function EMA: the averaging profiles of EDM2 and their post-hoc reconstruction.
 
-An EMA profile with exponent gamma averages the training trajectory w(tau), tau in [0, t],
-with the density p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1). Its width is described by
-the relative standard deviation sigma_rel (``exp_to_std``), the quantity the tools and file
-names use. During training, ``PowerFunctionEMA`` tracks a few such averages exactly (up to
-the step size); afterwards, any other profile is approximated by a least-squares combination
-of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024).
-
-Times are counted in training images throughout. This module depends only on numpy and torch
-so that it can be copied into other code bases.
+An EMA profile with exponent gamma averages the training trajectory w(tau), tau in [0, t], with the density p(tau) =
+(gamma + 1) tau^gamma / t^(gamma + 1). Its width is described by the relative standard deviation sigma_rel
+(``exp_to_std``), the quantity the tools and file names use. During training, ``PowerFunctionEMA`` tracks a few such
+averages exactly (up to the step size); afterwards, any other profile is approximated by a least-squares combination
+of stored snapshots (``solve_posthoc_coefficients``, Algorithm 3 of Karras et al. 2024). Times are counted in
+training images. Only numpy and torch are imported, so the module can be copied.
 """
 
 import copy
@@ -25,22 +22,19 @@ ArrayLike = Union[float, np.ndarray, list[float]]
 
 
 def _scalar_or_array(x: np.ndarray, like: Any) -> Union[float, np.ndarray]:
-    """Return a Python float when the caller passed a scalar, else the array itself."""
     return float(x) if np.ndim(like) == 0 else x
 
 
 def exp_to_std(exp: ArrayLike) -> Union[float, np.ndarray]:
     """sigma_rel of the power profile with exponent gamma: sqrt((g+1) / ((g+2)^2 (g+3)))."""
     g = np.asarray(exp, dtype=np.float64)
-    std = np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
-    return _scalar_or_array(std, exp)
+    return _scalar_or_array(np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))), exp)
 
 
 def _std_to_exp_one(std: float) -> float:
     """Largest real root of g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0 for one sigma_rel."""
     inv = 1.0 / (std * std)
-    coefs = np.array([1.0, 7.0, 16.0 - inv, 12.0 - inv])
-    roots = np.roots(coefs)
+    roots = np.roots(np.array([1.0, 7.0, 16.0 - inv, 12.0 - inv]))
     g = max(r.real for r in roots if abs(r.imag) <= 1e-6 * max(1.0, abs(r.real)))
     # np.roots goes through an eigenvalue solver; a few Newton steps on the cubic bring the
     # root to full float64 accuracy so that exp_to_std(std_to_exp(s)) == s to ~1e-15.
@@ -54,17 +48,12 @@ def _std_to_exp_one(std: float) -> float:
 
 
 def std_to_exp(std: ArrayLike) -> Union[float, np.ndarray]:
-    """Exponent gamma of the power profile whose relative standard deviation is ``std``.
-
-    Inverse of ``exp_to_std`` on gamma >= 0, i.e. for sigma_rel in (0, sqrt(1/12)]; defined
-    as the largest real root of the cubic above (which also gives -1 < gamma < 0 slightly
-    beyond that range).
-    """
+    """Exponent gamma of the power profile with sigma_rel ``std``: the inverse of ``exp_to_std`` on gamma >= 0
+    (sigma_rel in (0, sqrt(1/12)]), as the largest real root of the cubic above (-1 < gamma < 0 a little beyond)."""
     s = np.asarray(std, dtype=np.float64)
     if np.any(~(s > 0)):
         raise ValueError("sigma_rel must be positive")
-    g = np.vectorize(_std_to_exp_one, otypes=[np.float64])(s)
-    return _scalar_or_array(g, std)
+    return _scalar_or_array(np.vectorize(_std_to_exp_one, otypes=[np.float64])(s), std)
 
 
 # ----------------------------------------------------------------------------
@@ -74,25 +63,21 @@ def std_to_exp(std: ArrayLike) -> Union[float, np.ndarray]:
 def power_function_beta(std: float, t_next: float, t_delta: float) -> float:
     """EMA decay for one training step that advances time to ``t_next`` by ``t_delta``.
 
-    With beta = (1 - t_delta / t_next)^(gamma + 1), ema <- beta * ema + (1 - beta) * w gives
-    the sample at t_next the weight of the profile over (t_next - t_delta, t_next], so the
-    running average is the power profile integrated with a right-endpoint rule.
+    beta = (1 - t_delta / t_next)^(gamma + 1) gives the sample at t_next the weight of the profile over
+    (t_next - t_delta, t_next]: the running average is the power profile under a right-endpoint rule.
     """
-    gamma = std_to_exp(std)
-    return float((1.0 - t_delta / t_next) ** (gamma + 1.0))
+    return float((1.0 - t_delta / t_next) ** (std_to_exp(std) + 1.0))
 
 
 def power_function_response(ofs: ArrayLike, std: ArrayLike, len: int, axis: int = 0) -> np.ndarray:
-    """Discrete response of power profiles ending at ``ofs`` over the time steps 0 .. len-1.
+    """Discrete response of power profiles ending at ``ofs`` over the time steps 0 .. len-1 (for plotting).
 
-    ``ofs`` and ``std`` broadcast together; the result has their shape with a new axis of
-    length ``len`` inserted at ``axis``, each profile normalised to sum 1 along it. Meant for
-    plotting what a reconstruction approximates.
+    ``ofs`` and ``std`` broadcast together; the result has their shape with a new axis of length ``len``
+    inserted at ``axis``, each profile normalised to sum 1 along it.
     """
     ofs, std = np.broadcast_arrays(np.asarray(ofs, dtype=np.float64), np.asarray(std, dtype=np.float64))
-    gamma = np.asarray(std_to_exp(std), dtype=np.float64)
+    gamma = np.expand_dims(np.asarray(std_to_exp(std), dtype=np.float64), axis)
     ofs = np.expand_dims(ofs, axis)
-    gamma = np.expand_dims(gamma, axis)
     shape = [1] * ofs.ndim
     shape[axis] = -1
     t = np.arange(len, dtype=np.float64).reshape(shape)
@@ -108,12 +93,9 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
     evaluated as (ga+1)(gb+1)/(ga+gb+1) * (min/max)^g_long / max, where g_long is the exponent
     of the profile ending later: the same value without powers of large times.
     """
-    ta = np.asarray(a_ofs, dtype=np.float64)
-    tb = np.asarray(b_ofs, dtype=np.float64)
-    ga = np.asarray(std_to_exp(a_std), dtype=np.float64)
-    gb = np.asarray(std_to_exp(b_std), dtype=np.float64)
-    t_min = np.minimum(ta, tb)
-    t_max = np.maximum(ta, tb)
+    ta, tb = np.asarray(a_ofs, dtype=np.float64), np.asarray(b_ofs, dtype=np.float64)
+    ga, gb = np.asarray(std_to_exp(a_std), dtype=np.float64), np.asarray(std_to_exp(b_std), dtype=np.float64)
+    t_min, t_max = np.minimum(ta, tb), np.maximum(ta, tb)
     g_long = np.where(ta < tb, gb, ga)
     return (ga + 1) * (gb + 1) / (ga + gb + 1) * (t_min / t_max) ** g_long / t_max
 
@@ -121,28 +103,19 @@ def power_function_correlation(a_ofs: ArrayLike, a_std: ArrayLike, b_ofs: ArrayL
 def solve_posthoc_coefficients(
     in_ofs: ArrayLike, in_std: ArrayLike, out_ofs: ArrayLike, out_std: ArrayLike
 ) -> np.ndarray:
-    """Weights X[i, o] such that sum_i X[i, o] * snapshot_i approximates output profile o.
+    """Weights X[i, o] (float64, [num_in, num_out]) such that sum_i X[i, o] * snapshot_i approximates profile o.
 
-    Least squares in the space of profiles: A[i, j] = <p_i, p_j>, B[i, o] = <p_i, p_o>,
-    X = A^-1 B; each column is then divided by its sum so that a constant trajectory is
-    reproduced exactly. Inputs are (end time, sigma_rel) pairs, broadcast per side; returns
-    a float64 array of shape [num_in, num_out].
+    Least squares in the space of profiles: X = A^-1 B with A[i, j] = <p_i, p_j>, B[i, o] = <p_i, p_o>, each
+    column divided by its sum so that a constant trajectory is reproduced exactly. Inputs are (end time,
+    sigma_rel) pairs, broadcast per side.
     """
-    in_ofs, in_std = (
-        a.ravel() for a in np.broadcast_arrays(np.asarray(in_ofs, np.float64), np.asarray(in_std, np.float64))
-    )
-    out_ofs, out_std = (
-        a.ravel() for a in np.broadcast_arrays(np.asarray(out_ofs, np.float64), np.asarray(out_std, np.float64))
-    )
 
-    def col(x):
-        return x.reshape(-1, 1)
+    def flat(ofs, std):
+        return [a.ravel() for a in np.broadcast_arrays(np.asarray(ofs, np.float64), np.asarray(std, np.float64))]
 
-    def row(x):
-        return x.reshape(1, -1)
-
-    A = power_function_correlation(col(in_ofs), col(in_std), row(in_ofs), row(in_std))
-    B = power_function_correlation(col(in_ofs), col(in_std), row(out_ofs), row(out_std))
+    (in_ofs, in_std), (out_ofs, out_std) = flat(in_ofs, in_std), flat(out_ofs, out_std)
+    A = power_function_correlation(in_ofs[:, None], in_std[:, None], in_ofs[None, :], in_std[None, :])
+    B = power_function_correlation(in_ofs[:, None], in_std[:, None], out_ofs[None, :], out_std[None, :])
     X = np.linalg.solve(A, B)
     return X / np.sum(X, axis=0, keepdims=True)
 
@@ -161,22 +134,15 @@ def _make_ema_copy(net: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _copy_params_and_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    for p_src, p_dst in zip(src.parameters(), dst.parameters()):
-        p_dst.copy_(p_src.detach())
-    for b_src, b_dst in zip(src.buffers(), dst.buffers()):
-        b_dst.copy_(b_src.detach())
-
-
-@torch.no_grad()
-def _copy_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    for b_src, b_dst in zip(src.buffers(), dst.buffers()):
-        b_dst.copy_(b_src.detach())
+def _copy_buffers(src: torch.nn.Module, dst: torch.nn.Module, params: bool = False) -> None:
+    """Copy the buffers (and, with ``params``, first the parameters) of ``src`` into ``dst``."""
+    pairs = [*zip(src.parameters(), dst.parameters())] if params else []
+    for x_src, x_dst in pairs + [*zip(src.buffers(), dst.buffers())]:
+        x_dst.copy_(x_src.detach())
 
 
 @torch.no_grad()
 def _lerp_params(ema: torch.nn.Module, net: torch.nn.Module, weight: float) -> None:
-    """ema <- ema + weight * (net - ema) for every parameter."""
     for p_net, p_ema in zip(net.parameters(), ema.parameters()):
         p_ema.lerp_(p_net.detach(), weight)
 
@@ -184,10 +150,9 @@ def _lerp_params(ema: torch.nn.Module, net: torch.nn.Module, weight: float) -> N
 class PowerFunctionEMA:
     """Tracks one power-function EMA of ``net`` per sigma_rel in ``stds``.
 
-    Call ``update(cur_nimg, batch_size)`` after every optimizer step, with the image count
-    *after* the step. ``get()`` refreshes the buffers from ``net`` and returns the live EMA
-    modules as ``[(ema_net, '-0.050'), ...]``; the caller copies them (e.g. to float16) for
-    a snapshot, and must not modify them.
+    Call ``update(cur_nimg, batch_size)`` after every optimizer step, with the image count *after* it.
+    ``get()`` refreshes the buffers from ``net`` and returns the live EMA modules as ``[(ema_net, '-0.050'),
+    ...]``, which the caller copies (e.g. to float16) for a snapshot and must not modify.
     """
 
     def __init__(self, net: torch.nn.Module, stds: Sequence[float] = (0.050, 0.100)):
@@ -198,14 +163,13 @@ class PowerFunctionEMA:
     def reset(self) -> None:
         """Restart every average at the current weights and buffers of ``net``."""
         for ema in self.emas:
-            _copy_params_and_buffers(self.net, ema)
+            _copy_buffers(self.net, ema, params=True)
             ema.eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> None:
         for std, ema in zip(self.stds, self.emas):
-            beta = power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size)
-            _lerp_params(ema, self.net, 1.0 - beta)
+            _lerp_params(ema, self.net, 1.0 - power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
 
     def get(self) -> list[tuple[torch.nn.Module, str]]:
         for ema in self.emas:
@@ -226,24 +190,19 @@ class PowerFunctionEMA:
 class TraditionalEMA:
     """Classic exponential moving average with a half-life in Mimg and an optional ramp-up.
 
-    The half-life is min(halflife_Mimg, cur_nimg / 1e6 * rampup_ratio) (the ramp-up keeps
-    the average short early in training; ``rampup_ratio=None`` disables it), and each step
-    decays by beta = 0.5^(batch_size / (half-life * 1e6)).
-
-    ``get()`` returns ``[(ema_net, '')]``: a single network whose snapshots carry no suffix.
-    (The reference implementation returns the bare module and its training loop wraps a
-    non-list result as ``[(module, '')]``; a loop written that way works with both.)
-    ``state_dict()`` is the EMA network's own state dict, as in the reference.
+    The half-life is min(halflife_Mimg, cur_nimg / 1e6 * rampup_ratio) (``rampup_ratio=None``: no ramp-up),
+    and each step decays by beta = 0.5^(batch_size / (half-life * 1e6)). ``get()`` returns ``[(ema_net, '')]``
+    (the reference returns the bare module, which its training loop wraps so); ``state_dict()`` is the EMA
+    network's own, as in the reference.
     """
 
     def __init__(self, net: torch.nn.Module, halflife_Mimg: float = float("inf"), rampup_ratio: float = 0.09):
         self.net = net
-        self.halflife_Mimg = halflife_Mimg
-        self.rampup_ratio = rampup_ratio
+        self.halflife_Mimg, self.rampup_ratio = halflife_Mimg, rampup_ratio
         self.ema = _make_ema_copy(net)
 
     def reset(self) -> None:
-        _copy_params_and_buffers(self.net, self.ema)
+        _copy_buffers(self.net, self.ema, params=True)
         self.ema.eval().requires_grad_(False)
 
     def beta(self, cur_nimg: int, batch_size: int) -> float:
