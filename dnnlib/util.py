@@ -100,17 +100,13 @@ class _Tee:
 
 
 class Logger:
-    """Copy everything printed to stdout and stderr into a file, until close().
-
-    Usable as a context manager. ``file_name=None`` only redirects through the logger (nothing is
-    written to disk). stderr text keeps going to the original stderr.
-    """
+    """Copy everything printed to stdout and stderr into a file (none for ``file_name=None``) until
+    close(); usable as a context manager. Both streams still reach their original targets."""
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = "a", should_flush: bool = True):
         self.file = open(file_name, file_mode, encoding="utf-8") if file_name is not None else None
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
+        self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout = self._stdout_tee = _Tee(self.stdout, self)
         sys.stderr = _Tee(self.stderr, self)
 
@@ -212,12 +208,9 @@ def _remove_path(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str, make_dirs: bool = True) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it.
-
-    For writers that need a path rather than a file object (PIL, zipfile, torch.save, a whole
-    folder). A file is fsynced before the rename. An existing folder at ``path`` is replaced only if
-    it is empty (``os.replace`` cannot replace a non-empty folder).
-    """
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it. For
+    writers that need a path (PIL, zipfile, a whole folder). A file is fsynced before the rename; an
+    existing folder at ``path`` is replaced only if empty (``os.replace`` cannot replace a full one)."""
     if make_dirs:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temp = temp_path_for(path)
@@ -258,11 +251,9 @@ def remove_stale_temp_files(folder: str) -> list:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception as one line of text: its message with white space folded, else its type name.
-
-    The command-line tools show library errors this way (as click's one-line ``Error: ...``). An
-    error re-raised from a data-loader worker carries the worker's traceback; of that, only the
-    last line is kept, without its ``SomeError:`` prefix."""
+    """An exception as one line of text (how the tools show library errors): its message with white
+    space folded, else its type name. Of an error re-raised from a data-loader worker, which carries
+    the worker's traceback, only the last line is kept, without its ``SomeError:`` prefix."""
     text = str(err)
     if "Traceback (most recent call last)" in text:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -347,11 +338,9 @@ def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
 
 
 def cache_file_name(url: str, content_disposition: Optional[str] = None) -> str:
-    """The download cache's file name for ``url``: ``{md5(url)}_{safe name}``, as the reference names it.
-
-    The name is the server's Content-Disposition filename, else the URL itself, with every
-    character outside ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters.
-    """
+    """The download cache's file name for ``url``, as the reference names it: ``{md5(url)}_{name}``, the
+    name being the server's Content-Disposition filename, else the URL, with every character outside
+    ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters."""
     header = content_disposition or ""
     match = re.search(r'filename="([^"]*)"', header) or re.search(r"filename=([^;\s]+)", header)
     safe_name = re.sub(r"[^0-9A-Za-z._-]", "_", match.group(1) if match else url)[:128]

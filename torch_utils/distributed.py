@@ -69,12 +69,9 @@ def barrier() -> None:
 def rank_batches(
     num_items: int, max_batch_size: int, rank: Optional[int] = None, world_size: Optional[int] = None
 ) -> list[np.ndarray]:
-    """Split ``range(num_items)`` into batches of at most ``max_batch_size`` and return this rank's.
-
-    Every rank gets the same number of batches (a multiple of the world size, at least one each;
-    some may be empty), so that collectives in a per-batch loop line up across ranks. Batch ``i``
-    of the whole split goes to rank ``i % world_size``.
-    """
+    """Split ``range(num_items)`` into batches of at most ``max_batch_size``; return this rank's.
+    Every rank gets as many batches (at least one; some may be empty), so that collectives in a
+    per-batch loop line up across ranks. Batch ``i`` of the whole split goes to rank ``i % world_size``."""
     if max_batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {max_batch_size}")
     rank = get_rank() if rank is None else rank
@@ -176,14 +173,9 @@ def _load_checkpoint_data(pt_path: str) -> dict:
 
 
 class CheckpointIO:
-    """Saves and restores named training objects with ``torch.save`` / ``torch.load``.
-
-    Each object is stored as its ``state_dict()`` when it has one, as a copy of its attribute
-    dict when it is a plain object, and as itself otherwise (dicts, tensors, numbers); EasyDicts
-    are written as plain dicts, so the files load with ``torch.load(..., weights_only=True)``
-    anywhere. Loading uses ``weights_only=True`` with exactly the data globals of reference
-    checkpoints allowed (``EasyDict``, numpy float64 scalars), so those resume too.
-    """
+    """Saves and restores named training objects (as their ``state_dict()``, their attribute dict, or
+    themselves). EasyDicts are written as plain dicts, so the files load with ``weights_only=True``
+    anywhere; loading allows exactly the data globals of reference checkpoints, so those resume too."""
 
     def __init__(self, **objs: Any):
         self._objs = objs
@@ -213,10 +205,7 @@ class CheckpointIO:
             print("done")
 
     def load(self, pt_path: str, verbose: bool = True) -> None:
-        """Restore every object from ``pt_path`` (``load_state_dict`` or attribute update).
-
-        Raises ValueError (one line, naming the file) for a file that is not a readable checkpoint.
-        """
+        """Restore every object from ``pt_path``; ValueError (one line) if it is not a readable checkpoint."""
         if verbose:
             print0(f"Loading {pt_path} ... ", end="", flush=True)
         data = _load_checkpoint_data(pt_path)

@@ -41,16 +41,16 @@ def constant(
     While ``torch.compile`` traces a function the cache is bypassed: the constant becomes part of
     the compiled graph (which folds it once), and the dictionary lookup would break the graph.
     """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
     if torch.compiler.is_compiling():
-        tensor = torch.as_tensor(value, dtype=torch.get_default_dtype() if dtype is None else dtype, device=device)
+        tensor = torch.as_tensor(value, dtype=dtype, device=device)
         if shape is not None:
             tensor = tensor.broadcast_to(tuple(shape))
-        return tensor.contiguous(memory_format=torch.contiguous_format if memory_format is None else memory_format)
+        return tensor.contiguous(memory_format=memory_format)
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
-    dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.device("cpu") if device is None else torch.device(device)
-    memory_format = torch.contiguous_format if memory_format is None else memory_format
 
     # Tensors made under inference mode cannot enter autograd later, so they are cached apart.
     inference = torch.is_inference_mode_enabled()
@@ -80,11 +80,8 @@ def const_like(
 
 
 def set_random_seed(*args: Any) -> None:
-    """Seed torch (every device) and numpy's legacy global generator from ``hash(args) % 2**31``.
-
-    CPython's hash of a tuple of integers is the same in every run, so ``set_random_seed(seed,
-    rank, cur_nimg)`` reproduces a training step exactly.
-    """
+    """Seed torch (every device) and numpy's legacy global generator from ``hash(args) % 2**31``. CPython's
+    hash of a tuple of integers is the same in every run, so ``(seed, rank, cur_nimg)`` reproduces a step."""
     seed = hash(args) % (1 << 31)
     torch.manual_seed(seed)  # also seeds every CUDA device
     np.random.seed(seed)

@@ -24,11 +24,8 @@ _names: list[str] = []  # every known name, in first-reported order (rank 0's or
 
 
 def report(name: str, value: Any) -> Any:
-    """Add the samples in ``value`` (a number, a sequence or a tensor of any shape) to ``name``.
-
-    Accumulation stays on the value's device, so reporting a CUDA tensor does not synchronise.
-    Returns ``value`` unchanged, so it can wrap an expression.
-    """
+    """Add the samples in ``value`` (a number, a sequence or a tensor) to ``name``; return ``value``.
+    Accumulation stays on the value's device, so reporting a CUDA tensor does not synchronise."""
     if name not in _counters:  # _counters and _names always hold the same names
         _counters[name] = {}
         _names.append(name)
@@ -99,13 +96,9 @@ def _sync(names: list[str]) -> list[torch.Tensor]:
 
 
 class Collector:
-    """Reads the statistics whose names fully match ``regex``, per interval between updates.
-
-    ``update()`` must be called by every process at the same time when distributed. With
-    ``keep_previous``, names that got no samples in the latest interval keep their previous
-    values; otherwise they read as empty (num 0, mean and std NaN). Names whose samples in the
-    latest interval were all non-finite read as empty (NaN) either way.
-    """
+    """Reads the statistics whose names fully match ``regex``, per interval between updates (which
+    every process must call together). With ``keep_previous``, names without samples in the latest
+    interval keep their previous values, else they read as empty (num 0, mean and std NaN)."""
 
     def __init__(self, regex: str = ".*", keep_previous: bool = True):
         self._regex = re.compile(regex)
