@@ -12,6 +12,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -37,9 +38,6 @@ class EasyDict(dict):
         del self[name]
 
 
-# ----------------------------------------------------------------------------
-# Cache directory.
-
 _dnnlib_cache_dir: Optional[str] = None
 
 
@@ -52,19 +50,11 @@ def set_cache_dir(path: Optional[str]) -> None:
 def make_cache_dir_path(*paths: str) -> str:
     """Path inside the cache root: set_cache_dir(), $DNNLIB_CACHE_DIR, $HOME/.cache/dnnlib,
     %USERPROFILE%/.cache/dnnlib, else the temporary directory."""
-    if _dnnlib_cache_dir is not None:
-        return os.path.join(_dnnlib_cache_dir, *paths)
-    if "DNNLIB_CACHE_DIR" in os.environ:
-        return os.path.join(os.environ["DNNLIB_CACHE_DIR"], *paths)
-    if "HOME" in os.environ:
-        return os.path.join(os.environ["HOME"], ".cache", "dnnlib", *paths)
-    if "USERPROFILE" in os.environ:
-        return os.path.join(os.environ["USERPROFILE"], ".cache", "dnnlib", *paths)
-    return os.path.join(tempfile.gettempdir(), ".cache", "dnnlib", *paths)
-
-
-# ----------------------------------------------------------------------------
-# Small helpers.
+    root = _dnnlib_cache_dir if _dnnlib_cache_dir is not None else os.environ.get("DNNLIB_CACHE_DIR")
+    if root is None:
+        home = next((os.environ[key] for key in ("HOME", "USERPROFILE") if key in os.environ), tempfile.gettempdir())
+        root = os.path.join(home, ".cache", "dnnlib")
+    return os.path.join(root, *paths)
 
 
 def format_time(seconds: Union[int, float]) -> str:
@@ -80,23 +70,26 @@ def format_time(seconds: Union[int, float]) -> str:
 
 
 class _Tee:
-    """A text stream that writes to an original stream and to a shared log file."""
+    """A text stream that writes to an original stream and to the logger's file."""
 
     def __init__(self, stream: TextIO, logger: "Logger"):
         self.stream = stream
         self.logger = logger
 
     def write(self, text: str) -> int:
-        if len(text) == 0:
-            return 0
-        self.logger._write_file(text)
-        self.stream.write(text)
-        if self.logger.should_flush:
-            self.stream.flush()
+        if text:
+            if self.logger.file is not None:
+                self.logger.file.write(text)
+                if self.logger.should_flush:
+                    self.logger.file.flush()
+            self.stream.write(text)
+            if self.logger.should_flush:
+                self.stream.flush()
         return len(text)
 
     def flush(self) -> None:
-        self.logger._flush_file()
+        if self.logger.file is not None:
+            self.logger.file.flush()
         self.stream.flush()
 
     def isatty(self) -> bool:
@@ -107,18 +100,14 @@ class _Tee:
 
 
 class Logger:
-    """Copy everything printed to stdout and stderr into a file, until close().
-
-    Usable as a context manager. ``file_name=None`` only redirects through the logger (nothing is
-    written to disk). stderr text keeps going to the original stderr.
-    """
+    """Copy everything printed to stdout and stderr into a file (none for ``file_name=None``) until
+    close(); usable as a context manager. Both streams still reach their original targets."""
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = "a", should_flush: bool = True):
         self.file = open(file_name, file_mode, encoding="utf-8") if file_name is not None else None
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = _Tee(self.stdout, self)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = self._stdout_tee = _Tee(self.stdout, self)
         sys.stderr = _Tee(self.stderr, self)
 
     def __enter__(self) -> "Logger":
@@ -127,26 +116,12 @@ class Logger:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _write_file(self, text: str) -> None:
-        if self.file is not None:
-            self.file.write(text)
-            if self.should_flush:
-                self.file.flush()
-
-    def _flush_file(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
     def write(self, text: str) -> None:
         """Write to the log file and the original stdout."""
-        self._write_file(text)
-        self.stdout.write(text)
-        if self.should_flush:
-            self.stdout.flush()
+        self._stdout_tee.write(text)
 
     def flush(self) -> None:
-        self._flush_file()
-        self.stdout.flush()
+        self._stdout_tee.flush()
 
     def close(self) -> None:
         """Flush, restore sys.stdout / sys.stderr (if still ours) and close the file."""
@@ -160,15 +135,9 @@ class Logger:
             self.file = None
 
 
-# ----------------------------------------------------------------------------
-# Objects by name.
-
-
 def get_obj_by_name(name: str) -> Any:
-    """The object called ``name``, e.g. ``'training.networks_edm2.Precond'`` or ``'numpy.random.seed'``.
-
-    The longest importable module prefix is imported and the rest is looked up as attributes.
-    """
+    """The object called ``name``, e.g. ``'training.networks_edm2.Precond'`` or ``'numpy.random.seed'``:
+    the longest importable module prefix, then the rest as attributes."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         module_name = ".".join(parts[:i])
@@ -203,8 +172,8 @@ def construct_class_by_name(*args: Any, class_name: Union[str, type], **kwargs: 
 
 
 class SizedIterable:
-    """An iterable with a length known in advance: ``len()`` is ``length`` and every ``iter()``
-    runs ``make_iter()`` afresh. The tools return their lazily computed batches this way."""
+    """An iterable with a length known in advance: every ``iter()`` runs ``make_iter()`` afresh.
+    The tools return their lazily computed batches this way."""
 
     def __init__(self, make_iter: Callable[[], Iterable], length: int):
         self._make_iter = make_iter
@@ -217,53 +186,39 @@ class SizedIterable:
         return iter(self._make_iter())
 
 
-# ----------------------------------------------------------------------------
 # Atomic writes: every output file (and folder) is written under a temporary name in its own folder
 # and renamed into place only when complete, so an interrupted run never leaves a truncated file
-# under the final name. One temporary-name scheme for the whole project: ".{name}.{random}.tmp".
-
+# under the final name. One temporary-name scheme for the whole project: ".{name}.{12 hex digits}.tmp".
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.tmp")
 
 
 def temp_path_for(path: str) -> str:
-    """A fresh temporary name next to ``path``: ``.{basename}.{12 hex digits}.tmp`` in the same folder."""
+    """A fresh temporary name next to ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def _fsync_path(path: str) -> None:
-    if os.path.isfile(path):
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-
-
 def _remove_path(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
-        try:
+        with contextlib.suppress(OSError):
             os.remove(path)
-        except OSError:
-            pass
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, make_dirs: bool = True) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it.
-
-    For writers that need a path rather than a file object (PIL, zipfile, torch.save, a whole
-    folder). A file is fsynced before the rename. An existing folder at ``path`` is replaced only if
-    it is empty (``os.replace`` cannot replace a non-empty folder).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it. For
+    writers that need a path (PIL, zipfile, a whole folder). A file is fsynced before the rename; an
+    existing folder at ``path`` is replaced only if empty (``os.replace`` cannot replace a full one)."""
     if make_dirs:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temp = temp_path_for(path)
     try:
         yield temp
-        _fsync_path(temp)
+        if os.path.isfile(temp):
+            with open(temp, "rb+") as f:
+                os.fsync(f.fileno())
         if os.path.isdir(temp) and os.path.isdir(path):
             os.rmdir(path)
         os.replace(temp, path)
@@ -286,28 +241,19 @@ def atomic_write(path: str, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO
 def remove_stale_temp_files(folder: str) -> list:
     """Remove the temporary files of ``atomic_path`` that an interrupted (e.g. killed) process left
     in ``folder``; returns the removed names. Only names of the atomic-write scheme are touched."""
-    removed = []
     try:
-        names = os.listdir(folder)
+        removed = [name for name in os.listdir(folder) if _TEMP_NAME.fullmatch(name)]
     except OSError:
-        return removed
-    for name in names:
-        if _TEMP_NAME.fullmatch(name):
-            _remove_path(os.path.join(folder, name))
-            removed.append(name)
+        return []
+    for name in removed:
+        _remove_path(os.path.join(folder, name))
     return removed
 
 
-# ----------------------------------------------------------------------------
-# Error messages.
-
-
 def one_line(err: BaseException) -> str:
-    """An exception as one line of text: its message with white space folded, else its type name.
-
-    The command-line tools show library errors this way (as click's one-line ``Error: ...``). An
-    error re-raised from a data-loader worker carries the worker's traceback; of that, only the
-    last line is kept, without its ``SomeError:`` prefix."""
+    """An exception as one line of text (how the tools show library errors): its message with white
+    space folded, else its type name. Of an error re-raised from a data-loader worker, which carries
+    the worker's traceback, only the last line is kept, without its ``SomeError:`` prefix."""
     text = str(err)
     if "Traceback (most recent call last)" in text:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -318,20 +264,20 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-# ----------------------------------------------------------------------------
 # Checks of command-line arguments, made before any expensive work. Each raises ValueError (or
-# FileNotFoundError / PermissionError) with a one-line message naming the option.
+# FileNotFoundError) with a one-line message naming the option.
 
 
 def _local_path(path: str) -> Optional[str]:
-    """The local path of a path or ``file://`` URL; None for other URLs (checked when opened)."""
+    """The local path of a path or ``file://`` URL; None for other URLs."""
     if path.startswith("file://"):
-        return _file_url_to_path(path)
+        path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+        return path[1:] if re.match(r"^/[a-zA-Z]:", path) else path  # file:///C:/... on Windows
     return None if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) else path
 
 
 def check_input_file(path: str, option: str, what: str = "input file", allow_dir: bool = False) -> None:
-    """Fail unless the local file ``path`` exists (URLs other than ``file://`` pass unchecked);
+    """Fail unless the local file ``path`` exists (URLs other than ``file://`` are checked when opened);
     ``allow_dir`` also accepts a folder."""
     local = _local_path(path)
     if local is None:
@@ -343,7 +289,6 @@ def check_input_file(path: str, option: str, what: str = "input file", allow_dir
 
 
 def check_input_dir(path: str, option: str, what: str = "input directory") -> None:
-    """Fail unless the folder ``path`` exists."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'Cannot open {what} "{path}" ({option}): it does not exist')
     if not os.path.isdir(path):
@@ -363,23 +308,17 @@ def _unwritable_reason(folder: str, target: str) -> Optional[str]:
 
 
 def check_output_dir(path: str, option: str, what: str = "output directory") -> None:
-    """Fail unless ``path`` is a folder that exists or can be created, and can be written to."""
     reason = _unwritable_reason(path, path)
     if reason is not None:
         raise ValueError(f'Cannot create {what} "{path}" ({option}): {reason}')
 
 
 def check_output_file(path: str, option: str, what: str = "output file") -> None:
-    """Fail unless ``path`` can be written as a file: not a folder, in a folder that can be written."""
-    reason = (
-        "it is a folder" if os.path.isdir(path) else _unwritable_reason(os.path.dirname(os.path.abspath(path)), path)
-    )
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(folder, path)
     if reason is not None:
         raise ValueError(f'Cannot write {what} "{path}" ({option}): {reason}')
 
-
-# ----------------------------------------------------------------------------
-# URLs and the download cache.
 
 retry_delay: float = 1.0  # seconds between download attempts (tests make this short)
 progress_min_bytes: int = 1 << 20  # show a tqdm bar for downloads at least this large (or of unknown size)
@@ -398,28 +337,14 @@ def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
     return bool(res.scheme) and bool(res.netloc)
 
 
-def _file_url_to_path(url: str) -> str:
-    path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
-    if re.match(r"^/[a-zA-Z]:", path):  # file:///C:/... on Windows
-        path = path[1:]
-    return path
-
-
 def cache_file_name(url: str, content_disposition: Optional[str] = None) -> str:
-    """The download cache's file name for ``url``: ``{md5(url)}_{safe name}``, as the reference names it.
-
-    The name is the server's Content-Disposition filename, else the URL itself, with every
-    character outside ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters.
-    """
-    url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
-    match = None
-    if content_disposition:
-        match = re.search(r'filename="([^"]*)"', content_disposition) or re.search(
-            r"filename=([^;\s]+)", content_disposition
-        )
-    name = match.group(1) if match else url
-    safe_name = re.sub(r"[^0-9A-Za-z._-]", "_", name)[:128]
-    return f"{url_md5}_{safe_name}"
+    """The download cache's file name for ``url``, as the reference names it: ``{md5(url)}_{name}``, the
+    name being the server's Content-Disposition filename, else the URL, with every character outside
+    ``[0-9a-zA-Z-._]`` replaced by ``_`` and cut to 128 characters."""
+    header = content_disposition or ""
+    match = re.search(r'filename="([^"]*)"', header) or re.search(r"filename=([^;\s]+)", header)
+    safe_name = re.sub(r"[^0-9A-Za-z._-]", "_", match.group(1) if match else url)[:128]
+    return f"{hashlib.md5(url.encode('utf-8')).hexdigest()}_{safe_name}"
 
 
 def _error_summary(err: BaseException) -> str:
@@ -427,7 +352,7 @@ def _error_summary(err: BaseException) -> str:
 
     if isinstance(err, requests.HTTPError) and err.response is not None:
         return f"HTTP {err.response.status_code} {err.response.reason}".strip()
-    text = " ".join(str(err).split())  # one line
+    text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -500,18 +425,13 @@ def open_url(
         raise ValueError("num_attempts must be at least 1")
     if return_filename and not cache:
         raise ValueError("return_filename=True requires cache=True")
-
-    # Local files.
-    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
-        return url if return_filename else open(url, "rb")
-    if url.startswith("file://"):
-        path = _file_url_to_path(url)
-        return path if return_filename else open(path, "rb")
+    local = _local_path(url)
+    if local is not None:
+        return local if return_filename else open(local, "rb")
     scheme = urllib.parse.urlparse(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise OSError(f"Cannot open {url}: unsupported URL scheme '{scheme}'")
 
-    # Cached?
     if cache_dir is None:
         cache_dir = make_cache_dir_path("downloads")
     if cache:
@@ -520,30 +440,24 @@ def open_url(
         if len(matches) == 1:
             return matches[0] if return_filename else open(matches[0], "rb")
 
-    # Download.
     delay = globals()["retry_delay"] if retry_delay is None else retry_delay
     if verbose:
         print(f"Downloading {url} ...", end="", flush=True)
-    error: Optional[BaseException] = None
     for attempt in range(num_attempts):
         if attempt > 0 and delay > 0:
             time.sleep(delay)
         try:
             result = _download_once(url, cache_dir, cache, verbose, timeout)
             break
-        except KeyboardInterrupt:
-            raise
         except Exception as err:  # noqa: BLE001 -- any failure is retried, then reported
             error = err
     else:
         if verbose:
             print(" failed")
-        assert error is not None
-        attempts = f"{num_attempts} attempt" + ("s" if num_attempts != 1 else "")
-        raise OSError(f"Failed to download {url} ({attempts}): {_error_summary(error)}") from error
+        plural = "s" if num_attempts != 1 else ""
+        raise OSError(f"Failed to download {url} ({num_attempts} attempt{plural}): {_error_summary(error)}") from error
     if verbose:
         print(" done")
-
     if isinstance(result, bytes):
         return io.BytesIO(result)
     return result if return_filename else open(result, "rb")

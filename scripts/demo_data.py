@@ -23,22 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dnnlib  # noqa: E402  (the repository root is on the path only from here on)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = [
-    "tshirt",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle-boot",
-]
-DIGITS_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+FASHION_MNIST_CLASSES = "tshirt trouser pullover dress coat sandal shirt sneaker bag ankle-boot".split()
+DIGITS_CLASSES = "zero one two three four five six seven eight nine".split()
 DATA_CHOICES = ["auto", "fashion-mnist", "digits"]
 
-# ----------------------------------------------------------------------------
 # Readers: each returns (images [N, H, W] uint8, labels [N] int64, class names).
 
 
@@ -58,17 +46,17 @@ def read_idx(path: str) -> np.ndarray:
     return array.reshape(shape)
 
 
+_FASHION_MNIST_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
 def fashion_mnist_available(root: str = FASHION_MNIST_DIR) -> bool:
-    return all(
-        os.path.isfile(os.path.join(root, f"train-{kind}-idx{n}-ubyte.gz"))
-        for kind, n in [("images", 3), ("labels", 1)]
-    )
+    return all(os.path.isfile(os.path.join(root, name)) for name in _FASHION_MNIST_FILES)
 
 
 def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The 60 000 training images of Fashion-MNIST (28x28 grayscale)."""
-    images = read_idx(os.path.join(root, "train-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(root, "train-labels-idx1-ubyte.gz")).astype(np.int64)
+    images, labels = (read_idx(os.path.join(root, name)) for name in _FASHION_MNIST_FILES)
+    labels = labels.astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"unexpected Fashion-MNIST shapes {images.shape} and {labels.shape}")
     return images, labels, FASHION_MNIST_CLASSES
@@ -82,9 +70,6 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     # 16 -> 255 exactly; the bundled values are integers in 0..16.
     images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)
     return images, digits.target.astype(np.int64), DIGITS_CLASSES
-
-
-# ----------------------------------------------------------------------------
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
@@ -141,9 +126,6 @@ def make_demo_images(
     return dict(data=data, classes=folders, num_images=len(keep), resolution=images.shape[1])
 
 
-# ----------------------------------------------------------------------------
-
-
 @click.command()
 @click.option("--dest", help="Folder to write (replaced if it exists)", metavar="DIR", type=str, required=True)
 @click.option("--data", help="Which images", type=click.Choice(DATA_CHOICES), default="auto", show_default=True)
@@ -168,13 +150,10 @@ def main(dest: str, data: str, per_class: int, seed: int, fashion_root: str) -> 
         raise click.ClickException(f"The digits need scikit-learn: {err}") from None
     except (OSError, ValueError) as err:
         raise click.ClickException(dnnlib.util.one_line(err)) from None
-    label = {
-        "fashion-mnist": f"Fashion-MNIST (from {fashion_root})",
-        "digits": "scikit-learn digits (fallback: Fashion-MNIST is not installed)"
-        if data == "auto"
-        else "scikit-learn digits",
-    }[info["data"]]
-    print(f"Data: {label}")
+    if info["data"] == "fashion-mnist":
+        print(f"Data: Fashion-MNIST (from {fashion_root})")
+    else:
+        print("Data: scikit-learn digits" + (" (fallback: Fashion-MNIST is not installed)" if data == "auto" else ""))
     print(
         f"Wrote {info['num_images']} images of {info['resolution']}x{info['resolution']} in "
         f"{len(info['classes'])} classes ({', '.join(info['classes'])}) to {dest}"

@@ -29,8 +29,6 @@ import dnnlib  # noqa: E402  (the repository root is on the path only from here 
 import generate_images  # noqa: E402
 from torch_utils import persistence  # noqa: E402
 
-# ----------------------------------------------------------------------------
-
 
 def grid_size(
     num_rows: int, num_cols: int, resolution: int, scale: int = 4, pad: int = 2, label_width: int = 100
@@ -60,14 +58,10 @@ def sample_rows(
     **sampler_kwargs: Any,
 ) -> list[np.ndarray]:
     """One NHWC uint8 array per class: the images of ``seeds`` with that class label."""
+    kwargs = dict(encoder=encoder, seeds=seeds, device=device, verbose=False, **sampler_kwargs)
     rows = []
     for c in range(num_classes):
-        images = [
-            r.images
-            for r in generate_images.generate_images(
-                net, encoder=encoder, class_idx=c, seeds=seeds, device=device, verbose=False, **sampler_kwargs
-            )
-        ]
+        images = [r.images for r in generate_images.generate_images(net, class_idx=c, **kwargs)]
         rows.append(torch.cat(images).permute(0, 2, 3, 1).cpu().numpy())
     return rows
 
@@ -123,7 +117,10 @@ def make_grid(
     return grid.size
 
 
-# ----------------------------------------------------------------------------
+def _int_option(name: str, text: str, default: int, minimum: int = 1) -> Any:
+    return click.option(
+        name, help=text, metavar="INT", type=click.IntRange(min=minimum), default=default, show_default=True
+    )
 
 
 @click.command()
@@ -136,28 +133,10 @@ def make_grid(
     type=str,
     default=None,
 )
-@click.option(
-    "--cols", help="Images per class", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
-)
-@click.option(
-    "--seed",
-    help="First seed (every row uses the same seeds)",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--scale",
-    help="Enlargement factor of each image",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-)
-@click.option(
-    "--steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True
-)
+@_int_option("--cols", "Images per class", 8)
+@_int_option("--seed", "First seed (every row uses the same seeds)", 0, minimum=0)
+@_int_option("--scale", "Enlargement factor of each image", 4)
+@_int_option("--steps", "Number of sampling steps", 32)
 def main(net: str, out: str, classes: Optional[str], cols: int, seed: int, scale: int, steps: int) -> None:
     """Sample a class-conditional grid (one row per class) into a PNG."""
     try:

@@ -24,18 +24,11 @@ import dnnlib  # noqa: E402  (the repository root is on the path only from here 
 
 SAMPLES_RE = re.compile(r"samples-(\d{7})\.png")
 
-# ----------------------------------------------------------------------------
-
 
 def find_grids(run_dir: str) -> list[tuple[int, str]]:
     """(kimg, path) of every samples-*.png of a run directory, in kimg order."""
-    found = [
-        (int(m.group(1)), os.path.join(run_dir, name))
-        for name in os.listdir(run_dir)
-        for m in [SAMPLES_RE.fullmatch(name)]
-        if m
-    ]
-    return sorted(found)
+    matches = [SAMPLES_RE.fullmatch(name) for name in os.listdir(run_dir)]
+    return sorted((int(m.group(1)), os.path.join(run_dir, m.group(0))) for m in matches if m)
 
 
 def progress_size(
@@ -62,9 +55,6 @@ def make_progress(run_dir: str, out: str, scale: int = 2, gap: int = 8, label_he
     with dnnlib.util.atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
     return canvas.size
-
-
-# ----------------------------------------------------------------------------
 
 
 @click.command()

@@ -16,9 +16,6 @@ import torch
 
 import dnnlib
 
-# ----------------------------------------------------------------------------
-# Process group.
-
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -27,21 +24,14 @@ def _free_port() -> int:
 
 
 def init() -> None:
-    """Initialise ``torch.distributed`` from torchrun's environment (or as a single process).
-
-    Reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; missing ones get
-    single-process defaults (rank 0 of 1, localhost, a free port). Uses NCCL when CUDA is
-    available and Gloo otherwise, and selects the GPU ``LOCAL_RANK``. Calling it again is a no-op.
-    """
+    """Initialise ``torch.distributed`` from torchrun's environment, or as rank 0 of 1 on localhost
+    and a free port. Uses NCCL when CUDA is available and Gloo otherwise. Calling it again is a no-op."""
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "localhost")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-
+    for name, value in [("MASTER_ADDR", "localhost"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")]:
+        os.environ.setdefault(name, value)
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda and torch.distributed.is_nccl_available() else "gloo"
     if use_cuda:
@@ -79,12 +69,9 @@ def barrier() -> None:
 def rank_batches(
     num_items: int, max_batch_size: int, rank: Optional[int] = None, world_size: Optional[int] = None
 ) -> list[np.ndarray]:
-    """Split ``range(num_items)`` into batches of at most ``max_batch_size`` and return this rank's.
-
-    Every rank gets the same number of batches (a multiple of the world size, at least one each;
-    some may be empty), so that collectives in a per-batch loop line up across ranks. Batch ``i``
-    of the whole split goes to rank ``i % world_size``.
-    """
+    """Split ``range(num_items)`` into batches of at most ``max_batch_size``; return this rank's.
+    Every rank gets as many batches (at least one; some may be empty), so that collectives in a
+    per-batch loop line up across ranks. Batch ``i`` of the whole split goes to rank ``i % world_size``."""
     if max_batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {max_batch_size}")
     rank = get_rank() if rank is None else rank
@@ -98,18 +85,14 @@ class SingleProcessOnly(RuntimeError):
 
 
 def refuse_torchrun(tool: str) -> None:
-    """Fail when launched as one of several processes (torchrun) for a tool that runs as one.
-
-    Rank 0 raises ``SingleProcessOnly`` with the explanation; the other ranks exit quietly with
-    status 1, so the message is printed once.
-    """
+    """Fail when launched as one of several processes (torchrun) for a tool that runs as one. Only
+    rank 0 raises ``SingleProcessOnly``; the others exit quietly with status 1, so the message shows once."""
     if is_distributed():
         if int(os.environ.get("RANK", "0")) != 0:
             raise SystemExit(1)
         raise SingleProcessOnly(f"{tool} runs as a single process; run it with python, not torchrun")
 
 
-# ----------------------------------------------------------------------------
 # Hooks for a cluster manager. Outside one, runs never stop or suspend early.
 
 _suspend_requested = False
@@ -143,15 +126,9 @@ def update_progress(cur: int, total: int) -> None:
     _progress = (int(cur), int(total))
 
 
-# ----------------------------------------------------------------------------
-# Training checkpoints.
-
-
 def _plain(obj: Any) -> Any:
     """EasyDicts become plain dicts (recursively), so checkpoints load with weights_only=True anywhere."""
-    if isinstance(obj, dnnlib.EasyDict):
-        return {key: _plain(value) for key, value in obj.items()}
-    if type(obj) is dict:
+    if isinstance(obj, dnnlib.EasyDict) or type(obj) is dict:
         return {key: _plain(value) for key, value in obj.items()}
     if type(obj) in (list, tuple):
         return type(obj)(_plain(value) for value in obj)
@@ -186,13 +163,9 @@ def _load_checkpoint_data(pt_path: str) -> dict:
         text = str(err)
         match = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", text)
         lines = [line.strip() for line in text.splitlines() if line.strip() and "Weights only load failed" not in line]
-        why = (
-            f"it holds {match.group(1)}, which a checkpoint may not contain (only tensors, state dicts and plain data load)"
-            if match
-            else lines[0].split(". ")[0]
-            if lines
-            else type(err).__name__
-        )
+        why = lines[0].split(". ")[0] if lines else type(err).__name__
+        if match:
+            why = f"it holds {match.group(1)}, which a checkpoint may not contain (only tensors, state dicts and plain data load)"
         raise ValueError(f"cannot read the checkpoint {pt_path}: {why}") from None
     if not isinstance(data, dict):
         raise ValueError(f"cannot read the checkpoint {pt_path}: it holds a {type(data).__name__}, not a dict")
@@ -200,14 +173,9 @@ def _load_checkpoint_data(pt_path: str) -> dict:
 
 
 class CheckpointIO:
-    """Saves and restores named training objects with ``torch.save`` / ``torch.load``.
-
-    Each object is stored as its ``state_dict()`` when it has one, as a copy of its attribute
-    dict when it is a plain object, and as itself otherwise (dicts, tensors, numbers); EasyDicts
-    are written as plain dicts, so the files load with ``torch.load(..., weights_only=True)``
-    anywhere. Loading uses ``weights_only=True`` with exactly the data globals of reference
-    checkpoints allowed (``EasyDict``, numpy float64 scalars), so those resume too.
-    """
+    """Saves and restores named training objects (as their ``state_dict()``, their attribute dict, or
+    themselves). EasyDicts are written as plain dicts, so the files load with ``weights_only=True``
+    anywhere; loading allows exactly the data globals of reference checkpoints, so those resume too."""
 
     def __init__(self, **objs: Any):
         self._objs = objs
@@ -216,14 +184,12 @@ class CheckpointIO:
         """The dictionary that ``save`` writes."""
         data = {}
         for name, obj in self._objs.items():
-            if isinstance(obj, (dict, list, tuple, str, int, float, bool, torch.Tensor)) or obj is None:
-                data[name] = obj
-            elif hasattr(obj, "state_dict") and callable(obj.state_dict):
-                data[name] = obj.state_dict()
-            elif hasattr(obj, "__dict__"):
-                data[name] = dict(obj.__dict__)
-            else:
-                data[name] = obj
+            if not isinstance(obj, (dict, list, tuple, str, int, float, bool, torch.Tensor, type(None))):
+                if callable(getattr(obj, "state_dict", None)):
+                    obj = obj.state_dict()
+                elif hasattr(obj, "__dict__"):
+                    obj = dict(obj.__dict__)
+            data[name] = obj
         return _plain(data)
 
     def save(self, pt_path: str, verbose: bool = True) -> None:
@@ -239,10 +205,7 @@ class CheckpointIO:
             print("done")
 
     def load(self, pt_path: str, verbose: bool = True) -> None:
-        """Restore every object from ``pt_path`` (``load_state_dict`` or attribute update).
-
-        Raises ValueError (one line, naming the file) for a file that is not a readable checkpoint.
-        """
+        """Restore every object from ``pt_path``; ValueError (one line) if it is not a readable checkpoint."""
         if verbose:
             print0(f"Loading {pt_path} ... ", end="", flush=True)
         data = _load_checkpoint_data(pt_path)
@@ -255,16 +218,16 @@ class CheckpointIO:
             if isinstance(obj, dict):
                 obj.clear()
                 obj.update(value)
-            elif hasattr(obj, "load_state_dict") and callable(obj.load_state_dict):
+            elif callable(getattr(obj, "load_state_dict", None)):
                 obj.load_state_dict(value)
             elif isinstance(obj, list):
                 obj[:] = value
-            elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
-                obj.__dict__.clear()
-                obj.__dict__.update(value)
             elif isinstance(obj, torch.Tensor):
                 with torch.no_grad():
                     obj.copy_(value)
+            elif hasattr(obj, "__dict__"):
+                obj.__dict__.clear()
+                obj.__dict__.update(value)
             else:
                 raise TypeError(f"Cannot restore '{name}' of type {type(obj).__name__} in place")
         if verbose:
@@ -273,20 +236,17 @@ class CheckpointIO:
     def load_latest(
         self, run_dir: str, pattern: str = r"training-state-(\d+).pt", verbose: bool = True
     ) -> Optional[str]:
-        """Load the highest-numbered file in ``run_dir`` whose whole name matches ``pattern``.
-
-        Returns its path, or None when there is none.
-        """
+        """Load the highest-numbered file in ``run_dir`` whose whole name matches ``pattern``; return
+        its path, or None when there is none."""
         if not os.path.isdir(run_dir):
             return None
-        best = None
-        for entry in os.scandir(run_dir):
-            match = re.fullmatch(pattern, entry.name)
-            if match is not None and entry.is_file():
-                number = int(match.group(1))
-                if best is None or number > best[0]:
-                    best = (number, entry.path)
-        if best is None:
+        found = [
+            (int(m.group(1)), e.path)
+            for e in os.scandir(run_dir)
+            if (m := re.fullmatch(pattern, e.name)) and e.is_file()
+        ]
+        if not found:
             return None
-        self.load(best[1], verbose=verbose)
-        return best[1]
+        path = max(found, key=lambda item: item[0])[1]
+        self.load(path, verbose=verbose)
+        return path

@@ -18,17 +18,11 @@ import torch
 
 import dnnlib
 
-# ----------------------------------------------------------------------------
-# The device a tool runs on when none is named.
-
 
 def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
+    """The device a tool runs on when none is named: CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-# ----------------------------------------------------------------------------
-# Cached constant tensors.
 
 _constant_cache: dict = {}
 
@@ -47,28 +41,20 @@ def constant(
     While ``torch.compile`` traces a function the cache is bypassed: the constant becomes part of
     the compiled graph (which folds it once), and the dictionary lookup would break the graph.
     """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
     if torch.compiler.is_compiling():
-        tensor = torch.as_tensor(value, dtype=torch.get_default_dtype() if dtype is None else dtype, device=device)
+        tensor = torch.as_tensor(value, dtype=dtype, device=device)
         if shape is not None:
             tensor = tensor.broadcast_to(tuple(shape))
-        return tensor.contiguous(memory_format=torch.contiguous_format if memory_format is None else memory_format)
+        return tensor.contiguous(memory_format=memory_format)
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
-    dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.device("cpu") if device is None else torch.device(device)
-    memory_format = torch.contiguous_format if memory_format is None else memory_format
 
     # Tensors made under inference mode cannot enter autograd later, so they are cached apart.
-    key = (
-        value.shape,
-        value.dtype,
-        value.tobytes(),
-        shape,
-        dtype,
-        device,
-        memory_format,
-        torch.is_inference_mode_enabled(),
-    )
+    inference = torch.is_inference_mode_enabled()
+    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format, inference)
     tensor = _constant_cache.get(key)
     if tensor is None:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
@@ -88,25 +74,14 @@ def const_like(
     memory_format: Optional[torch.memory_format] = None,
 ) -> torch.Tensor:
     """``constant(value)`` with ``ref``'s dtype and device unless given."""
-    return constant(
-        value,
-        shape=shape,
-        dtype=ref.dtype if dtype is None else dtype,
-        device=ref.device if device is None else device,
-        memory_format=memory_format,
-    )
-
-
-# ----------------------------------------------------------------------------
-# Randomness.
+    dtype = ref.dtype if dtype is None else dtype
+    device = ref.device if device is None else device
+    return constant(value, shape=shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
 def set_random_seed(*args: Any) -> None:
-    """Seed torch (every device) and numpy's legacy global generator from ``hash(args) % 2**31``.
-
-    CPython's hash of a tuple of integers is the same in every run, so ``set_random_seed(seed,
-    rank, cur_nimg)`` reproduces a training step exactly.
-    """
+    """Seed torch (every device) and numpy's legacy global generator from ``hash(args) % 2**31``. CPython's
+    hash of a tuple of integers is the same in every run, so ``(seed, rank, cur_nimg)`` reproduces a step."""
     seed = hash(args) % (1 << 31)
     torch.manual_seed(seed)  # also seeds every CUDA device
     np.random.seed(seed)
@@ -144,9 +119,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[int]:
         size = len(self.dataset)
-        idx = self.start_idx + self.rank
-        epoch = None
-        order = None
+        idx, epoch, order = self.start_idx + self.rank, None, None
         while True:
             if idx // size != epoch:
                 epoch = idx // size
@@ -155,10 +128,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
                     np.random.RandomState(hash((self.seed, epoch)) % (1 << 31)).shuffle(order)
             yield int(order[idx % size])
             idx += self.num_replicas
-
-
-# ----------------------------------------------------------------------------
-# Parameters and buffers.
 
 
 def params_and_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -175,11 +144,8 @@ def named_params_and_buffers(module: torch.nn.Module) -> list[tuple[str, torch.T
 def copy_params_and_buffers(
     src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False
 ) -> None:
-    """Copy values of same-named parameters and buffers from ``src_module`` into ``dst_module``.
-
-    Destination tensors keep their dtype and device. With ``require_all``, every destination
-    tensor must have a source.
-    """
+    """Copy same-named parameters and buffers into ``dst_module`` (keeping its dtypes and devices);
+    with ``require_all``, every destination tensor must have a source."""
     src_tensors = dict(named_params_and_buffers(src_module))
     for name, tensor in named_params_and_buffers(dst_module):
         if name in src_tensors:
@@ -188,26 +154,17 @@ def copy_params_and_buffers(
             raise KeyError(f"copy_params_and_buffers: '{name}' is missing from the source module")
 
 
-# ----------------------------------------------------------------------------
-# DistributedDataParallel helpers.
-
-
 @contextlib.contextmanager
 def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Skip DDP's gradient all-reduce inside the block unless ``sync`` (gradient accumulation)."""
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync:
-        with module.no_sync():
-            yield
-    else:
+    skip = isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync
+    with module.no_sync() if skip else contextlib.nullcontext():
         yield
 
 
 def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:
-    """Raise if any parameter or buffer differs from rank 0's (NaNs compare equal to NaNs).
-
-    Tensor names are ``TypeName.path``; those matching ``ignore_regex`` are skipped. A no-op
-    outside ``torch.distributed``.
-    """
+    """Raise if any parameter or buffer differs from rank 0's (NaNs compare equal to NaNs), except
+    those whose ``TypeName.path`` matches ``ignore_regex``. A no-op outside ``torch.distributed``."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     for name, tensor in named_params_and_buffers(module):
@@ -223,25 +180,17 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
             raise RuntimeError(f"DDP consistency check failed: {fullname} differs from rank 0")
 
 
-# ----------------------------------------------------------------------------
-# Module summary.
-
-
 def print_module_summary(
     module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3, skip_redundant: bool = True
 ) -> Any:
     """Run ``module(*inputs)`` once and print a table of its submodules (up to ``max_nesting``
     levels deep) with their parameter and buffer counts and output shapes. Returns the outputs.
-
-    With ``skip_redundant``, rows that own no tensors and merely pass on an output shape their
-    parent already shows are left out.
-    """
+    ``skip_redundant`` leaves out rows that own no tensors and show no output not shown before."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError("print_module_summary expects a torch.nn.Module")
     if not isinstance(inputs, (tuple, list)):
         raise TypeError("inputs must be a tuple or list")
 
-    # Record the outputs of every submodule call up to the nesting limit.
     entries: list[dnnlib.EasyDict] = []
     nesting = [0]
 
@@ -271,45 +220,30 @@ def print_module_summary(
         entry.unique_outputs = [t for t in entry.outputs if id(t) not in seen]
         seen |= {id(t) for t in entry.unique_params + entry.unique_buffers + entry.unique_outputs}
     if skip_redundant:
-        entries = [e for e in entries if len(e.unique_params) or len(e.unique_buffers) or len(e.unique_outputs)]
+        entries = [e for e in entries if e.unique_params or e.unique_buffers or e.unique_outputs]
 
-    # Table rows.
     names = {mod: name for name, mod in module.named_modules()}
-    rows = [[type(module).__name__, "Parameters", "Buffers", "Output shape", "Datatype"]]
-    rows += [["---"] * len(rows[0])]
-    param_total = 0
-    buffer_total = 0
+    rows = [[type(module).__name__, "Parameters", "Buffers", "Output shape", "Datatype"], ["---"] * 5]
+    totals = [0, 0]
     for entry in entries:
         name = "<top-level>" if entry.mod is module else names.get(entry.mod, "?")
-        param_size = sum(t.numel() for t in entry.unique_params)
-        buffer_size = sum(t.numel() for t in entry.unique_buffers)
-        output_shapes = [str(list(t.shape)) for t in entry.outputs]
-        output_dtypes = [str(t.dtype).split(".")[-1] for t in entry.outputs]
-        rows += [
-            [
-                name + (":0" if len(entry.outputs) >= 2 else ""),
-                str(param_size) if param_size else "-",
-                str(buffer_size) if buffer_size else "-",
-                (output_shapes + ["-"])[0],
-                (output_dtypes + ["-"])[0],
-            ]
-        ]
-        for idx in range(1, len(entry.outputs)):
-            rows += [[name + f":{idx}", "-", "-", output_shapes[idx], output_dtypes[idx]]]
-        param_total += param_size
-        buffer_total += buffer_size
-    rows += [["---"] * len(rows[0])]
-    rows += [["Total", str(param_total), str(buffer_total), "-", "-"]]
+        sizes = [sum(t.numel() for t in entry.unique_params), sum(t.numel() for t in entry.unique_buffers)]
+        totals = [total + size for total, size in zip(totals, sizes)]
+        shapes = [str(list(t.shape)) for t in entry.outputs] or ["-"]
+        dtypes = [str(t.dtype).split(".")[-1] for t in entry.outputs] or ["-"]
+        for idx in range(len(shapes)):
+            counts = [str(size or "-") for size in sizes] if idx == 0 else ["-", "-"]
+            rows.append([name + (f":{idx}" if len(shapes) >= 2 else ""), *counts, shapes[idx], dtypes[idx]])
+    rows += [["---"] * 5, ["Total", *map(str, totals), "-", "-"]]
 
     widths = [max(len(cell) for cell in column) for column in zip(*rows)]
     print()
     for row in rows:
-        print("  ".join(cell + " " * (width - len(cell)) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
     return outputs
 
 
-# ----------------------------------------------------------------------------
 # Helpers of the reference's misc module that user scripts call.
 
 

@@ -23,26 +23,17 @@ _cumulative: dict[str, torch.Tensor] = {}  # name -> [count, sum, sumsq, all] ov
 _names: list[str] = []  # every known name, in first-reported order (rank 0's order once synced)
 
 
-def _register(name: str) -> None:
-    if name not in _counters:
-        _counters[name] = {}
-        if name not in _names:
-            _names.append(name)
-
-
 def report(name: str, value: Any) -> Any:
-    """Add the samples in ``value`` (a number, a sequence or a tensor of any shape) to ``name``.
-
-    Accumulation stays on the value's device, so reporting a CUDA tensor does not synchronise.
-    Returns ``value`` unchanged, so it can wrap an expression.
-    """
-    _register(name)
+    """Add the samples in ``value`` (a number, a sequence or a tensor) to ``name``; return ``value``.
+    Accumulation stays on the value's device, so reporting a CUDA tensor does not synchronise."""
+    if name not in _counters:  # _counters and _names always hold the same names
+        _counters[name] = {}
+        _names.append(name)
     elems = torch.as_tensor(value).detach().flatten().to(_reduce_dtype)
     finite = torch.isfinite(elems)
     elems = torch.where(finite, elems, torch.zeros_like(elems))
-    moments = torch.stack(
-        [finite.sum().to(_reduce_dtype), elems.sum(), elems.square().sum(), torch.ones_like(elems).sum()]
-    )
+    num_finite = finite.sum().to(_reduce_dtype)
+    moments = torch.stack([num_finite, elems.sum(), elems.square().sum(), torch.ones_like(elems).sum()])
     counters = _counters[name]
     if elems.device not in counters:
         counters[elems.device] = torch.zeros_like(moments)
@@ -99,24 +90,15 @@ def _sync(names: list[str]) -> list[torch.Tensor]:
             counter.zero_()
     if _dist_active() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(deltas)
-    deltas = deltas.cpu()
-    result = []
-    for idx, name in enumerate(names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([4], dtype=_reduce_dtype)
-        _cumulative[name] += deltas[idx]
-        result.append(_cumulative[name].clone())
-    return result
+    for name, delta in zip(names, deltas.cpu()):
+        _cumulative[name] = delta + _cumulative.get(name, 0)
+    return [_cumulative[name] for name in names]
 
 
 class Collector:
-    """Reads the statistics whose names fully match ``regex``, per interval between updates.
-
-    ``update()`` must be called by every process at the same time when distributed. With
-    ``keep_previous``, names that got no samples in the latest interval keep their previous
-    values; otherwise they read as empty (num 0, mean and std NaN). Names whose samples in the
-    latest interval were all non-finite read as empty (NaN) either way.
-    """
+    """Reads the statistics whose names fully match ``regex``, per interval between updates (which
+    every process must call together). With ``keep_previous``, names without samples in the latest
+    interval keep their previous values, else they read as empty (num 0, mean and std NaN)."""
 
     def __init__(self, regex: str = ".*", keep_previous: bool = True):
         self._regex = re.compile(regex)
@@ -135,8 +117,7 @@ class Collector:
             self._moments.clear()
         names = self.names()
         for name, cumulative in zip(names, _sync(names)):
-            previous = self._cumulative.get(name, torch.zeros_like(cumulative))
-            delta = cumulative - previous
+            delta = cumulative - self._cumulative.get(name, 0)
             self._cumulative[name] = cumulative
             if float(delta[3]) != 0:  # any samples, finite or not
                 self._moments[name] = delta
@@ -155,15 +136,11 @@ class Collector:
 
     def std(self, name: str) -> float:
         """Population standard deviation of ``name``'s samples (NaN when there are none)."""
-        count, total, total_sq = self._get(name).tolist()[:3]
-        if count == 0:
-            return float("nan")
-        mean = total / count
+        count, _, total_sq, _ = self._get(name).tolist()
+        mean = self.mean(name)
         if not np.isfinite(mean):
             return float("nan")
-        if count == 1:
-            return 0.0
-        return float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+        return 0.0 if count == 1 else float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
 
     def as_dict(self) -> dnnlib.EasyDict:
         """``{name: EasyDict(num, mean, std)}`` for every matching name."""
