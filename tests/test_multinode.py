@@ -136,9 +136,9 @@ TRAIN_SCRIPT = "tests/scripts/train_deterministic.py"  # train_edm2.py with a lo
 def training_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode-train")
     data = train_helpers.random_dataset_zip(str(root / "data.zip"), num_images=40, resolution=8, num_classes=4)
-    one = run_one_process(TRAIN_SCRIPT, [f"--outdir={root / 'one'}", f"--data={data}", *TRAIN_ARGS], root)
-    two = run_two_nodes(TRAIN_SCRIPT, [f"--outdir={root / 'two'}", f"--data={data}", *TRAIN_ARGS], root)
-    return root / "one", root / "two", one, two
+    run_one_process(TRAIN_SCRIPT, [f"--outdir={root / 'one'}", f"--data={data}", *TRAIN_ARGS], root)
+    output = run_two_nodes(TRAIN_SCRIPT, [f"--outdir={root / 'two'}", f"--data={data}", *TRAIN_ARGS], root)
+    return root / "one", root / "two", output
 
 
 def _stats(run_dir) -> list:
@@ -153,11 +153,13 @@ def _snapshot_tensors(path) -> list:
 
 @pytest.mark.slow
 def test_two_nodes_train_like_one_process(training_runs):
-    one, two, _, output = training_runs
-    assert "Number of processes:     4" in output
+    one, two, output = training_runs
+    assert output.count("Number of processes:     4") == 1
 
     # The network, its EMAs (float32, in the checkpoint) and the float16 snapshots.
-    compare_nets(two / "training-state-0000001.pt", one / "training-state-0000001.pt", tol=1e-5)
+    compare_nets(
+        two / "training-state-0000001.pt", one / "training-state-0000001.pt", tol=1e-6
+    )  # they differ by ~4e-9: the order of sums
     snapshots = sorted(p.name for p in one.glob("network-snapshot-*.pkl"))
     assert len(snapshots) == 4
     for name in snapshots:
@@ -173,17 +175,8 @@ def test_two_nodes_train_like_one_process(training_runs):
 
     # Statistics that do not measure time or memory are the same.
     stats_one, stats_two = _stats(one), _stats(two)
-    assert (
-        [s["Progress/kimg"] for s in stats_two]
-        == [s["Progress/kimg"] for s in stats_one]
-        == [
-            0.0,
-            0.256,
-            0.512,
-            0.768,
-            1.024,
-        ]
-    )
+    kimg = [0.0, 0.256, 0.512, 0.768, 1.024]
+    assert [s["Progress/kimg"] for s in stats_two] == [s["Progress/kimg"] for s in stats_one] == kimg
     for a, b in zip(stats_two[1:], stats_one[1:]):
         assert list(a) == list(b)
         for key in ["Loss/loss", "Loss/learning_rate", "Loss/grad_norm"]:
@@ -193,7 +186,7 @@ def test_two_nodes_train_like_one_process(training_runs):
 
 @pytest.mark.slow
 def test_only_global_rank_zero_writes_and_prints(training_runs):
-    one, two, _, output = training_runs
+    one, two, output = training_runs
 
     def names(run_dir):
         return sorted("events.*" if name.startswith("events.") else name for name in os.listdir(run_dir))
