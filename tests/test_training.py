@@ -574,9 +574,10 @@ def test_two_processes_match_one_process(workdir, tiny_data, mechanics_reference
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(workdir, tiny_data, mechanics_reference):
+def test_compiled_training_matches_eager(workdir, tiny_data, mechanics_reference, capsys):
     run_dir = workdir / "mechanics-compiled"
     tl.training_loop(**mechanics_kwargs(run_dir, tiny_data, compile=True))
+    assert "torch.compile failed" not in capsys.readouterr().out
     compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
 
 

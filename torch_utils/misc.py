@@ -357,11 +357,12 @@ def profiled_function(fn: Callable) -> Callable:
 class CompiledNetwork:
     """A network run through ``torch.compile(fullgraph=True)``, falling back to the eager network
     (with one printed line) if compiling fails, e.g. without a C compiler. Attributes are the
-    network's. The network itself is not modified, and it is compiled lazily on the first call."""
+    network's. The network itself is not modified, and it is compiled lazily on the first call.
+    ``fullgraph=False`` allows graph breaks (a DistributedDataParallel module has some)."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, fullgraph: bool = True):
         self.net = net
-        self.fn: Callable = torch.compile(net, fullgraph=True)
+        self.fn: Callable = torch.compile(net, fullgraph=fullgraph)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["net"], name)

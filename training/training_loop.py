@@ -304,7 +304,8 @@ def _compiled_training_net(ddp, net):
     on an empty batch (which does the forced normalisation and nothing else), and the compiled call
     sees these layers in eval mode, where their forward is the same math without the update.
     """
-    compiled = misc.CompiledNetwork(ddp)  # compiling the DDP module, as torch recommends (graphs split at its buckets)
+    # The DDP module is compiled, as torch recommends (its forward has graph breaks; graphs split at its buckets).
+    compiled = misc.CompiledNetwork(ddp, fullgraph=(ddp is net))
     layers = [m for m in net.modules() if type(m).__name__ == 'MPConv']
 
     def forward(*args, **kwargs):
