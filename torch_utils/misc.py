@@ -358,11 +358,11 @@ class CompiledNetwork:
     """A network run through ``torch.compile(fullgraph=True)``, falling back to the eager network
     (with one printed line) if compiling fails, e.g. without a C compiler. Attributes are the
     network's. The network itself is not modified, and it is compiled lazily on the first call.
-    ``fullgraph=False`` allows graph breaks (a DistributedDataParallel module has some)."""
+    Keyword arguments go to ``torch.compile``, e.g. ``fullgraph=False`` to allow graph breaks."""
 
-    def __init__(self, net: torch.nn.Module, fullgraph: bool = True):
+    def __init__(self, net: torch.nn.Module, **compile_kwargs: Any):
         self.net = net
-        self.fn: Callable = torch.compile(net, fullgraph=fullgraph)
+        self.fn: Callable = torch.compile(net, **{"fullgraph": True, **compile_kwargs})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["net"], name)

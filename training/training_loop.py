@@ -305,7 +305,8 @@ def _compiled_training_net(ddp, net):
     sees these layers in eval mode, where their forward is the same math without the update.
     """
     # The DDP module is compiled, as torch recommends (its forward has graph breaks; graphs split at its buckets).
-    compiled = misc.CompiledNetwork(ddp, fullgraph=(ddp is net))
+    # fallback_random: inductor draws eager's random numbers, so that dropout masks are the eager ones.
+    compiled = misc.CompiledNetwork(ddp, fullgraph=(ddp is net), options=dict(fallback_random=True))
     layers = [m for m in net.modules() if type(m).__name__ == 'MPConv']
 
     def forward(*args, **kwargs):
@@ -315,8 +316,7 @@ def _compiled_training_net(ddp, net):
                 m(m.weight.new_zeros([0, *m.weight.shape[1:]]))
                 m.training = False
         try:
-            with torch._inductor.config.patch(fallback_random=True):  # eager's random numbers (dropout)
-                return compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
         finally:
             for m in forced:
                 m.training = True
