@@ -24,6 +24,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence
+from torch_utils.misc import CompiledNetwork
 
 # ----------------------------------------------------------------------------
 # Configuration presets: the published post-hoc reconstructions and the
@@ -301,28 +302,6 @@ def _sampling_mode(net: Any, device: torch.device, precision: Optional[str] = No
             m.training = flag
         for p, flag in requires_grad:
             p.requires_grad_(flag)
-
-
-class CompiledNetwork:
-    """A network run through ``torch.compile(fullgraph=True)``, falling back to the eager network
-    (with one printed line) if compiling fails, e.g. without a C compiler. Attributes are the
-    network's. The network itself is not modified, and it is compiled lazily on the first call."""
-
-    def __init__(self, net: torch.nn.Module):
-        self.net = net
-        self.fn: Callable = torch.compile(net, fullgraph=True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["net"], name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.fn is not self.net:
-            try:
-                return self.fn(*args, **kwargs)
-            except Exception as err:  # compiler missing, unsupported platform or op, ...
-                print(f"torch.compile failed, running eagerly instead: {dnnlib.util.one_line(err)}", flush=True)
-                self.fn = self.net
-        return self.net(*args, **kwargs)
 
 
 def generate_images(

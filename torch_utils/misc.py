@@ -323,3 +323,30 @@ def set_tf32(matmul: bool, cudnn: Optional[bool] = None) -> tuple[bool, bool]:
     torch.backends.cuda.matmul.allow_tf32 = matmul
     torch.backends.cudnn.allow_tf32 = matmul if cudnn is None else cudnn
     return old
+
+
+# ----------------------------------------------------------------------------
+# torch.compile with a fallback to eager.
+
+
+class CompiledNetwork:
+    """A network run through ``torch.compile(fullgraph=True)``, falling back to the eager network
+    (with one printed line) if compiling fails, e.g. without a C compiler. Attributes are the
+    network's. The network itself is not modified, and it is compiled lazily on the first call.
+    Keyword arguments go to ``torch.compile``, e.g. ``fullgraph=False`` to allow graph breaks."""
+
+    def __init__(self, net: torch.nn.Module, **compile_kwargs: Any):
+        self.net = net
+        self.fn: Callable = torch.compile(net, **{"fullgraph": True, **compile_kwargs})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["net"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is not self.net:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as err:  # compiler missing, unsupported platform or op, ...
+                print(f"torch.compile failed, running eagerly instead: {dnnlib.util.one_line(err)}", flush=True)
+                self.fn = self.net
+        return self.net(*args, **kwargs)

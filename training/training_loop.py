@@ -147,6 +147,7 @@ def training_loop(
     preset_name         = None,     # Name of the configuration preset (informational).
     device              = None,     # None = cuda if available, else cpu.
     monitor_kwargs      = None,     # Watching the run (training.monitoring.TrainingMonitor); None = off.
+    compile             = False,    # Run the training network through torch.compile (eager if compiling fails).
 ) -> None:
 # fmt: on
     # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
@@ -185,6 +186,7 @@ def training_loop(
     ddp = net
     if world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=([device] if device.type == 'cuda' else None))
+    train_net = _compiled_training_net(ddp, net) if compile else ddp
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not False else None
@@ -243,7 +245,8 @@ def training_loop(
             step_start_time = time.time()
             _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, seed=seed,
                                rank=rank, batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds,
-                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor, precision=precision)
+                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor, precision=precision,
+                               train_net=train_net)
             tick.training_time += time.time() - step_start_time
             if progress is not None:
                 progress.update(batch_size)
@@ -296,6 +299,34 @@ def _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_k
             torch.zeros([batch_gpu, net.label_dim], device=device),
         ], max_nesting=2)
     return dataset_obj, encoder, net
+
+
+def _compiled_training_net(ddp, net):
+    """``ddp`` run through torch.compile (misc.CompiledNetwork: eager, with one printed line, if compiling fails).
+
+    Inductor mishandles MPConv's forced weight normalisation, an in-place update under no_grad of a
+    parameter that the graph then differentiates through: for a 4-D weight the update is lost or the
+    gradient is wrong. So before each call every MPConv in training mode runs its own forward eagerly
+    on an empty batch (which does the forced normalisation and nothing else), and the compiled call
+    sees these layers in eval mode, where their forward is the same math without the update.
+    """
+    # The DDP module is compiled, as torch recommends (its forward has graph breaks; graphs split at its buckets).
+    # fallback_random: inductor draws eager's random numbers, so that dropout masks are the eager ones.
+    compiled = misc.CompiledNetwork(ddp, fullgraph=(ddp is net), options=dict(fallback_random=True))
+    layers = [m for m in net.modules() if type(m).__name__ == 'MPConv']
+
+    def forward(*args, **kwargs):
+        forced = [m for m in layers if m.training]
+        with torch.no_grad():
+            for m in forced:
+                m(m.weight.new_zeros([0, *m.weight.shape[1:]]))
+                m.training = False
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            for m in forced:
+                m.training = True
+    return forward
 
 
 def _stop_at_nimg(cur_nimg, total_nimg, slice_nimg, checkpoint_nimg, snapshot_nimg, batch_size):
@@ -400,13 +431,15 @@ def _save_checkpoint(run_dir, cur_nimg, checkpoint, net, world_size):
 
 
 def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, *, seed, rank,
-                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None, precision=None):
+                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None, precision=None,
+                       train_net=None):
     """One iteration: reseed, accumulate the gradients of the whole batch, set the learning rate,
     step the optimizer, advance the image count and update the EMA."""
     misc.set_random_seed(seed, rank, state.cur_nimg)
     optimizer.zero_grad(set_to_none=True)
     batch_per_process = batch_size // dist.get_world_size()
-    loss_net = monitor.wrap_net(ddp) if monitor is not None else ddp  # records the sigma the loss draws
+    loss_net = train_net if train_net is not None else ddp
+    loss_net = monitor.wrap_net(loss_net) if monitor is not None else loss_net  # records the sigma the loss draws
     for round_idx in range(num_accumulation_rounds):
         with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):  # DDP syncs on the last round only
             images, labels = next(dataset_iterator)
