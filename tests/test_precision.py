@@ -88,7 +88,7 @@ def test_set_tf32_and_autocast():
 def test_training_precision_resolves_like_the_reference_on_a_cpu(data):
     c = config(data)
     assert (c.precision, c.tf32, c.network_kwargs.use_fp16) == ("fp32", False, True)  # the reference's options
-    assert list(c)[-2:] == ["precision", "tf32"]  # extra keys after the reference's
+    assert list(c)[-3:] == ["precision", "tf32", "compile"]  # extra keys after the reference's
     c = config(data, precision="fp32")
     assert (c.precision, c.network_kwargs.use_fp16) == ("fp32", False)
     assert config(data, fp16=False, precision="fp32").network_kwargs.use_fp16 is False
