@@ -1,19 +1,20 @@
 """One short check of the GPU paths (a few minutes on one GPU): prints one table, writes JSON.
 
-  (a) training steps of a small network and of edm2-img512-xs at batch 32 in fp32, fp16
-      (the network's use_fp16) and bf16 (autocast around the forward pass): images/s, peak memory
-      and the loss relative to fp32, eager and compiled;
-  (b) sampling with edm2-img512-xs-sized random weights at batch 32, fp32 and fp16, eager and
-      compiled: images/s and the largest difference from the fp32 eager images;
+  (a) training steps of a small network and of edm2-img512-xs at batch 32 in fp32, fp32 + TF32,
+      fp16 (the network's use_fp16) and bf16 (misc.autocast), eager and compiled the way
+      training_loop(compile=True) compiles: images/s, peak memory and the loss relative to fp32;
+  (b) sampling with edm2-img512-xs-sized random weights at batch 32 in the same precisions,
+      eager and compiled (misc.CompiledNetwork): images/s and the largest difference from the
+      fp32 eager images;
   (c) a one-process NCCL group through torch_utils.distributed.init();
   (d) count_flops on CUDA (memory per sample).
 
-On a machine without CUDA it says so and exits 0.
+On a machine without CUDA it says so and exits 0. Compiled rows that would start after
+``--budget`` seconds are skipped (and say so), so that the whole check stays under 8 minutes.
 
     python benchmarks/gpu_check.py --out=gpu_check.json
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -38,9 +39,15 @@ NETS = {  # name: Precond keyword arguments
 }
 
 
+PRECISIONS = ["fp32", "tf32", "fp16", "bf16"]  # tf32 = fp32 with TF32 matmuls and convolutions
+
+
 def build(name: str, precision: str, device: torch.device) -> torch.nn.Module:
+    from torch_utils import misc
     from training import networks_edm2
 
+    misc.resolve_precision(precision.replace("tf32", "fp32"), False, device, tf32=(precision == "tf32"))
+    misc.set_tf32(precision == "tf32")
     torch.manual_seed(0)
     net = networks_edm2.Precond(**NETS[name], use_fp16=(precision == "fp16")).to(device)
     with torch.no_grad():
@@ -50,28 +57,27 @@ def build(name: str, precision: str, device: torch.device) -> torch.nn.Module:
     return net
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def timed(fn, device: torch.device, repeats: int):
+    cuda = device.type == "cuda"  # a CPU runs it too, for a smoke test of this script
     fn()  # warm-up (compiles, if compiled)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn()
-    torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats, out, torch.cuda.max_memory_allocated(device) / 2**30
+    if cuda:
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    return (time.perf_counter() - start) / repeats, out, peak
 
 
 def train_row(name: str, precision: str, compiled: bool, device: torch.device, batch: int = 32) -> dict:
-    from training.training_loop import EDM2Loss
+    from torch_utils import misc
+    from training import training_loop
 
     net = build(name, precision, device).train()
-    fn_net = torch.compile(net) if compiled else net
+    fn_net = training_loop._compiled_training_net(net, net) if compiled else net
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
     gen = torch.Generator(device).manual_seed(1)
     k = NETS[name]
@@ -79,12 +85,12 @@ def train_row(name: str, precision: str, compiled: bool, device: torch.device, b
         [batch, k["img_channels"], k["img_resolution"], k["img_resolution"]], device=device, generator=gen
     )
     labels = torch.eye(k["label_dim"], device=device)[torch.arange(batch, device=device) % k["label_dim"]]
-    loss_fn = EDM2Loss()
+    loss_fn = training_loop.EDM2Loss()
 
     def step():
         torch.manual_seed(2)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
+        with misc.autocast(precision):
             loss = loss_fn(fn_net, images, labels).sum() / batch
         loss.backward()
         optimizer.step()
@@ -104,16 +110,17 @@ def train_row(name: str, precision: str, compiled: bool, device: torch.device, b
 
 def sample_row(precision: str, compiled: bool, device: torch.device, reference=None, batch: int = 32) -> dict:
     import generate_images as gi
+    from torch_utils import misc
 
     net = build("edm2-img512-xs", precision, device).eval().requires_grad_(False)
-    fn_net = torch.compile(net) if compiled else net
+    fn_net = misc.CompiledNetwork(net) if compiled else net
     rnd = gi.StackedRandomGenerator(device, list(range(batch)))
     noise = rnd.randn([batch, 4, 64, 64], device=device)
     labels = torch.eye(1000, device=device)[rnd.randint(1000, size=[batch], device=device)]
 
     def run():
-        with torch.no_grad():
-            return gi.edm_sampler(fn_net, noise, labels, num_steps=8)
+        with torch.no_grad(), misc.autocast(precision):
+            return gi.edm_sampler(fn_net, noise, labels, num_steps=8).float()
 
     seconds, out, peak = timed(run, device, repeats=2)
     diff = float((out - reference).abs().max()) if reference is not None else 0.0
@@ -130,24 +137,37 @@ def sample_row(precision: str, compiled: bool, device: torch.device, reference=N
 
 @click.command()
 @click.option("--out", help="Write the results as JSON here", metavar="FILE", type=str, default=None)
-def main(out):
-    """Check fp32/fp16/bf16 training, sampling, NCCL and count_flops on one GPU."""
+@click.option("--budget", help="Skip compiled rows that would start later (seconds)", type=float, default=360.0)
+def main(out, budget):
+    """Check fp32/TF32/fp16/bf16 training, sampling, NCCL and count_flops on one GPU."""
     if not torch.cuda.is_available():
         print("No GPU is present (torch.cuda.is_available() is False); nothing to check.")
         return
     device = torch.device("cuda")
-    rows = []
-    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-    for name in NETS:
-        for compiled in (False, True):
+    start, rows = time.perf_counter(), []
+    precisions = PRECISIONS if torch.cuda.is_bf16_supported() else PRECISIONS[:3]
+
+    def over_budget(part, compiled, **fields):
+        if compiled and time.perf_counter() - start > budget:
+            rows.append(dict(part=part, compiled=True, skipped=f"over the {budget:g} s budget", **fields))
+            return True
+        return False
+
+    for compiled in (False, True):
+        for name in NETS:
             for precision in precisions:
-                rows.append(train_row(name, precision, compiled, device))
+                if not over_budget("train", compiled, net=name, precision=precision):
+                    rows.append(train_row(name, precision, compiled, device))
     reference = None
     for compiled in (False, True):
-        for precision in ("fp32", "fp16"):
-            row, images = sample_row(precision, compiled, device, reference)
-            reference = images if reference is None else reference
-            rows.append(row)
+        for precision in precisions:
+            if not over_budget("sample", compiled, net="edm2-img512-xs", precision=precision):
+                row, images = sample_row(precision, compiled, device, reference)
+                reference = images if reference is None else reference
+                rows.append(row)
+    from torch_utils import misc
+
+    misc.set_tf32(False)
 
     from torch_utils import distributed as dist
 
@@ -171,10 +191,12 @@ def main(out):
     )
 
     fp32_loss = {
-        (r["net"], r["compiled"]): r["loss"] for r in rows if r["part"] == "train" and r["precision"] == "fp32"
+        (r["net"], r["compiled"]): r["loss"]
+        for r in rows
+        if r["part"] == "train" and r["precision"] == "fp32" and "loss" in r
     }
     for r in rows:
-        if r["part"] == "train":
+        if r["part"] == "train" and "loss" in r and (r["net"], r["compiled"]) in fp32_loss:
             r["loss_rel_fp32"] = abs(r["loss"] - fp32_loss[(r["net"], r["compiled"])]) / abs(
                 fp32_loss[(r["net"], r["compiled"])]
             )
