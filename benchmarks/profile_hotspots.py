@@ -233,16 +233,17 @@ def profile_step(step, repeats: int):
 
 
 def timeit(fns: dict, rounds: int, number: int) -> dict:
-    """Median seconds per call of each function, the functions alternating round by round."""
+    """Median CPU seconds (of this process, all threads) per call of each function, the functions
+    alternating round by round. CPU time, unlike wall time, hardly depends on load from other processes."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(rounds):
         for k, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(number):
                 fn()
-            times[k].append((time.perf_counter() - start) / number)
+            times[k].append((time.process_time() - start) / number)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -276,7 +277,7 @@ def bench_optimizer(rounds: int) -> None:
             opt.step()
         finals[name] = params
     print("\nAdam step (benchmark network, 1.77M parameters in", len(grads[0]), "tensors)\n")
-    print("| Adam | ms/step | speed-up | max abs diff of the weights vs default (20 steps) |")
+    print("| Adam | CPU ms/step | speed-up | max abs diff of the weights vs default (20 steps) |")
     print("| --- | ---: | ---: | ---: |")
     ref_params = finals["default"]
     for name in runs:
@@ -318,7 +319,7 @@ def bench_ema(rounds: int) -> None:
         for a, b in zip(ea.parameters(), eb.parameters())
     )
     print("\nEMA update (two profiles)\n")
-    print("| EMA update | ms/update | speed-up | max abs diff |")
+    print("| EMA update | CPU ms/update | speed-up | max abs diff |")
     print("| --- | ---: | ---: | ---: |")
     base = times["loop (as now)"]
     for name, t in times.items():
@@ -329,7 +330,7 @@ def bench_attention(rounds: int, batch: int) -> None:
     """The network's two einsums vs scaled_dot_product_attention, on its attention shapes (one head
     of 64 channels), forward only (sampling) and forward + backward (training)."""
     print("\nAttention (one head of 64 channels, q/k/v normalised as in Block)\n")
-    print("| tokens | pass | einsum (ms) | SDPA (ms) | SDPA speed-up | max abs diff |")
+    print("| tokens | pass | einsum (CPU ms) | SDPA (CPU ms) | SDPA speed-up | max abs diff |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for res in (16, 8):
         gen = torch.Generator().manual_seed(3)

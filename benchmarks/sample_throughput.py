@@ -3,8 +3,9 @@
 Builds a small randomly initialised ``Precond`` (res 32, 32 channels, channel_mult [1,2,2], 2 blocks,
 attention at 16x16 and 8x8), runs the EDM sampler at each batch size with each variant, in
 alternating rounds so that load from other processes on a shared machine affects all alike, and
-prints the median steady-state images/s (after a warm-up run), the one-time compile cost and the
-largest output difference from the eager network.
+prints the median steady-state images/s (after a warm-up run), also per CPU-second of this process
+(with one thread, nearly independent of load from other processes), the one-time compile cost and
+the largest output difference from the eager network.
 
 Variants (``--variants``, comma-separated):
 
@@ -140,14 +141,14 @@ def make_variant(name: str, net: torch.nn.Module):
 
 
 def run_sampler(net, noise: torch.Tensor, labels: torch.Tensor, steps: int):
-    """Seconds for one sampler run, and its output."""
+    """Wall seconds and CPU seconds (of this process) for one sampler run, and its output."""
     sync = torch.cuda.synchronize if noise.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = gi.edm_sampler(net, noise, labels, num_steps=steps)
         sync()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - start_cpu, out
 
 
 def parse_variants(s: str) -> list[str]:
@@ -188,9 +189,10 @@ def main(
     )
     print()
     print(
-        "| batch | variant | img/s (median) | min–max img/s | speed-up vs eager | compile + first run (s) | max abs diff |"
+        "| batch | variant | img/s (median) | min–max img/s | speed-up vs eager | img per CPU-s | speed-up (CPU time) "
+        "| compile + first run (s) | max abs diff |"
     )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in batches:
         torch._dynamo.reset()
         noise, labels = make_inputs(net, batch, device)
@@ -198,21 +200,25 @@ def main(
         first = {}
         outputs = {}
         for name, fn in fns.items():  # warm-up; for the compiled ones this compiles (once per batch shape)
-            first[name], outputs[name] = run_sampler(fn, noise, labels, steps)
+            first[name], _, outputs[name] = run_sampler(fn, noise, labels, steps)
         times = {name: [] for name in names}
+        cpu_times = {name: [] for name in names}
         for _ in range(repeats):
             for name, fn in fns.items():
-                seconds, outputs[name] = run_sampler(fn, noise, labels, steps)
+                seconds, cpu_seconds, outputs[name] = run_sampler(fn, noise, labels, steps)
                 times[name].append(seconds)
+                cpu_times[name].append(cpu_seconds)
         eager_median = statistics.median(times["eager"])
+        eager_cpu = statistics.median(cpu_times["eager"])
         scale = float(outputs["eager"].abs().max())
         for name in names:
             med = statistics.median(times[name])
+            cpu = statistics.median(cpu_times[name])
             diff = float((outputs["eager"] - outputs[name]).abs().max())
             compile_cell = f"{first[name]:.1f}" if name.startswith("compiled") else "–"
             print(
                 f"| {batch} | {name} | {batch / med:.2f} | {batch / max(times[name]):.2f}–{batch / min(times[name]):.2f} | "
-                f"{eager_median / med:.2f}x | {compile_cell} | {diff:.1e} |",
+                f"{eager_median / med:.2f}x | {batch / cpu:.2f} | {eager_cpu / cpu:.2f}x | {compile_cell} | {diff:.1e} |",
                 flush=True,
             )
         print(f"(batch {batch}: largest |output| of the eager sampler {scale:.1f})", flush=True)
