@@ -639,7 +639,7 @@ _workers_option = click.option(
 
 
 @cmdline.command()
-@click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", type=str, required=True)
+@click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", required=True)
 @_ref_option
 @_metrics_option
 @click.option(
@@ -667,7 +667,7 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 
 
 @cmdline.command()
-@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", type=str, required=True)
+@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", required=True)
 @_ref_option
 @_metrics_option
 @click.option(
@@ -707,7 +707,6 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
     metavar="NAME",
     type=click.Choice(misc.PRECISIONS),
-    default=None,
 )
 @click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
 def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile, precision, tf32):
@@ -733,8 +732,8 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
 
 
 @cmdline.command()
-@click.option("--data", "image_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
-@click.option("--dest", "dest_path", help="Destination file", metavar="PKL", type=str, required=True)
+@click.option("--data", "image_path", help="Path to the dataset", metavar="PATH|ZIP", required=True)
+@click.option("--dest", "dest_path", help="Destination file", metavar="PKL", required=True)
 @_metrics_option
 @_file_batch_option
 @_workers_option

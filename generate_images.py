@@ -473,10 +473,10 @@ Presets (see config_presets for the exact models and guidance):
 
 
 @click.command(epilog=_PRESETS_HELP)
-@click.option("--preset", help="Configuration preset", metavar="STR", type=str, default=None)
-@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", type=str, default=None)
-@click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL", type=str, default=None)
-@click.option("--outdir", help="Where to save the output images", metavar="DIR", type=str, required=True)
+@click.option("--preset", help="Configuration preset", metavar="STR")
+@click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL")
+@click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL")
+@click.option("--outdir", help="Where to save the output images", metavar="DIR", required=True)
 @click.option("--subdirs", help="Create subdirectory for every 1000 seeds", is_flag=True)
 @click.option(
     "--seeds",
@@ -492,7 +492,6 @@ Presets (see config_presets for the exact models and guidance):
     help="Class label  [default: random]",
     metavar="INT",
     type=click.IntRange(min=0),
-    default=None,
 )
 @click.option(
     "--batch",
@@ -582,7 +581,6 @@ Presets (see config_presets for the exact models and guidance):
     help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
     metavar="NAME",
     type=click.Choice(misc.PRECISIONS),
-    default=None,
 )
 @click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
 def cmdline(preset: Optional[str], **opts: Any) -> None:

@@ -426,10 +426,9 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     "--outdir",
     help="Run directory (created, or resumed from its latest checkpoint)",
     metavar="DIR",
-    type=str,
     required=True,
 )
-@click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", type=str, required=True)
+@click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", required=True)
 @click.option(
     "--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=True, show_default=True
 )
@@ -437,33 +436,30 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     "--preset", help="Configuration preset", metavar="STR", type=str, default="edm2-img512-s", show_default=True
 )
 # Hyperparameters.
-@click.option("--duration", help="Training duration", metavar="NIMG", type=NimgParamType(), default=None)
-@click.option("--batch", help="Total batch size", metavar="NIMG", type=NimgParamType(), default=None)
+@click.option("--duration", help="Training duration", metavar="NIMG", type=NimgParamType())
+@click.option("--batch", help="Total batch size", metavar="NIMG", type=NimgParamType())
 @click.option(
     "--channels",
     help="Channel multiplier (>= 64 except for cpu-* presets)",
     metavar="INT",
     type=click.IntRange(min=1),
-    default=None,
 )
 @click.option(
     "--dropout", help="Dropout probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=None
 )
-@click.option("--P_mean", "P_mean", help="Noise level mean", metavar="FLOAT", type=float, default=None)
+@click.option("--P_mean", "P_mean", help="Noise level mean", metavar="FLOAT", type=float)
 @click.option(
     "--P_std",
     "P_std",
     help="Noise level standard deviation",
     metavar="FLOAT",
     type=click.FloatRange(min=0, min_open=True),
-    default=None,
 )
 @click.option(
     "--lr",
     help="Learning rate max. (alpha_ref)",
     metavar="FLOAT",
     type=click.FloatRange(min=0, min_open=True),
-    default=None,
 )
 @click.option(
     "--decay", help="Learning rate decay (t_ref)", metavar="BATCHES", type=click.FloatRange(min=0), default=None
@@ -482,14 +478,12 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     help="Enable mixed-precision training (CUDA only)  [default: True]",
     metavar="BOOL",
     type=bool,
-    default=None,
 )
 @click.option(
     "--precision",
     help="fp32, fp16 (= --fp16=True) or bf16 (autocast); fp16 and bf16 need CUDA  [default: as --fp16]",
     metavar="NAME",
     type=click.Choice(misc.PRECISIONS),
-    default=None,
 )
 @click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
 @click.option(
@@ -513,21 +507,18 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     help="Interval of status prints (0 = off)  [default: 128Ki; cpu-* presets: their own]",
     metavar="NIMG",
     type=NimgParamType(),
-    default=None,
 )
 @click.option(
     "--snapshot",
     help="Interval of network snapshots (0 = off)  [default: 8Mi; cpu-* presets: their own]",
     metavar="NIMG",
     type=NimgParamType(),
-    default=None,
 )
 @click.option(
     "--checkpoint",
     help="Interval of training checkpoints (0 = off)  [default: 128Mi; cpu-* presets: their own]",
     metavar="NIMG",
     type=NimgParamType(),
-    default=None,
 )
 @click.option("--seed", help="Random seed", metavar="INT", type=int, default=0, show_default=True)
 # Watching the run (see README "Watching a run").
@@ -542,14 +533,11 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     help="Images in the sample grid at each snapshot (0 = off)  [default: 64; cpu-* presets: 40]",
     metavar="INT",
     type=click.IntRange(min=0),
-    default=None,
 )
 @click.option(
     "--metrics",
     help="Metrics at each snapshot, e.g. fid,fd_dinov2  [default: none]",
     metavar="LIST",
-    type=str,
-    default=None,
 )
 @click.option(
     "--metrics-images",
