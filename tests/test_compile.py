@@ -171,6 +171,14 @@ def test_compiled_sampling_matches_eager_across_batches():
     for batch in (3, 2):
         images = _images(net, compile=True, max_batch_size=batch)
         assert (images.int() - expected.int()).abs().max() <= 1  # uint8 rounding of fp32-close outputs
+    # The compiled sampler (with inductor's weight freezing) sees weights edited between calls.
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 4:
+                p.mul_(torch.rand_like(p) + 0.5)
+    edited = _images(net)
+    assert (edited.int() - expected.int()).abs().max() > 8
+    assert (_images(net, compile=True, max_batch_size=3).int() - edited.int()).abs().max() <= 1
 
 
 def test_gpu_check_without_gpu_says_so_and_exits_0():
