@@ -7,7 +7,10 @@
       eager and compiled (misc.CompiledNetwork): images/s and the largest difference from the
       fp32 eager images;
   (c) a one-process NCCL group through torch_utils.distributed.init();
-  (d) count_flops on CUDA (memory per sample).
+  (d) count_flops on CUDA (memory per sample);
+  (e) the network's attention einsums vs scaled_dot_product_attention (flash / memory-efficient
+      kernels) on its attention shapes, fp16 and bf16: time per call and the largest difference,
+      the evidence for or against SDPA on GPUs (on a CPU it is slower, see docs/performance.md).
 
 On a machine without CUDA it says so and exits 0. Compiled rows that would start after
 ``--budget`` seconds are skipped (and say so), so that the whole check stays under 8 minutes.
@@ -135,6 +138,36 @@ def sample_row(precision: str, compiled: bool, device: torch.device, reference=N
     ), out
 
 
+def attention_rows(device: torch.device, batch: int = 32, channels: int = 768, heads: int = 12) -> list:
+    """The network's two einsums (training/networks_edm2.py Block) vs SDPA, on [N, heads, C, tokens]."""
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for tokens in (256, 64):  # attention at 16x16 and 8x8
+            q, k, v = torch.randn([3, batch, heads, channels // heads, tokens], device=device, dtype=dtype).unbind(0)
+
+            def einsum(q=q, k=k, v=v):
+                w = torch.einsum("nhcq,nhck->nhqk", q, k / (q.shape[2] ** 0.5)).softmax(dim=3)
+                return torch.einsum("nhqk,nhck->nhcq", w, v)
+
+            def sdpa(q=q, k=k, v=v):
+                t = [a.transpose(2, 3) for a in (q, k, v)]  # SDPA wants [N, heads, tokens, C]
+                return torch.nn.functional.scaled_dot_product_attention(*t).transpose(2, 3)
+
+            (t_e, y_e, _), (t_s, y_s, _) = timed(einsum, device, 20), timed(sdpa, device, 20)
+            rows.append(
+                dict(
+                    part="attention",
+                    dtype=str(dtype).split(".")[-1],
+                    tokens=tokens,
+                    einsum_ms=t_e * 1e3,
+                    sdpa_ms=t_s * 1e3,
+                    speedup=t_e / t_s,
+                    max_diff=float((y_e.float() - y_s.float()).abs().max()),
+                )
+            )
+    return rows
+
+
 @click.command()
 @click.option("--out", help="Write the results as JSON here", metavar="FILE", type=str, default=None)
 @click.option("--budget", help="Skip compiled rows that would start later (seconds)", type=float, default=360.0)
@@ -189,6 +222,8 @@ def main(out, budget):
     rows.append(
         dict(part="count_flops", net="edm2-img512-xs", gflops=result.gflops, memory_mib=result.memory_bytes / 2**20)
     )
+
+    rows += attention_rows(device)
 
     fp32_loss = {
         (r["net"], r["compiled"]): r["loss"]

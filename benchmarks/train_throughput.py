@@ -15,8 +15,8 @@ Variants (``--variants``, comma-separated):
     eager-foreach    Adam(foreach=True) and the EMA updated with torch._foreach_lerp_
     eager-fused      Adam(fused=True) and the foreach EMA
     cl               eager, channels_last weights and images
-    compiled         the network under torch.compile (forward and backward), the rest as eager; the
-                     forced weight normalisation runs eagerly before it (see force_normalize_weights)
+    compiled         the network compiled as training_loop(compile=True) does (forward and backward; the
+                     forced weight normalisation eagerly before each call), the rest as eager
     compiled-fused   compiled, Adam(fused=True) and the foreach EMA
 
     python benchmarks/train_throughput.py --threads 1
@@ -147,22 +147,6 @@ def foreach_ema_update(ema, cur_nimg: int, batch_size: int) -> None:
             torch._foreach_lerp_(list(ema_net.parameters()), net_params, 1.0 - beta)
 
 
-def force_normalize_weights(net) -> None:
-    """The forced weight normalisation of every MPConv (what its training-mode forward does in place),
-    done eagerly. Under torch.compile the network's own in-place update of the weight is lost: the
-    stored weights keep their old magnitude and the gradients differ (by ~10% on this network), so
-    the compiled variants run this before the compiled forward pass; the compiled forward then sees
-    normalised weights, as the eager one does after its update."""
-    import torch
-
-    from training import networks_edm2
-
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, networks_edm2.MPConv):
-                module.weight.copy_(networks_edm2.normalize(module.weight.to(torch.float32)))
-
-
 class Trainer:
     """One variant: its own network, optimizer and EMA, stepping as training_loop's _optimization_step."""
 
@@ -187,7 +171,9 @@ class Trainer:
         self.foreach_ema = name in ("eager-foreach", "eager-fused", "compiled-fused")
         self.loss_fn = training_loop.EDM2Loss()
         self.compiled = name.startswith("compiled")
-        self.fn = torch.compile(self.net, fullgraph=True, dynamic=False) if self.compiled else self.net
+        self.fn = (
+            training_loop._compiled_training_net(self.net, self.net) if self.compiled else self.net
+        )  # as --compile
         if self.channels_last:  # the loss draws its noise like the images, so they enter channels_last only here
             self.fn = lambda x, *args, **kwargs: self.net(
                 x.contiguous(memory_format=torch.channels_last), *args, **kwargs
@@ -199,8 +185,6 @@ class Trainer:
 
         torch.manual_seed(seed)  # the same sigma and noise for every variant
         self.optimizer.zero_grad(set_to_none=True)
-        if self.compiled:
-            force_normalize_weights(self.net)
         loss = self.loss_fn(net=self.fn, images=images, labels=labels)
         loss.sum().mul(1 / self.batch).backward()
         for param in self.net.parameters():
