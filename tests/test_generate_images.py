@@ -576,3 +576,15 @@ def test_bad_destination_fails_before_loading(run_cli, tmp_path):
     result = run_cli("--net", url, "--gnet", tmp_path / "missing.pkl", "--guidance", 2, "--outdir", tmp_path / "out")
     assert_one_line_error(result, "Cannot open network pickle", "--gnet", "does not exist")
     assert "Downloading" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_compiled_images_across_processes_match_eager_single_process(single_process_runs, nets, tmp_path):
+    # Each process compiles its own graphs; a seed's image depends neither on that nor on its batch.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO_ROOT / "generate_images.py"), "--net", nets.cond, "--outdir", str(tmp_path / "out")]
+    cmd += [*SEED_ARGS, "--batch", "3", "--compile"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running eagerly instead" not in proc.stdout + proc.stderr  # really compiled
+    assert_images_close(read_images(tmp_path / "out"), single_process_runs["b8"].images)
