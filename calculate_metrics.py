@@ -704,7 +704,7 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 )
 @click.option(
     "--precision",
-    help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
+    help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
     metavar="NAME",
     type=click.Choice(misc.PRECISIONS),
 )
@@ -716,7 +716,7 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
     with _cli_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dnnlib.util.check_input_file(net, "--net", what="network pickle")
-        misc.resolve_precision(precision, False, misc.default_device(), tf32)  # before the reference statistics
+        misc.resolve_precision(precision, False, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
         dist.init()
         ref = _load_ref(ref_path)
         image_iter = generate_images(

@@ -337,7 +337,7 @@ def generate_images(
     own use_fp16) and ``tf32`` (allowed while sampling) need CUDA except for fp32.
     """
     device = torch.device(device) if device is not None else misc.default_device()
-    misc.resolve_precision(precision, False, device, tf32)  # refused before anything is loaded
+    misc.resolve_precision(precision, False, device, tf32, cpu_bf16=True)  # refused before anything is loaded
     net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose)
     if encoder_batch_size is not None and hasattr(encoder, "batch_size"):
         encoder.batch_size = encoder_batch_size
@@ -376,7 +376,7 @@ def generate_images(
         # No autograd: it would only waste memory. Autocast and TF32 for the sampler only.
         old_tf32 = misc.set_tf32(True) if tf32 else None
         try:
-            with torch.no_grad(), misc.autocast(precision):
+            with torch.no_grad(), misc.autocast(precision, device.type):
                 latents = sampler(
                     net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
                 )
@@ -578,7 +578,7 @@ Presets (see config_presets for the exact models and guidance):
 )
 @click.option(
     "--precision",
-    help="fp32, fp16 or bf16 (autocast); fp16 and bf16 need CUDA  [default: the network's own, fp16 on CUDA]",
+    help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
     metavar="NAME",
     type=click.Choice(misc.PRECISIONS),
 )

@@ -12,9 +12,11 @@ Variants (``--variants``, comma-separated):
     eager           the network as it is, float32 (the reference's speed)
     pre             eager, with every MPConv's eval-mode weight precomputed once (a prototype)
     cl              eager, channels_last memory format for weights and activations (a prototype)
-    compiled        torch.compile(net, fullgraph=True), as ``generate_images(..., compile=True)`` runs it
+    compiled        torch.compile(net, fullgraph=True)
     compiled-pre    torch.compile of the network with precomputed weights
-    compiled-freeze torch.compile with inductor's ``freezing`` (weights folded in as constants)
+    compiled-freeze torch.compile with inductor's ``freezing``, as ``generate_images(..., compile=True)`` runs it
+    eager-bf16      eager under bfloat16 autocast, as ``generate_images(..., precision="bf16")`` runs it
+    compiled-freeze-bf16  both: ``generate_images.py --compile --precision=bf16`` (on a CPU with native bf16)
 
     python benchmarks/sample_throughput.py --threads 1
     python benchmarks/sample_throughput.py --threads 2 --batches=1,16 --steps=8
@@ -33,10 +35,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import generate_images as gi  # noqa: E402
+from torch_utils import misc  # noqa: E402
 from training import networks_edm2  # noqa: E402
 
-VARIANTS = ["eager", "pre", "cl", "compiled", "compiled-pre", "compiled-freeze"]
-DEFAULT_VARIANTS = "eager,pre,compiled,compiled-pre,compiled-freeze"
+VARIANTS = ["eager", "pre", "cl", "compiled", "compiled-pre", "compiled-freeze", "eager-bf16", "compiled-freeze-bf16"]
+DEFAULT_VARIANTS = "eager,pre,compiled,compiled-freeze,eager-bf16,compiled-freeze-bf16"
 
 
 def build_net(
@@ -124,7 +127,20 @@ class ChannelsLast:
         return self.net(x.contiguous(memory_format=torch.channels_last), sigma, labels).contiguous()
 
 
+class BF16Autocast:
+    """Each call under bfloat16 autocast (generate_images wraps its whole sampler call the same way)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, *args, **kwargs):
+        with misc.autocast("bf16", x.device.type):
+            return self.net(x, *args, **kwargs)
+
+
 def make_variant(name: str, net: torch.nn.Module):
+    if name.endswith("-bf16"):
+        return BF16Autocast(make_variant(name[: -len("-bf16")], net))
     if name == "eager":
         return net
     if name == "pre":
@@ -215,7 +231,7 @@ def main(
             med = statistics.median(times[name])
             cpu = statistics.median(cpu_times[name])
             diff = float((outputs["eager"] - outputs[name]).abs().max())
-            compile_cell = f"{first[name]:.1f}" if name.startswith("compiled") else "–"
+            compile_cell = f"{first[name]:.1f}" if "compiled" in name else "–"
             print(
                 f"| {batch} | {name} | {batch / med:.2f} | {batch / max(times[name]):.2f}–{batch / min(times[name]):.2f} | "
                 f"{eager_median / med:.2f}x | {batch / cpu:.2f} | {eager_cpu / cpu:.2f}x | {compile_cell} | {diff:.1e} |",

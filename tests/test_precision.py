@@ -237,11 +237,33 @@ def test_generate_fp32_restores_use_fp16_and_equals_the_default_on_a_cpu():
     assert net.use_fp16 is True
 
 
-def test_generate_refuses_before_loading(tmp_path):
+def test_generate_refuses_before_loading(tmp_path, monkeypatch):
     missing = str(tmp_path / "missing.pkl")  # loading it would fail with "Cannot open"
+    monkeypatch.setattr(misc, "cpu_has_bf16", lambda: False)
     for kwargs, message in [(dict(precision="bf16"), "precision bf16 needs"), (dict(tf32=True), "tf32 needs")]:
         with pytest.raises(ValueError, match=message):
             gi.generate_images(missing, device="cpu", verbose=False, **kwargs)
+    monkeypatch.setattr(misc, "cpu_has_bf16", lambda: True)  # a CPU with native bfloat16 may sample in bf16
+    with pytest.raises(Exception, match="missing.pkl") as failure:
+        gi.generate_images(missing, device="cpu", verbose=False, precision="bf16")
+    assert not isinstance(failure.value, ValueError) or "precision" not in str(failure.value)
+    with pytest.raises(ValueError, match="precision bf16 needs"):  # training on a CPU stays refused
+        misc.resolve_precision("bf16", False, "cpu")
+
+
+def test_generate_bf16_on_a_cpu_is_close_to_fp32(monkeypatch):
+    """bf16 autocast on a CPU (allowed where the CPU has native bfloat16; emulated anywhere else)."""
+    monkeypatch.setattr(misc, "cpu_has_bf16", lambda: True)
+    net = make_net(label_dim=4, seed=1)
+
+    def images(**kwargs):
+        kwargs = dict(seeds=list(range(8)), num_steps=4, verbose=False, device="cpu", **kwargs)
+        return torch.cat([r.images for r in gi.generate_images(net, **kwargs)]).int()
+
+    fp32, bf16 = images(precision="fp32"), images(precision="bf16")
+    diff = (bf16 - fp32).abs().float()
+    assert diff.max() > 0  # bfloat16 was used: 8-bit mantissas change some pixels
+    assert diff.mean() < 2.0 and diff.max() <= 48, (diff.mean(), diff.max())
 
 
 def test_generate_cli_refuses_on_a_cpu(tmp_path, single_process_cli):
@@ -257,6 +279,7 @@ def test_calculate_metrics_gen_passes_precision_through(tmp_path, single_process
     (tmp_path / "ref.pkl").write_bytes(b"not read")
     (tmp_path / "net.pkl").write_bytes(b"not read")
     args = ["gen", "--net", tmp_path / "net.pkl", "--ref", tmp_path / "ref.pkl", "--num", 2]
+    monkeypatch.setattr(misc, "cpu_has_bf16", lambda: False)
     result = single_process_cli(cm.cmdline, *args, "--precision", "bf16")
     assert_one_line_error(result, "precision bf16 needs a CUDA device")  # before the statistics are read
     seen = {}
