@@ -31,6 +31,7 @@ import torch
 import tqdm
 
 import dnnlib
+import generate_images
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence
 
@@ -696,30 +697,16 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     default=32,
     show_default=True,
 )
-@click.option(
-    "--trust-embedded-code", help="Run the code embedded in network pickles (only for pickles you trust)", is_flag=True
-)
-@click.option(
-    "--compile", help="torch.compile the network: faster steps after a one-time compile  [default: off]", is_flag=True
-)
-@click.option(
-    "--precision",
-    help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
-    metavar="NAME",
-    type=click.Choice(misc.PRECISIONS),
-)
-@click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
+@generate_images.sampling_options
 def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile, precision, tf32):
     """Calculate metrics for a given network pickle."""
-    from generate_images import generate_images
-
     with _cli_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dnnlib.util.check_input_file(net, "--net", what="network pickle")
         misc.resolve_precision(precision, False, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
         dist.init()
         ref = _load_ref(ref_path)
-        image_iter = generate_images(
+        image_iter = generate_images.generate_images(
             net,
             seeds=range(seed, seed + num_images),
             max_batch_size=max_batch_size,

@@ -472,6 +472,35 @@ Presets (see config_presets for the exact models and guidance):
   edm2-img64-s-autog-{fid|dino}                    autoguidance"""
 
 
+def sampling_options(fn: Callable) -> Callable:
+    """The options of how networks are loaded and run, shared with ``calculate_metrics.py gen``."""
+    options = [
+        click.option(
+            "--trust-embedded-code",
+            help="Run the code embedded in network pickles (only for pickles you trust)",
+            is_flag=True,
+        ),
+        click.option(
+            "--compile",
+            help="torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  "
+            "[default: off]",
+            is_flag=True,
+        ),
+        click.option(
+            "--precision",
+            help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
+            metavar="NAME",
+            type=click.Choice(misc.PRECISIONS),
+        ),
+        click.option(
+            "--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.command(epilog=_PRESETS_HELP)
 @click.option("--preset", help="Configuration preset", metavar="STR")
 @click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL")
@@ -568,21 +597,7 @@ Presets (see config_presets for the exact models and guidance):
 @click.option(
     "--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1, show_default=True
 )
-@click.option(
-    "--trust-embedded-code", help="Run the code embedded in network pickles (only for pickles you trust)", is_flag=True
-)
-@click.option(
-    "--compile",
-    help="torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  [default: off]",
-    is_flag=True,
-)
-@click.option(
-    "--precision",
-    help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
-    metavar="NAME",
-    type=click.Choice(misc.PRECISIONS),
-)
-@click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
+@sampling_options
 def cmdline(preset: Optional[str], **opts: Any) -> None:
     """Generate random images using the given model.
 

@@ -312,11 +312,8 @@ def resolve_precision(
         precision = "fp16" if use_fp16 and device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f'unknown precision "{precision}"; choose from {", ".join(PRECISIONS)}')
-    if precision == "bf16" and device.type == "cpu" and cpu_bf16 and cpu_has_bf16():
-        precision_needs_cuda = False
-    else:
-        precision_needs_cuda = precision != "fp32"
-    for what, needs_cuda in [(f"precision {precision}", precision_needs_cuda), ("tf32", tf32)]:
+    bf16_on_cpu = precision == "bf16" and device.type == "cpu" and cpu_bf16 and cpu_has_bf16()
+    for what, needs_cuda in [(f"precision {precision}", precision != "fp32" and not bf16_on_cpu), ("tf32", tf32)]:
         if needs_cuda and device.type != "cuda":
             extra = " or a CPU with native bfloat16 (AVX512-BF16, AMX)" if precision == "bf16" and cpu_bf16 else ""
             raise ValueError(f"{what} needs a CUDA device{extra}, not {device.type}")
