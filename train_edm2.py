@@ -355,10 +355,10 @@ def setup_monitor_kwargs(
     m.grid = grid if grid is not None else (_cpu_grid if is_cpu_preset(preset) else 64)
     m.metrics = []
     if metrics:
-        import calculate_metrics  # lazily: only runs with metrics need it
+        from training.metrics import parse_metric_list  # lazily: only runs with metrics need it
 
         try:
-            m.metrics = calculate_metrics.parse_metric_list(metrics)
+            m.metrics = parse_metric_list(metrics)
         except ValueError as err:
             raise ValueError(f"--metrics: {err}") from None
         if metrics_ref is None:

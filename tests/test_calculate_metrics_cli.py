@@ -90,7 +90,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def detectors(monkeypatch):
     """fid -> PoolDetector (exact features), fd_dinov2 -> ConvDetector (counts its calls)."""
-    monkeypatch.setattr(cm, "_detector_cache", {})
+    monkeypatch.setattr("training.metrics._detector_cache", {})
     dets = dnnlib.EasyDict(fid=md.PoolDetector(), fd_dinov2=md.ConvDetector(seed=2))
     for metric, det in dets.items():
         cm.register_detector(metric, det)
@@ -272,8 +272,8 @@ def closed_port_url(path):
 
 def test_bad_destination_fails_before_any_work(data, run_cli, tmp_path, monkeypatch, cache_dir):
     # No detectors registered: setting one up would try the unreachable URL.
-    monkeypatch.setattr(cm, "_detector_cache", {})
-    monkeypatch.setattr(cm, "INCEPTION_URL", closed_port_url("inception.pkl"))
+    monkeypatch.setattr("training.metrics._detector_cache", {})
+    monkeypatch.setattr("training.metrics.INCEPTION_URL", closed_port_url("inception.pkl"))
     monkeypatch.delenv("EDM2_INCEPTION_PKL", raising=False)
     (tmp_path / "folder.pkl").mkdir()
     blocker = tmp_path / "file.txt"

@@ -367,7 +367,7 @@ def test_dinov2_preprocess_resize(res):
 
 @pytest.fixture
 def clean_detectors(monkeypatch):
-    monkeypatch.setattr(cm, "_detector_cache", {})
+    monkeypatch.setattr("training.metrics._detector_cache", {})
     for var in ("EDM2_INCEPTION_PKL", "EDM2_DINOV2_REPO"):
         monkeypatch.delenv(var, raising=False)
 
@@ -390,7 +390,7 @@ def test_inception_from_local_file(tmp_path, monkeypatch, clean_detectors):
 
 def test_inception_from_url_is_cached(http_server, cache_dir, monkeypatch, clean_detectors):
     http_server.routes["/metrics/inception-2015-12-05.pkl"] = pickle.dumps(md.TinyInception())
-    monkeypatch.setattr(cm, "INCEPTION_URL", http_server.url("/metrics/inception-2015-12-05.pkl"))
+    monkeypatch.setattr("training.metrics.INCEPTION_URL", http_server.url("/metrics/inception-2015-12-05.pkl"))
     for _ in range(2):
         det = cm.InceptionV3Detector(verbose=False)
         assert det(torch.from_numpy(random_images(2))).shape == (2, 6)

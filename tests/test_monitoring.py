@@ -208,7 +208,7 @@ def test_monitoring_changes_nothing_and_metrics_match_gen(tiny_data, tmp_path, m
     """Monitoring with metrics (fid by a stand-in detector, fd_dinov2 unavailable) against a run
     without monitoring: the same snapshots and losses; one line about fd_dinov2; fid per snapshot
     equal to calculate_metrics gen on that snapshot file."""
-    monkeypatch.setattr(cm, "_detector_cache", {})
+    monkeypatch.setattr("training.metrics._detector_cache", {})
     cm.register_detector("fid", md.PoolDetector())
     monkeypatch.setenv("EDM2_DINOV2_REPO", str(tmp_path / "no-such-repo"))
     monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "cache"))

@@ -3,7 +3,7 @@
 ``TrainingMonitor`` is driven by a few one-line hooks of the training loop and never changes the training math: it
 reads the loss tensor, the noise levels the loss drew (as the network receives them) and the gradients, and samples
 from copies of the EMA networks with generators of its own. Unlike ``training_loop.py`` this module is not embedded
-in network pickles, so it may import TensorBoard, PIL and the sampling and metric scripts (lazily, where they are
+in network pickles, so it may import TensorBoard, PIL and the sampling and metrics libraries (lazily, where they are
 needed). What it writes (event files, ``samples-*.png``, ``metrics-*.jsonl``, extra statistics) is described in the
 README, "Watching a run".
 """
@@ -94,27 +94,19 @@ def sample_grid(
     max_batch_size: int = 64,
     **sampler_kwargs: Any,
 ) -> tuple[np.ndarray, int, int]:
-    """Sample the grid with the default EDM sampler. Cell (r, c) is the image that
-    ``generate_images(net, seeds=[c], class_idx=r)`` gives: noise from the seed's own generator,
-    the class drawn and then overridden, as there. Returns (HWC uint8 grid, rows, cols)."""
-    from generate_images import StackedRandomGenerator, edm_sampler
+    """Sample the grid in this process alone: cell (r, c) is the image of seed c and (for a conditional
+    net) class r, as ``generate_images(net, seeds=[c], class_idx=r)`` gives it. Returns (HWC uint8 grid,
+    rows, cols)."""
+    from training.sampling import generate_images
 
     rows, cols = grid_shape(num_images, net.label_dim)
     seeds = list(range(cols)) * rows  # A column shares its noise; row r has class r.
-    classes = [r for r in range(rows) for _ in range(cols)]
-    images = []
-    for start in range(0, len(seeds), max_batch_size):
-        batch_seeds, batch_classes = seeds[start : start + max_batch_size], classes[start : start + max_batch_size]
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        labels = None
-        if net.label_dim > 0:
-            rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)  # drawn, as generate_images does
-            labels = torch.eye(net.label_dim, device=device)[torch.tensor(batch_classes, device=device)]
-        with torch.no_grad():
-            latents = edm_sampler(net=net, noise=noise, labels=labels, randn_like=rnd.randn_like, **sampler_kwargs)
-            images.append(encoder.decode(latents).permute(0, 2, 3, 1).cpu().numpy())
-    images = np.concatenate(images)
+    classes = [r for r in range(rows) for _ in range(cols)] if net.label_dim > 0 else None
+    batches = generate_images(
+        net, encoder=encoder, seeds=seeds, class_idx=classes, max_batch_size=max_batch_size, verbose=False,
+        device=device, distributed=False, encoder_batch_size=None, **sampler_kwargs,
+    )  # fmt: skip
+    images = np.concatenate([r.images.permute(0, 2, 3, 1).cpu().numpy() for r in batches])
     if images.shape[3] == 1:
         images = np.repeat(images, 3, axis=3)
     return tile_grid(images, rows, cols), rows, cols
@@ -171,9 +163,9 @@ class TrainingMonitor:
             if metrics_ref is None:
                 raise ValueError("metrics during training need reference statistics (metrics_ref)")
             if self.rank == 0:
-                import calculate_metrics
+                from training.metrics import load_stats
 
-                self._ref_stats = calculate_metrics.load_stats(metrics_ref, verbose=False)
+                self._ref_stats = load_stats(metrics_ref, verbose=False)
         if tensorboard and self.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -266,13 +258,13 @@ class TrainingMonitor:
 
     def _check_detectors(self) -> None:
         """Load each metric's detector once; drop (with one line in the log) those that fail."""
-        import calculate_metrics
+        from training.metrics import get_detector
 
         available = []
         for metric in self.metrics:
             message = None
             try:
-                calculate_metrics.get_detector(metric, verbose=False)
+                get_detector(metric, verbose=False)
             except Exception as err:  # e.g. offline without the detector's files
                 message = err.format_message() if hasattr(err, "format_message") else str(err)
             if _all_ranks_agree(message is None, self.device):
@@ -285,8 +277,8 @@ class TrainingMonitor:
         self._detectors_checked = True
 
     def _compute_metrics(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
-        import calculate_metrics
-        from generate_images import generate_images
+        from training.metrics import calculate_metrics_from_stats, calculate_stats_for_iterable
+        from training.sampling import generate_images
 
         if not self._detectors_checked:
             self._check_detectors()
@@ -299,13 +291,11 @@ class TrainingMonitor:
             snapshot_net, encoder=self._sampling_encoder, seeds=seeds, max_batch_size=self.metrics_batch, **kwargs
         )
         last = None
-        for result in calculate_metrics.calculate_stats_for_iterable(image_iter, metrics=self.metrics, **kwargs):
+        for result in calculate_stats_for_iterable(image_iter, metrics=self.metrics, **kwargs):
             last = result
         if self.rank != 0:
             return
-        results = calculate_metrics.calculate_metrics_from_stats(
-            last.stats, self._ref_stats, metrics=self.metrics, verbose=False
-        )
+        results = calculate_metrics_from_stats(last.stats, self._ref_stats, metrics=self.metrics, verbose=False)
         seconds = time.time() - start
         record = dict(results=results, kimg=kimg, num_images=self.metrics_images, seed=self.metrics_seed)
         record.update(ref=self.metrics_ref, timestamp=time.time())

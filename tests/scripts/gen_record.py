@@ -23,6 +23,7 @@ if _REPO not in sys.path:
 
 import generate_images as gi  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
+from training import sampling  # noqa: E402
 
 
 class RecordingGenerator(gi.StackedRandomGenerator):
@@ -59,12 +60,12 @@ def split_command_lines(argv: Sequence[str]) -> list[list[str]]:
 def run_recorded(args: Sequence[str]) -> dict[int, list[tuple[str, torch.Tensor]]]:
     """Run one generate_images.py command line in this process and return the draws per seed."""
     RecordingGenerator.records = {}
-    original = gi.StackedRandomGenerator
-    gi.StackedRandomGenerator = RecordingGenerator
+    original = sampling.StackedRandomGenerator
+    sampling.StackedRandomGenerator = RecordingGenerator  # the library's, which generate_images() uses
     try:
         gi.cmdline.main(list(args), standalone_mode=False)
     finally:
-        gi.StackedRandomGenerator = original
+        sampling.StackedRandomGenerator = original
     return RecordingGenerator.records
 
 
