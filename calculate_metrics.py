@@ -6,17 +6,15 @@ Fréchet distance live in ``training/metrics.py``; this script re-exports them, 
 against the reference (``calculate_metrics.calculate_stats_for_iterable``, ...) keep working.
 """
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import click
 import tqdm
 
 import dnnlib
-import generate_images
+from torch_utils import cli, misc
 from torch_utils import distributed as dist
-from torch_utils import misc
 from training.metrics import (  # noqa: F401 -- re-exported: the names of the reference's calculate_metrics.py
     DINOV2_WEIGHTS_URL,
     INCEPTION_URL,
@@ -38,28 +36,10 @@ from training.metrics import (  # noqa: F401 -- re-exported: the names of the re
     register_detector,
     save_stats,
 )
+from training.sampling import generate_images
 
 # ----------------------------------------------------------------------------
 # Command line.
-
-
-class MetricListParam(click.ParamType):
-    name = "LIST"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[str]:
-        try:
-            return parse_metric_list(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-@contextlib.contextmanager
-def _cli_errors() -> Iterator[None]:
-    """Library errors (bad input, unreadable files) become click's one-line error."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 def _load_ref(ref_path: str) -> Optional[dict]:
@@ -113,7 +93,7 @@ _metrics_option = click.option(
     "--metrics",
     help="List of metrics to compute",
     metavar="LIST",
-    type=MetricListParam(),
+    type=cli.ParsedParam(parse_metric_list),
     default="fid,fd_dinov2",
     show_default=True,
 )
@@ -157,7 +137,7 @@ _workers_option = click.option(
 @_workers_option
 def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers):
     """Calculate metrics for a given set of images."""
-    with _cli_errors():
+    with cli.one_line_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dist.init()
         batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers)
@@ -195,16 +175,16 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     default=32,
     show_default=True,
 )
-@generate_images.sampling_options
+@cli.sampling_options
 def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile, precision, tf32):
     """Calculate metrics for a given network pickle."""
-    with _cli_errors():
+    with cli.one_line_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dnnlib.util.check_input_file(net, "--net", what="network pickle")
         misc.resolve_precision(precision, False, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
         dist.init()
         ref = _load_ref(ref_path)
-        image_iter = generate_images.generate_images(
+        image_iter = generate_images(
             net,
             seeds=range(seed, seed + num_images),
             max_batch_size=max_batch_size,
@@ -224,7 +204,7 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded
 @_workers_option
 def ref(image_path, dest_path, metrics, max_batch_size, num_workers):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
-    with _cli_errors():
+    with cli.one_line_errors():
         dnnlib.util.check_output_file(dest_path, "--dest", what="statistics file")
         dist.init()
         batches = _image_file_batches(image_path, None, 0, max_batch_size, num_workers)

@@ -39,23 +39,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dnnlib
-import train_edm2  # its table of training presets
-from torch_utils import persistence
+from torch_utils import cli, persistence
+from training import presets
 
 # ----------------------------------------------------------------------------
-# Training presets: the network each `train_edm2.py --preset` of the paper builds (from its table,
-# train_edm2.config_presets), sized for the 64×64 latents of img512 (4 channels) or the 64×64
+# Training presets: the network each `train_edm2.py --preset` of the paper builds (from the table
+# training.presets.config_presets), sized for the 64×64 latents of img512 (4 channels) or the 64×64
 # pixels of img64 (3 channels), 1000 classes.
 
 PRESETS: dict[str, dict] = {
     name: dict(
-        train_edm2.preset_network_kwargs(name),
+        presets.preset_network_kwargs(name),
         img_resolution=64,
         img_channels=(4 if "-img512-" in name else 3),
         label_dim=1000,
     )
-    for name in train_edm2.config_presets
-    if not train_edm2.is_cpu_preset(name)
+    for name in presets.config_presets
+    if not presets.is_cpu_preset(name)
 }
 
 
@@ -334,7 +334,7 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
     device = device or ("cuda" if torch.cuda.is_available() else "meta")
-    try:
+    with cli.one_line_errors():
         if network in PRESETS and not os.path.exists(network):  # An existing file of that name wins.
             net = build_preset_network(network, device=device)
         elif dnnlib.util.is_url(network, allow_file_urls=True) or os.path.isfile(network):
@@ -344,8 +344,6 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
                 f"{network!r} is not a network pickle, a URL or a training preset ({', '.join(PRESETS)})"
             )
         count_flops(net, device=device, verbose=True)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 if __name__ == "__main__":

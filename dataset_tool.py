@@ -17,7 +17,6 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Optional
 
@@ -27,7 +26,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
-from torch_utils import distributed, misc
+from torch_utils import cli, distributed, misc
 from training.dataset import check_labelled_files_exist, file_ext, image_extensions, list_folder
 
 # ----------------------------------------------------------------------------
@@ -489,19 +488,8 @@ def cmdline() -> None:
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=decoded/
     """
-    try:
+    with cli.one_line_errors():
         distributed.refuse_torchrun("dataset_tool.py")
-    except distributed.SingleProcessOnly as err:
-        raise click.ClickException(str(err)) from None
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Bad input (a library ValueError or OSError) as click's one-line error, without a traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 def _resolution_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple]:
@@ -555,7 +543,7 @@ def convert(
                                full input width, not stretched (skips the same images)
       center-crop-dhariwal     ADM's ImageNet recipe: box-filter halving, bicubic, centre crop
     """
-    with _one_line_errors():
+    with cli.one_line_errors():
         convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
 
 
@@ -567,7 +555,7 @@ def convert(
 @_batch_option
 def encode(model_url: str, source: str, dest: str, max_images: Optional[int], batch: int) -> None:
     """Encode images into VAE latents (mean and std, float32 .npy)."""
-    with _one_line_errors():
+    with cli.one_line_errors():
         encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch)
 
 
@@ -585,7 +573,7 @@ def decode(
     model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
 ) -> None:
     """Decode VAE latents written by encode back into PNG images."""
-    with _one_line_errors():
+    with cli.one_line_errors():
         decode_dataset(source, dest, model_url=model_url, max_images=max_images, sample=sample, seed=seed, batch=batch)
 
 

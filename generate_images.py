@@ -5,14 +5,15 @@ script re-exports them, so that scripts written against the reference
 (``from generate_images import generate_images, edm_sampler, StackedRandomGenerator``) keep working.
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 import tqdm
 
 import dnnlib
+from torch_utils import cli
 from torch_utils import distributed as dist
-from torch_utils import misc
+from torch_utils.cli import sampling_options
 from training.sampling import (  # noqa: F401 -- re-exported: the names of the reference's generate_images.py
     StackedRandomGenerator,
     edm_sampler,
@@ -89,18 +90,6 @@ config_presets = {
 # Command line.
 
 
-class IntListParam(click.ParamType):
-    """click type for ``--seeds``: comma-separated integers and inclusive ranges ``a-b``."""
-
-    name = "LIST"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[int]:
-        try:
-            return parse_int_list(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
 def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDict:
     """Apply a preset (options given explicitly, i.e. not None, win) and check the result.
     Guidance 1 drops the guiding network, so it is never loaded."""
@@ -133,35 +122,6 @@ Presets (see config_presets for the exact models and guidance):
   edm2-img64-s-autog-{fid|dino}                    autoguidance"""
 
 
-def sampling_options(fn: Callable) -> Callable:
-    """The options of how networks are loaded and run, shared with ``calculate_metrics.py gen``."""
-    options = [
-        click.option(
-            "--trust-embedded-code",
-            help="Run the code embedded in network pickles (only for pickles you trust)",
-            is_flag=True,
-        ),
-        click.option(
-            "--compile",
-            help="torch.compile the networks: faster steps after a one-time compile of tens of seconds or more  "
-            "[default: off]",
-            is_flag=True,
-        ),
-        click.option(
-            "--precision",
-            help="fp32, fp16 or bf16 (autocast); fp16 needs CUDA, bf16 CUDA or a bf16 CPU  [default: the network's own]",
-            metavar="NAME",
-            type=click.Choice(misc.PRECISIONS),
-        ),
-        click.option(
-            "--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
 @click.command(epilog=_PRESETS_HELP)
 @click.option("--preset", help="Configuration preset", metavar="STR")
 @click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL")
@@ -172,7 +132,7 @@ def sampling_options(fn: Callable) -> Callable:
     "--seeds",
     help="List of random seeds (e.g. 1,2,5-10)",
     metavar="LIST",
-    type=IntListParam(),
+    type=cli.ParsedParam(parse_int_list),
     default="16-19",
     show_default=True,
 )
@@ -274,7 +234,7 @@ def cmdline(preset: Optional[str], **opts: Any) -> None:
         --preset=edm2-img512-s-guid-fid --outdir=out --subdirs --seeds=0-49999
     """
     opts = resolve_options(preset, **opts)
-    try:
+    with cli.one_line_errors():  # e.g. a bad pickle, a full disk
         dnnlib.util.check_output_dir(opts.outdir, "--outdir")
         for option in ("net", "gnet"):
             if opts[option] is not None:
@@ -282,8 +242,6 @@ def cmdline(preset: Optional[str], **opts: Any) -> None:
         dist.init()
         for _r in tqdm.tqdm(generate_images(**opts), unit="batch", disable=(dist.get_rank() != 0)):
             pass
-    except (ValueError, OSError) as err:  # e.g. a bad pickle, a full disk
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import pickle
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import click
 import numpy as np
@@ -24,8 +24,8 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import cli, persistence
 from torch_utils import distributed as dist
-from torch_utils import persistence
 from training import phema
 
 MAX_STD = 0.289  # sigma_rel of a flat average is sqrt(1/12) ~= 0.2887; longer profiles do not exist.
@@ -108,20 +108,6 @@ def parse_std_list(s: Union[str, float, Sequence[float]]) -> list[float]:
         if n0 == n1:
             raise ValueError(f"{v0:g} and {v1:g} would both be saved as '-{n0}.pkl'")
     return values
-
-
-class StdList(click.ParamType):
-    """Click type for ``--outstd`` / ``--instd``."""
-
-    name = "list"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
-        if isinstance(value, list):
-            return value
-        try:
-            return parse_std_list(value)
-        except ValueError as e:
-            self.fail(f"{value!r}: {e}", param, ctx)
 
 
 # ----------------------------------------------------------------------------
@@ -344,14 +330,19 @@ def _print_plan(in_pkls, out_nimg, out_std, out_dir, num_batches) -> None:
 @click.command()
 @click.option("--indir", help="Directory with the input snapshots", metavar="DIR", type=str, required=True)
 @click.option("--inprefix", help="Use only inputs with this file name prefix", metavar="STR", type=str, default=None)
-@click.option("--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=StdList())
+@click.option(
+    "--instd",
+    help="Use only inputs with these sigma_rel values",
+    metavar="LIST",
+    type=cli.ParsedParam(parse_std_list, quote=True),
+)
 @click.option("--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", required=True)
 @click.option("--outprefix", help="Output file name prefix", metavar="STR", default="phema", show_default=True)
 @click.option(
     "--outstd",
     help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250",
     metavar="LIST",
-    type=StdList(),
+    type=cli.ParsedParam(parse_std_list, quote=True),
     required=True,
 )
 @click.option(
@@ -385,7 +376,7 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
     if out_nimg is not None and out_nimg // 1000 != outkimg:
         raise click.BadParameter(f"{outkimg} is not the time of a snapshot", param_hint="'--outkimg'")
-    try:
+    with cli.one_line_errors():
         dist.refuse_torchrun("reconstruct_phema.py")
         dnnlib.util.check_input_dir(indir, "--indir")
         dnnlib.util.check_output_dir(outdir, "--outdir")
@@ -412,8 +403,6 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
         saved = []
         for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):
             saved += [out.pkl_path for out in step.outputs]
-    except (ValueError, OSError, dist.SingleProcessOnly) as err:
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
     for path in saved:
         print(f"Saved {path}")
     print("Done.")

@@ -26,80 +26,17 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import cli, misc
 from torch_utils import distributed as dist
-from torch_utils import misc
 from training import training_loop
+from training.presets import (  # noqa: F401 -- config_presets: the reference's train_edm2.config_presets
+    config_presets,
+    io_defaults,
+    is_cpu_preset,
+    preset_network_kwargs,
+)
 
 warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")  # DDP on channels-last grads
-
-# ----------------------------------------------------------------------------
-# Configuration presets: the one table of training presets (also read by count_flops.py and the
-# help text).
-#
-# The paper's presets (its training configurations) set the duration, batch, model width,
-# learning rate and decay, dropout and the noise distribution; the network keeps the paper's
-# architecture (channel_mult [1,2,3,4], num_blocks 3, attention at 16x16 and 8x8).
-#
-# The CPU presets go further, because the paper's recipe does not scale down by width alone (a
-# 64-channel XXS model still has 31M parameters): a narrow, shallow network (~0.3M parameters) with
-# attention only at 4x4 (16 channels per head, so that these blocks have heads); the pixel-space
-# noise distribution P_mean -0.8 / P_std 1.6, because small batches rarely draw the high noise
-# levels that sampling starts from with -0.4 / 1.0; the learning-rate ramp-up and decay scaled down
-# to a run of a few minutes on two cores; frequent status lines, snapshots and checkpoints. The
-# README ("CPU-scale presets") tabulates them.
-
-# fmt: off
-config_presets = {
-    'edm2-img512-xxs':  dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=64,  lr=0.0170, decay=70000, dropout=0.00, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-xs':   dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=128, lr=0.0120, decay=70000, dropout=0.00, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-s':    dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=192, lr=0.0100, decay=70000, dropout=0.00, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-m':    dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-l':    dnnlib.EasyDict(duration=1792 << 20, batch=2048, channels=320, lr=0.0080, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-xl':   dnnlib.EasyDict(duration=1280 << 20, batch=2048, channels=384, lr=0.0070, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0),
-    'edm2-img512-xxl':  dnnlib.EasyDict(duration=896 << 20,  batch=2048, channels=448, lr=0.0065, decay=70000, dropout=0.10, P_mean=-0.4, P_std=1.0),
-    'edm2-img64-xs':    dnnlib.EasyDict(duration=1024 << 20, batch=2048, channels=128, lr=0.0120, decay=35000, dropout=0.00, P_mean=-0.8, P_std=1.6),
-    'edm2-img64-s':     dnnlib.EasyDict(duration=1024 << 20, batch=2048, channels=192, lr=0.0100, decay=35000, dropout=0.00, P_mean=-0.8, P_std=1.6),
-    'edm2-img64-m':     dnnlib.EasyDict(duration=2048 << 20, batch=2048, channels=256, lr=0.0090, decay=35000, dropout=0.10, P_mean=-0.8, P_std=1.6),
-    'edm2-img64-l':     dnnlib.EasyDict(duration=1024 << 20, batch=2048, channels=320, lr=0.0080, decay=35000, dropout=0.10, P_mean=-0.8, P_std=1.6),
-    'edm2-img64-xl':    dnnlib.EasyDict(duration=640 << 20,  batch=2048, channels=384, lr=0.0070, decay=35000, dropout=0.10, P_mean=-0.8, P_std=1.6),
-
-    # CPU scale (see above). cpu-16 suits 16x16 data such as scikit-learn's digits upscaled;
-    # cpu-32 suits 32x32 data such as Fashion-MNIST padded to 32x32.
-    'cpu-16':           dnnlib.EasyDict(duration=64 << 10,   batch=64,   channels=16,  lr=0.0100, decay=1000,  dropout=0.00, P_mean=-0.8, P_std=1.6,
-                                        channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=4 << 10,
-                                        status=4 << 10, snapshot=16 << 10, checkpoint=16 << 10),
-    'cpu-32':           dnnlib.EasyDict(duration=32 << 10,   batch=32,   channels=16,  lr=0.0100, decay=500,   dropout=0.00, P_mean=-0.8, P_std=1.6,
-                                        channel_mult=[1, 2, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, rampup=2 << 10,
-                                        status=2 << 10, snapshot=8 << 10, checkpoint=8 << 10),
-}
-# fmt: on
-
-# Defaults of the options that a preset may also set.
-_io_defaults = dict(status=128 << 10, snapshot=8 << 20, checkpoint=128 << 20)
-
-# Network options that only the CPU presets set (the paper's presets keep the UNet defaults).
-_ARCH_KEYS = ["channel_mult", "num_blocks", "attn_resolutions", "channels_per_head"]
-
-
-def is_cpu_preset(name: str) -> bool:
-    return name.startswith("cpu-")
-
-
-def preset_network_kwargs(
-    preset: str, channels: Optional[int] = None, dropout: Optional[float] = None, use_fp16: Optional[bool] = None
-) -> dnnlib.EasyDict:
-    """The ``network_kwargs`` that a preset trains (None = the preset's value; use_fp16 None = unset)."""
-    p = config_presets[preset]
-    kwargs = dnnlib.EasyDict(
-        class_name="training.networks_edm2.Precond",
-        model_channels=(p.channels if channels is None else channels),
-        dropout=(p.dropout if dropout is None else dropout),
-    )
-    if use_fp16 is not None:
-        kwargs.use_fp16 = use_fp16
-    kwargs.update({key: copy.deepcopy(p[key]) for key in _ARCH_KEYS if key in p})
-    return kwargs
-
 
 # ----------------------------------------------------------------------------
 # Resolving the configuration.
@@ -116,16 +53,6 @@ def parse_nimg(s: Any) -> int:
     return int(match.group(1)) << shift
 
 
-class NimgParamType(click.ParamType):
-    name = "nimg"
-
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
-        try:
-            return parse_nimg(value)
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
-
-
 def _open_dataset(dataset_kwargs: dict) -> Any:
     try:
         return dnnlib.util.construct_class_by_name(**dataset_kwargs)
@@ -133,15 +60,13 @@ def _open_dataset(dataset_kwargs: dict) -> Any:
         raise ValueError(f"--data: {dnnlib.util.one_line(err)}") from None
 
 
-def _resolve_precision(precision: Optional[str], fp16: Optional[bool], tf32: bool) -> tuple[str, bool]:
-    """The precision of the run on this device and network_kwargs.use_fp16 (None = unset option)."""
-    if precision is not None and fp16 is not None and fp16 != (precision == "fp16"):
+def precision_of_fp16(precision: Optional[str], fp16: Optional[bool]) -> Optional[str]:
+    """``--fp16`` (the reference's option) as the alias it is: True = ``--precision=fp16``, False = fp32."""
+    if fp16 is None:
+        return precision
+    if precision not in (None, "fp16" if fp16 else "fp32"):
         raise ValueError(f"--precision={precision} contradicts --fp16={fp16}")
-    use_fp16 = fp16 if fp16 is not None else precision in (None, "fp16")
-    try:
-        return misc.resolve_precision(precision, use_fp16, misc.default_device(), tf32), use_fp16
-    except ValueError as err:
-        raise ValueError(f"--{'precision' if precision not in (None, 'fp32') else 'tf32'}: {err}") from None
+    return "fp16" if fp16 else "fp32"
 
 
 def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **opts: Any) -> dnnlib.EasyDict:
@@ -150,10 +75,15 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     if preset not in config_presets:
         raise ValueError(f'--preset: unknown preset "{preset}"; choose from {", ".join(config_presets)}')
     opts = dnnlib.EasyDict({key: value for key, value in opts.items() if value is not None})
-    opts = dnnlib.EasyDict({**_io_defaults, **copy.deepcopy(config_presets[preset]), **opts})  # explicit options win
+    opts = dnnlib.EasyDict({**io_defaults, **copy.deepcopy(config_presets[preset]), **opts})  # explicit options win
     if opts.channels < 64 and not is_cpu_preset(preset):
         raise ValueError(f"--channels: {opts.channels} is below 64, which only the CPU presets (cpu-*) allow")
-    precision, use_fp16 = _resolve_precision(opts.get("precision"), opts.get("fp16"), opts.get("tf32", False))
+    precision = precision_of_fp16(opts.get("precision"), opts.get("fp16"))
+    use_fp16 = precision in (None, "fp16")  # None: the reference's default, float16 wherever it runs (CUDA)
+    try:
+        precision = misc.resolve_precision(precision, use_fp16, misc.default_device(), opts.get("tf32", False))
+    except ValueError as err:
+        raise ValueError(f"--{'precision' if precision not in (None, 'fp32') else 'tf32'}: {err}") from None
 
     # Dataset and encoder: 3 channels are RGB pixels, 8 are the mean and std of Stable Diffusion VAE latents.
     if opts.get("data") is None:
@@ -436,8 +366,8 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     "--preset", help="Configuration preset", metavar="STR", type=str, default="edm2-img512-s", show_default=True
 )
 # Hyperparameters.
-@click.option("--duration", help="Training duration", metavar="NIMG", type=NimgParamType())
-@click.option("--batch", help="Total batch size", metavar="NIMG", type=NimgParamType())
+@click.option("--duration", help="Training duration", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
+@click.option("--batch", help="Total batch size", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
 @click.option(
     "--channels",
     help="Channel multiplier (>= 64 except for cpu-* presets)",
@@ -469,7 +399,7 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     "--batch-gpu",
     help="Limit batch size per process (0 = no limit)",
     metavar="NIMG",
-    type=NimgParamType(),
+    type=cli.ParsedParam(parse_nimg, "nimg"),
     default=0,
     show_default=True,
 )
@@ -506,19 +436,19 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     "--status",
     help="Interval of status prints (0 = off)  [default: 128Ki; cpu-* presets: their own]",
     metavar="NIMG",
-    type=NimgParamType(),
+    type=cli.ParsedParam(parse_nimg, "nimg"),
 )
 @click.option(
     "--snapshot",
     help="Interval of network snapshots (0 = off)  [default: 8Mi; cpu-* presets: their own]",
     metavar="NIMG",
-    type=NimgParamType(),
+    type=cli.ParsedParam(parse_nimg, "nimg"),
 )
 @click.option(
     "--checkpoint",
     help="Interval of training checkpoints (0 = off)  [default: 128Mi; cpu-* presets: their own]",
     metavar="NIMG",
-    type=NimgParamType(),
+    type=cli.ParsedParam(parse_nimg, "nimg"),
 )
 @click.option("--seed", help="Random seed", metavar="INT", type=int, default=0, show_default=True)
 # Watching the run (see README "Watching a run").
@@ -575,7 +505,7 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
         torch.multiprocessing.set_start_method("spawn", force=True)
     if dist.is_distributed():
         dist.init()  # under torchrun: know the ranks before printing or validating anything
-    try:
+    with cli.one_line_errors():
         dist.print0("Setting up training config...")
         monitor_opts = {
             key: opts.pop(key) for key in ["tensorboard", "grid", "metrics", "metrics_images", "metrics_ref"]
@@ -598,8 +528,6 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
         check_run_dir(outdir, c)  # before the process group of a single process
         dist.init()  # a single process gets a process group of one
         launch_training(run_dir=outdir, c=c, preset=opts["preset"], monitor_kwargs=monitor_kwargs)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(dnnlib.util.one_line(err)) from None
 
 
 # ----------------------------------------------------------------------------

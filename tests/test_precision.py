@@ -48,7 +48,12 @@ def test_resolve_precision(monkeypatch):
     assert misc.resolve_precision(None, True, "cuda") == "fp16"
     assert misc.resolve_precision(None, False, "cuda") == "fp32"
     assert misc.resolve_precision("fp32", True, "cpu") == "fp32"
-    assert misc.resolve_precision("fp16", False, "cuda:0", tf32=True) == "fp16"
+    assert misc.resolve_precision("fp16", None, "cuda:0", tf32=True) == "fp16"  # None: no use_fp16 to agree with
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for precision, use_fp16 in [("fp16", False), ("fp32", True), ("bf16", True)]:  # the networks' float16 disagrees
+        with pytest.raises(ValueError, match=f"^precision {precision} contradicts network_kwargs.use_fp16={use_fp16}"):
+            misc.resolve_precision(precision, use_fp16, "cuda")
+    assert misc.resolve_precision("fp32", True, "cpu") == "fp32"  # use_fp16 has no effect on a CPU
     for precision, tf32, what in [
         ("fp16", False, "precision fp16"),
         ("bf16", False, "precision bf16"),
@@ -62,7 +67,29 @@ def test_resolve_precision(monkeypatch):
     with pytest.raises(ValueError, match="does not support bfloat16"):
         misc.resolve_precision("bf16", True, "cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert misc.resolve_precision("bf16", True, "cuda") == "bf16"
+    assert misc.resolve_precision("bf16", None, "cuda") == "bf16"
+
+
+def test_precision_is_one_value(monkeypatch):
+    """A resolved precision: the name as a string, the networks' use_fp16, bf16 autocast and TF32 in one scope."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    p = misc.resolve_precision("bf16", None, "cuda", tf32=True)
+    assert isinstance(p, misc.Precision) and p == "bf16" and json.loads(json.dumps({"p": p})) == {"p": "bf16"}
+    assert (p.use_fp16, p.tf32, p.device_type) == (False, True, "cuda")
+    assert misc.resolve_precision(p, True, "cpu") is p  # resolved once: passes through
+    assert (
+        misc.resolve_precision(None, True, "cuda").use_fp16 and not misc.resolve_precision(None, True, "cpu").use_fp16
+    )
+    before = misc.set_tf32(False)
+    try:
+        with misc.Precision("bf16", tf32=True, device_type="cpu").scope():  # autocast is testable on a CPU
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.is_autocast_enabled("cpu")
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.is_autocast_enabled("cpu")
+        with misc.resolve_precision("fp32", None, "cpu").scope():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.is_autocast_enabled("cpu")
+    finally:
+        misc.set_tf32(*before)
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # only built here, never entered
@@ -289,7 +316,7 @@ def test_calculate_metrics_gen_passes_precision_through(tmp_path, single_process
         raise ValueError("stop")
 
     monkeypatch.setattr(cm, "_load_ref", lambda ref_path: None)
-    monkeypatch.setattr(gi, "generate_images", fake_generate_images)
+    monkeypatch.setattr(cm, "generate_images", fake_generate_images)
     assert_one_line_error(single_process_cli(cm.cmdline, *args, "--precision", "fp32"), "stop")
     assert (seen["precision"], seen["tf32"]) == ("fp32", False)
 

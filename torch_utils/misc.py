@@ -300,13 +300,52 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+class Precision(str):
+    """A resolved precision: its name (fp32, fp16 or bf16; compares and serialises as that string), whether
+    float32 matmuls may use TF32, and the device type it runs on. ``use_fp16`` is the networks' own float16
+    switch that it implies; ``scope()`` applies it around sampling or a forward pass."""
+
+    tf32: bool
+    device_type: str
+
+    def __new__(cls, name: str, tf32: bool = False, device_type: str = "cuda") -> "Precision":
+        obj = super().__new__(cls, name)
+        obj.tf32, obj.device_type = bool(tf32), device_type
+        return obj
+
+    @property
+    def use_fp16(self) -> bool:
+        return self == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self, self.device_type)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """bfloat16 autocast for bf16, and TF32 allowed when asked for; the previous TF32 flags come back after."""
+        old_tf32 = set_tf32(True) if self.tf32 else None
+        try:
+            with self.autocast():
+                yield
+        finally:
+            if old_tf32 is not None:
+                set_tf32(*old_tf32)
+
+
 def resolve_precision(
-    precision: Optional[str], use_fp16: bool, device: "str | torch.device", tf32: bool = False, cpu_bf16: bool = False
-) -> str:
-    """The precision a network runs at on ``device``: ``precision``, or for None the one of its
-    ``use_fp16``. Raises ValueError for an unknown name, and for fp16, bf16 or TF32 that the device
-    cannot run. ``cpu_bf16`` allows bf16 on a CPU with native bfloat16 (measured faster and close
-    enough for sampling; see docs/performance.md)."""
+    precision: Optional[str],
+    use_fp16: Optional[bool],
+    device: "str | torch.device",
+    tf32: bool = False,
+    cpu_bf16: bool = False,
+) -> Precision:
+    """The one place where a precision is decided: ``precision``, or for None the one that the networks'
+    ``use_fp16`` gives on ``device`` (float16 on CUDA only). Raises ValueError for an unknown name, for fp16,
+    bf16 or TF32 that the device cannot run, and for an fp16 that contradicts ``use_fp16`` on CUDA (None: no
+    such constraint). ``cpu_bf16`` allows bf16 on a CPU with native bfloat16 (for sampling). A ``Precision``
+    passes through unchanged: it was resolved already."""
+    if isinstance(precision, Precision):
+        return precision
     device = torch.device(device)
     if precision is None:
         precision = "fp16" if use_fp16 and device.type == "cuda" else "fp32"
@@ -319,7 +358,9 @@ def resolve_precision(
             raise ValueError(f"{what} needs a CUDA device{extra}, not {device.type}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("precision bf16: this CUDA device does not support bfloat16")
-    return precision
+    if use_fp16 is not None and device.type == "cuda" and (precision == "fp16") != use_fp16:
+        raise ValueError(f"precision {precision} contradicts network_kwargs.use_fp16={use_fp16} on {device.type}")
+    return Precision(precision, tf32, device.type)
 
 
 def autocast(precision: Optional[str], device_type: str = "cuda") -> contextlib.AbstractContextManager:

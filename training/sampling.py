@@ -223,9 +223,9 @@ def _device_of(net: Any) -> torch.device:
 
 
 @contextlib.contextmanager
-def _sampling_mode(net: Any, device: torch.device, precision: Optional[str] = None) -> Iterator[Any]:
+def _sampling_mode(net: Any, device: torch.device, use_fp16: Optional[bool] = None) -> Iterator[Any]:
     """Use a network for sampling: on ``device``, in eval mode (MPConv rewrites its weights in
-    training mode), without gradients and, for a ``precision``, with ``use_fp16`` set to match. The
+    training mode), without gradients and with ``use_fp16`` set (None = the network's own). The
     caller's module is restored afterwards: its device, training flags, requires_grad and use_fp16.
     No dtype change: float16 networks run as stored."""
     if not isinstance(net, torch.nn.Module):
@@ -234,14 +234,14 @@ def _sampling_mode(net: Any, device: torch.device, precision: Optional[str] = No
     old_device = _device_of(net)
     training = [(m, m.training) for m in net.modules()]
     requires_grad = [(p, p.requires_grad) for p in net.parameters()]
-    use_fp16 = getattr(net, "use_fp16", None)
+    own_fp16 = getattr(net, "use_fp16", None)
     try:
-        if precision is not None and use_fp16 is not None:
-            net.use_fp16 = precision == "fp16"
+        if use_fp16 is not None and own_fp16 is not None:
+            net.use_fp16 = use_fp16
         yield net.eval().requires_grad_(False).to(device)
     finally:
-        if use_fp16 is not None:
-            net.use_fp16 = use_fp16
+        if own_fp16 is not None:
+            net.use_fp16 = own_fp16
         net.to(old_device)
         for m, flag in training:
             m.training = flag
@@ -285,7 +285,9 @@ def generate_images(
     this process, without waiting for the others (e.g. rank 0 alone drawing a sample grid).
     """
     device = torch.device(device) if device is not None else misc.default_device()
-    misc.resolve_precision(precision, False, device, tf32, cpu_bf16=True)  # refused before anything is loaded
+    explicit = precision is not None
+    precision = misc.resolve_precision(precision, None, device, tf32, cpu_bf16=True)  # refused before loading
+    use_fp16 = precision.use_fp16 if explicit else None  # None: each network's own
     net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose, distributed)
     if encoder_batch_size is not None and hasattr(encoder, "batch_size"):
         encoder.batch_size = encoder_batch_size
@@ -322,15 +324,10 @@ def generate_images(
             ]
 
         # No autograd: it would only waste memory. Autocast and TF32 for the sampler only.
-        old_tf32 = misc.set_tf32(True) if tf32 else None
-        try:
-            with torch.no_grad(), misc.autocast(precision, device.type):
-                latents = sampler(
-                    net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
-                )
-        finally:
-            if old_tf32 is not None:
-                misc.set_tf32(*old_tf32)
+        with torch.no_grad(), precision.scope():
+            latents = sampler(
+                net=net, noise=r.noise, labels=r.labels, gnet=gnet, randn_like=rnd.randn_like, **sampler_kwargs
+            )
         with torch.no_grad():
             r.images = encoder.decode(latents)
         if outdir is not None:
@@ -339,7 +336,7 @@ def generate_images(
         return r
 
     def run() -> Iterator[dnnlib.EasyDict]:
-        with _sampling_mode(net, device, precision) as main, _sampling_mode(gnet, device, precision) as guide:
+        with _sampling_mode(net, device, use_fp16) as main, _sampling_mode(gnet, device, use_fp16) as guide:
             if compile:  # freezing: inductor may fold and prepack the weights, fixed while sampling (1.12x here)
                 main = CompiledNetwork(main, options=dict(freezing=True))
                 guide = CompiledNetwork(guide, options=dict(freezing=True)) if guide is not None else None

@@ -140,7 +140,7 @@ def training_loop(
     checkpoint_nimg     = 128 << 20,  # Save a training checkpoint every N images; None = disable.
 
     loss_scaling        = 1,        # Loss scaling factor against FP16 under/overflow.
-    precision           = None,     # 'fp32', 'fp16' or 'bf16' (CUDA autocast); None = from network_kwargs.use_fp16.
+    precision           = None,     # 'fp32', 'fp16' or 'bf16' (CUDA autocast), or a misc.Precision; None = from network_kwargs.use_fp16.
     tf32                = False,    # Allow TF32 in CUDA float32 matmuls and convolutions.
     force_finite        = True,     # Replace NaN/Inf gradient entries by zero before the optimizer step.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
@@ -164,10 +164,7 @@ def training_loop(
     device = torch.device(device)
     if device.type != 'cuda' and data_loader_kwargs.get('pin_memory'):
         data_loader_kwargs['pin_memory'] = False  # pinning needs CUDA
-    use_fp16 = network_kwargs.get('use_fp16', True)
-    precision = misc.resolve_precision(precision, use_fp16, device, tf32)
-    if (precision == 'fp16') != (use_fp16 and device.type == 'cuda'):  # fp16 is the network's own
-        raise ValueError(f'precision {precision} contradicts network_kwargs.use_fp16={use_fp16} on {device.type}')
+    precision = misc.resolve_precision(precision, network_kwargs.get('use_fp16', True), device, tf32)
 
     # Initialize.
     start_time = time.time()
