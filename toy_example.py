@@ -45,7 +45,7 @@ TRAIN_HINT = (
 
 def _relative_weights(log_w: torch.Tensor):
     """exp(log_w - shift) and shift = the row maxima. Terms below e^-80 of the largest are raised to e^-80:
-    exp() of large negative numbers is 5x slower on CPUs, and such terms lie far below float32 resolution."""
+    exp() of large negative numbers is much slower on CPUs, and such terms lie far below float32 resolution."""
     shift = log_w.amax(-1, keepdim=True)
     return (log_w - shift).clamp_(min=-80).exp_(), shift
 

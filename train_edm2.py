@@ -428,7 +428,7 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
 @click.option(
     "--compile",
     help="Run the training network through torch.compile (off by default: compiling takes minutes, once per "
-    "run; then 1.4x faster steps for a 1.8M-parameter network on a 2-core CPU)",
+    "run; then faster steps, see docs/performance.md)",
     is_flag=True,
 )
 # I/O-related options.

@@ -63,8 +63,8 @@ def calculate_fd(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: n
 
         tr (sigma1 sigma2)^(1/2) = sum_i sqrt(lambda_i(G^T sigma2 G)),
 
-    which a Cholesky factor, two triangular products and a symmetric eigenvalue solve give an
-    order of magnitude faster than a general matrix square root. Eigenvalues that rounding pushes
+    which a Cholesky factor, two triangular products and a symmetric eigenvalue solve give with far
+    less work than a general matrix square root (docs/performance.md). Eigenvalues that rounding pushes
     below zero count as zero, as they do in the real part of the reference's result.
     """
     mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)

@@ -337,7 +337,7 @@ def generate_images(
 
     def run() -> Iterator[dnnlib.EasyDict]:
         with _sampling_mode(net, device, use_fp16) as main, _sampling_mode(gnet, device, use_fp16) as guide:
-            if compile:  # freezing: inductor may fold and prepack the weights, fixed while sampling (1.12x here)
+            if compile:  # freezing: inductor may fold and prepack the weights, which stay fixed while sampling
                 main = CompiledNetwork(main, options=dict(freezing=True))
                 guide = CompiledNetwork(guide, options=dict(freezing=True)) if guide is not None else None
             for batch_idx, indices in enumerate(batches):
