@@ -6,10 +6,11 @@ available, else the CPU (where float16 is never used). Besides the paper's twelv
 CPU-scale presets (``cpu-16``, ``cpu-32``) for training small class-conditional models on small
 datasets in minutes.
 
-Resuming: rerunning the command continues from the latest checkpoint. Options that change the math
-of the run must equal those in ``training_options.json`` (kept as written at creation); options that
-only change how it runs may differ, and are printed and appended to ``training_options-resume.jsonl``
-(see ``RUNTIME_OPTIONS`` and the README).
+Resuming: rerunning the command continues from the latest checkpoint. Every option must equal the
+one in ``training_options.json`` (kept as written at creation), except the run-time options listed
+in ``RUNTIME_OPTIONS``, which only change how the run goes: their changes are printed into
+``log.txt``. ``--data`` may point elsewhere while the content recorded in ``dataset_identity.json``
+stays the same. A refusal names each differing key path with both values.
 """
 
 import copy
@@ -17,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import time
 import warnings
 from typing import Any, Optional
 
@@ -138,39 +138,22 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
 
 
 # ----------------------------------------------------------------------------
-# The run directory: created with training_options.json and dataset_identity.json; resumed when the
-# options that change the math of the run are the same.
+# The run directory: created with training_options.json (kept as written) and dataset_identity.json;
+# resumed when every option other than the run-time options below is the same.
 
-# Options that only change how a run goes (not its math), with the command-line option that sets them.
-RUNTIME_OPTIONS = {
-    "total_nimg": "--duration",
-    "batch_gpu": "--batch-gpu",
-    "status_nimg": "--status",
-    "snapshot_nimg": "--snapshot",
-    "checkpoint_nimg": "--checkpoint",
-    "cudnn_benchmark": "--bench",
-    "tf32": "--tf32",  # rounds float32 matmuls, like a cuDNN algorithm choice: not the recipe
-    "compile": "--compile",
-    "dataset_kwargs.path": "--data",
-}
-
-# The command-line option behind each option that must match (others come from --preset).
-_MATH_OPTIONS = {
-    "batch_size": "--batch",
-    "network_kwargs.model_channels": "--channels",
-    "network_kwargs.dropout": "--dropout",
-    "network_kwargs.use_fp16": "--fp16",
-    "precision": "--precision",
-    "loss_kwargs.P_mean": "--P_mean",
-    "loss_kwargs.P_std": "--P_std",
-    "lr_kwargs.ref_lr": "--lr",
-    "lr_kwargs.ref_batches": "--decay",
-    "loss_scaling": "--ls",
-    "seed": "--seed",
-    "dataset_kwargs.use_labels": "--cond",
-    "encoder_kwargs.class_name": "--data",
-    "dataset": "--data",
-}
+# Key paths of the options that may change between invocations of the same run: they change how it
+# runs, not its math.
+RUNTIME_OPTIONS = [
+    "total_nimg",
+    "batch_gpu",
+    "status_nimg",
+    "snapshot_nimg",
+    "checkpoint_nimg",
+    "cudnn_benchmark",
+    "tf32",  # rounds float32 matmuls, like a cuDNN algorithm choice: not the recipe
+    "compile",
+    "dataset_kwargs.path",  # a moved dataset, as long as dataset_identity is the same
+]
 
 
 def dataset_identity(dataset_kwargs: dict) -> dict:
@@ -187,27 +170,20 @@ def dataset_identity(dataset_kwargs: dict) -> dict:
     )
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    items = {}
-    for key, value in obj.items():
-        items.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return items
-
-
-def diff_training_options(stored: dict, current: dict) -> dict[str, tuple]:
-    """``{option: (stored, current)}`` for every option whose value differs (compared as JSON)."""
-    a, b = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(current)))
+def diff_options(old: Any, new: Any, key_path: str = "") -> dict[str, tuple]:
+    """``{key path: (old, new)}`` for every leaf where two nested dicts differ (a missing key is None)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return {} if old == new else {key_path: (old, new)}
+    keys = list(old) + [key for key in new if key not in old]
     return {
-        key: (a.get(key, "(unset)"), b.get(key, "(unset)"))
-        for key in list(a) + [k for k in b if k not in a]
-        if key not in a or key not in b or a[key] != b[key]
+        path: values
+        for key in keys
+        for path, values in diff_options(old.get(key), new.get(key), f"{key_path}.{key}" if key_path else key).items()
     }
 
 
-def _describe(key: str, values: tuple) -> str:
-    return f"{key} {json.dumps(values[0])} -> {json.dumps(values[1])}"
+def _describe(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changes.items())
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -223,8 +199,9 @@ def _read_json(path: str) -> Optional[dict]:
 def check_run_dir(run_dir: str, c: dict) -> dict[str, tuple]:
     """Compare ``c`` with the options an existing run directory was created with.
 
-    Raises ValueError naming every option that changes the math of the run; returns the changed
-    run-time options ``{option: (stored, current)}`` (empty for a new run directory).
+    Raises ValueError naming the key path and both values of every option that changes the math of
+    the run; returns the changed run-time options ``{key path: (stored, current)}`` (empty for a new
+    run directory).
     """
     stored = _read_json(os.path.join(run_dir, "training_options.json"))
     if stored is None:
@@ -233,24 +210,22 @@ def check_run_dir(run_dir: str, c: dict) -> dict[str, tuple]:
         stored["precision"] = misc.resolve_precision(
             None, stored["network_kwargs"].get("use_fp16", True), misc.default_device()
         )
-    stored.setdefault("tf32", False)
-    changes = diff_training_options(stored, c)
-    if "dataset_kwargs.path" in changes:  # a moved or another dataset: compare the content
-        stored_identity = _read_json(os.path.join(run_dir, "dataset_identity.json"))
-        if stored_identity is None and os.path.exists(stored["dataset_kwargs"]["path"]):  # a run of the reference
-            stored_identity = dataset_identity(stored["dataset_kwargs"])
-        current_identity = dataset_identity(c["dataset_kwargs"])
-        if stored_identity is not None and stored_identity != current_identity:
-            changes["dataset"] = (stored_identity, current_identity)
-    math = [
-        f"{_MATH_OPTIONS.get(key, '--preset')}: {_describe(key, values)}"
-        for key, values in changes.items()
-        if key not in RUNTIME_OPTIONS
-    ]
+    stored.setdefault("tf32", False)  # nor does the reference write these
+    stored.setdefault("compile", False)
+    current = dict(c)
+    if stored["dataset_kwargs"]["path"] != c["dataset_kwargs"]["path"]:  # a moved or another dataset: its content
+        old_identity = _read_json(os.path.join(run_dir, "dataset_identity.json"))
+        if old_identity is None and os.path.exists(stored["dataset_kwargs"]["path"]):  # a run of the reference
+            old_identity = dataset_identity(stored["dataset_kwargs"])
+        if old_identity is not None:  # else a reference run whose dataset moved: nothing to compare with
+            stored["dataset_identity"] = old_identity
+            current["dataset_identity"] = dataset_identity(c["dataset_kwargs"])
+    changes = diff_options(stored, current)
+    math = {key: values for key, values in changes.items() if key not in RUNTIME_OPTIONS}
     if math:
         raise ValueError(
-            f"--outdir: {run_dir} holds a run with different options ({'; '.join(math)}); "
-            f"rerun with the same options to resume, or choose another --outdir"
+            f"--outdir: {run_dir} holds a run with different options ({_describe(math)}); "
+            f"rerun with the options of its training_options.json to resume, or choose another --outdir"
         )
     return changes
 
@@ -310,19 +285,6 @@ def _create_run_dir(run_dir: str, c: dict) -> None:
         json.dump(dataset_identity(c["dataset_kwargs"]), f, indent=2)
 
 
-def _record_runtime_changes(run_dir: str, changes: dict[str, tuple]) -> None:
-    """Print the changed run-time options and append them to training_options-resume.jsonl."""
-    dist.print0(
-        "Resuming with changed run-time options: "
-        + "; ".join(_describe(key, values) for key, values in changes.items())
-    )
-    record = dict(
-        timestamp=time.time(), num_processes=dist.get_world_size(), changed={key: list(v) for key, v in changes.items()}
-    )
-    with open(os.path.join(run_dir, "training_options-resume.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor_kwargs: Optional[dict] = None) -> None:
     """Create the run directory or check that the existing one is a run of the same math, then
     train with everything printed also appended to log.txt."""
@@ -338,8 +300,11 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
         else None
     )
     try:
-        if dist.get_rank() == 0 and changes:
-            _record_runtime_changes(run_dir, changes)
+        if changes:  # into log.txt, the record of every invocation
+            n = dist.get_world_size()
+            dist.print0(
+                f"Resuming on {n} process{'es' if n > 1 else ''} with changed run-time options: {_describe(changes)}"
+            )
         training_loop.training_loop(run_dir=run_dir, preset_name=preset, monitor_kwargs=monitor_kwargs, **c)
     finally:
         if logger is not None:
@@ -517,10 +482,7 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
             try:
                 changes = check_run_dir(outdir, c)
                 if changes:
-                    dist.print0(
-                        "Note: changed run-time options: "
-                        + "; ".join(_describe(key, values) for key, values in changes.items())
-                    )
+                    dist.print0(f"Note: changed run-time options: {_describe(changes)}")
             except ValueError as err:
                 dist.print0(f"Note: {err}")
             dist.print0("Dry run; exiting.")

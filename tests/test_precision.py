@@ -207,12 +207,12 @@ def test_resume_refuses_a_different_precision(data, tmp_path, monkeypatch):
         stored = config(data, precision="bf16")
     (run_dir / "training_options.json").write_text(json.dumps(stored, indent=2))
     current = config(data, fp16=False)  # the same on a CPU, but fp32
-    with pytest.raises(ValueError, match='different options \\(--precision: precision "bf16" -> "fp32"\\); rerun'):
+    with pytest.raises(ValueError, match='different options \\(precision: "bf16" -> "fp32"\\); rerun'):
         train_edm2.check_run_dir(str(run_dir), current)
     result = CliRunner().invoke(
         train_edm2.cmdline, ["--outdir", str(run_dir), "--data", data, "--preset", "cpu-16", "--fp16", "False"]
     )
-    assert_one_line_error(result, '--precision: precision "bf16" -> "fp32"')
+    assert_one_line_error(result, '(precision: "bf16" -> "fp32")')
     assert os.listdir(run_dir) == ["training_options.json"]
     # tf32 only changes the rounding of float32 matmuls: a run-time option.
     assert train_edm2.check_run_dir(str(run_dir), {**current, "precision": "bf16", "tf32": True}) == {
@@ -221,17 +221,17 @@ def test_resume_refuses_a_different_precision(data, tmp_path, monkeypatch):
 
 
 def test_resume_of_a_run_without_precision_keys(data, tmp_path, monkeypatch):
-    """The reference's training_options.json (no precision, no tf32): its use_fp16 decides, on this device."""
+    """The reference's training_options.json (no precision, tf32 or compile): its use_fp16 decides, on this device."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     c = config(data)
     (run_dir / "training_options.json").write_text(
-        json.dumps({k: v for k, v in c.items() if k not in ("precision", "tf32")})
+        json.dumps({k: v for k, v in c.items() if k not in ("precision", "tf32", "compile")})
     )
     assert train_edm2.check_run_dir(str(run_dir), c) == {}
     monkeypatch.setattr(misc, "default_device", lambda: torch.device("cuda"))
     assert train_edm2.check_run_dir(str(run_dir), config(data)) == {}  # fp16 there, as the reference
-    with pytest.raises(ValueError, match='--precision: precision "fp16" -> "fp32"'):
+    with pytest.raises(ValueError, match='\\(precision: "fp16" -> "fp32"\\)'):
         train_edm2.check_run_dir(str(run_dir), {**config(data), "precision": "fp32"})
 
 

@@ -4,6 +4,7 @@ reference checkpoints, refusing changed math and unreadable checkpoints), and a 
 through the command line."""
 
 import contextlib
+import copy
 import json
 import os
 import pickle
@@ -346,14 +347,73 @@ def test_rerun_with_different_options_fails_and_names_them(datasets, tmp_path):
     result = invoke(
         ["--outdir", str(run_dir), "--data", datasets.rgb, "--preset", "cpu-16", "--lr", "0.02", "--batch", "32"]
     )
-    line = assert_one_line_error(
-        result, "different options", "--batch: batch_size 64 -> 32", "--lr: lr_kwargs.ref_lr 0.01 -> 0.02"
-    )
+    line = assert_one_line_error(result, "different options", "batch_size: 64 -> 32", "lr_kwargs.ref_lr: 0.01 -> 0.02")
     assert "seed" not in line and "P_mean" not in line  # only what differs
     assert sorted(os.listdir(run_dir)) == ["training_options.json"]  # nothing started
     # A dry run only notes it.
     result = invoke(["--outdir", str(run_dir), "--data", datasets.rgb, "--preset", "cpu-16", "--seed", "5", "-n"])
-    assert result.exit_code == 0 and "Note:" in result.output and "seed 0 -> 5" in result.output
+    assert result.exit_code == 0 and "Note:" in result.output and "seed: 0 -> 5" in result.output
+
+
+def test_diff_options_names_every_differing_key_path():
+    old = dict(a=1, b=dict(c=[1, 2], d=dict(e="x", f=0.5)), g=None, h=2)
+    new = dict(a=1, b=dict(c=[1, 2, 3], d=dict(e="y", f=0.5), k=True), h=2, i=dict(j=1))
+    assert train_edm2.diff_options(old, new) == {
+        "b.c": ([1, 2], [1, 2, 3]),
+        "b.d.e": ("x", "y"),
+        "b.k": (None, True),  # a key on one side only: None on the other
+        "i": (None, {"j": 1}),
+    }
+    assert train_edm2.diff_options(old, copy.deepcopy(old)) == {}
+    assert train_edm2.diff_options(dict(a=dict(b=1)), dict(a=2)) == {"a": ({"b": 1}, 2)}
+
+
+def test_refusal_names_each_key_path_with_both_values(datasets, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    c = train_edm2.setup_training_config(preset="cpu-16", data=datasets.rgb)
+    (run_dir / "training_options.json").write_text(json.dumps(c, indent=2))
+    changed = train_edm2.setup_training_config(
+        preset="cpu-16", data=datasets.rgb, dropout=0.1, channels=32, duration=128
+    )
+    with pytest.raises(ValueError) as info:
+        train_edm2.check_run_dir(str(run_dir), changed)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"--outdir: {run_dir} holds a run with different options")
+    assert "(network_kwargs.model_channels: 16 -> 32; network_kwargs.dropout: 0.0 -> 0.1); rerun" in message
+    assert "total_nimg" not in message  # a run-time option
+
+
+def test_moved_dataset_is_compared_by_content(datasets, tmp_path):
+    """A changed --data path is a run-time option while the dataset's content (image count, shape,
+    labels) stays the same: checked against dataset_identity.json, or, for a run directory without
+    one (the reference's), against the old path while it exists."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = shutil.copy(datasets.rgb, tmp_path / "old.zip")
+    moved = shutil.copy(datasets.rgb, tmp_path / "moved.zip")
+    other = train_helpers.random_dataset_zip(str(tmp_path / "other.zip"), num_images=16, resolution=8, num_classes=3)
+    stored = train_edm2.setup_training_config(preset="cpu-16", data=str(old))
+    (run_dir / "training_options.json").write_text(json.dumps(stored, indent=2))
+
+    def check(data):
+        return train_edm2.check_run_dir(
+            str(run_dir), {**stored, "dataset_kwargs": {**stored.dataset_kwargs, "path": data}}
+        )
+
+    for has_identity_file in (False, True):
+        if has_identity_file:  # as written at creation
+            identity = train_edm2.dataset_identity(stored.dataset_kwargs)
+            (run_dir / "dataset_identity.json").write_text(json.dumps(identity))
+        assert check(str(moved)) == {"dataset_kwargs.path": (str(old), str(moved))}
+        with pytest.raises(ValueError, match="dataset_identity.labels_sha256: "):
+            check(other)
+    os.remove(old)  # the dataset moved: the identity file still tells
+    assert check(str(moved)) == {"dataset_kwargs.path": (str(old), str(moved))}
+    with pytest.raises(ValueError, match=r"\(dataset_identity.labels_sha256: \"[0-9a-f]{64}\" -> \"[0-9a-f]{64}\"\)"):
+        check(other)
+    os.remove(run_dir / "dataset_identity.json")  # a reference run whose dataset is gone: nothing to compare with
+    assert check(other) == {"dataset_kwargs.path": (str(old), other)}
 
 
 # ----------------------------------------------------------------------------
@@ -429,20 +489,20 @@ def copy_run(finished_run, tmp_path):
 @pytest.mark.parametrize(
     "args,option",
     [
-        (["--lr", "0.02"], "--lr: lr_kwargs.ref_lr"),
-        (["--decay", "10"], "--decay"),
-        (["--batch", "64"], "--batch"),
-        (["--seed", "1"], "--seed"),
-        (["--dropout", "0.1"], "--dropout"),
-        (["--channels", "16"], "--channels"),
-        (["--P_mean", "-1"], "--P_mean"),
-        (["--P_std", "1"], "--P_std"),
-        (["--fp16", "False"], "--fp16"),
-        (["--ls", "2"], "--ls"),
-        (["--cond", "False"], "--cond"),
-        (["--preset", "cpu-32"], "--preset: network_kwargs.channel_mult"),
-        (["--data", "other-labels"], "--data: dataset"),
-        (["--data", "fewer-images"], "--data: dataset"),
+        (["--lr", "0.02"], "(lr_kwargs.ref_lr: 0.01 -> 0.02)"),
+        (["--decay", "10"], "(lr_kwargs.ref_batches: 1000 -> 10.0)"),
+        (["--batch", "64"], "(batch_size: 32 -> 64)"),
+        (["--seed", "1"], "(seed: 0 -> 1)"),
+        (["--dropout", "0.1"], "(network_kwargs.dropout: 0.0 -> 0.1)"),
+        (["--channels", "16"], "(network_kwargs.model_channels: 8 -> 16)"),
+        (["--P_mean", "-1"], "(loss_kwargs.P_mean: -0.8 -> -1.0)"),
+        (["--P_std", "1"], "(loss_kwargs.P_std: 1.6 -> 1.0)"),
+        (["--fp16", "False"], "(network_kwargs.use_fp16: true -> false)"),
+        (["--ls", "2"], "(loss_scaling: 1.0 -> 2.0)"),
+        (["--cond", "False"], "(dataset_kwargs.use_labels: true -> false)"),
+        (["--preset", "cpu-32"], "network_kwargs.channel_mult: [1, 2, 2] -> [1, 2, 2, 2]"),
+        (["--data", "other-labels"], '(dataset_identity.labels_sha256: "'),
+        (["--data", "fewer-images"], "(dataset_identity.num_images: 16 -> 12; dataset_identity.labels_sha256: "),
     ],
 )
 def test_resume_refuses_changed_math(args, option, finished_run, tmp_path, no_leftover_process_group):
@@ -483,7 +543,7 @@ def test_resume_accepts_changed_runtime_options(args, key, finished_run, tmp_pat
         args = ["--data", str(shutil.copy(_data_of(finished_run), tmp_path / "moved.zip"))]
     result = invoke(["--outdir", str(finished_run), "--data", _data_of(finished_run)] + RUN_ARGS + args + ["-n"])
     assert result.exit_code == 0 and "different options" not in result.output, result.output
-    assert f"Note: changed run-time options: {key} " in result.output and result.output.count(" -> ") == 1
+    assert f"Note: changed run-time options: {key}: " in result.output and result.output.count(" -> ") == 1
 
 
 @pytest.mark.slow
@@ -509,24 +569,20 @@ def test_resume_with_changed_runtime_options_trains_on_and_records_them(
     )
     assert result.exit_code == 0, result.output
     line = next(
-        line for line in result.output.splitlines() if line.startswith("Resuming with changed run-time options: ")
+        line
+        for line in result.output.splitlines()
+        if line.startswith("Resuming on 1 process with changed run-time options: ")
     )
-    assert "total_nimg 1024 -> 2048" in line and "batch_gpu null -> 16" in line and "moved.zip" in line
-    assert "Resuming with changed run-time options" in (run_dir / "log.txt").read_text()
+    assert line.endswith(  # in the order of training_options.json
+        f"dataset_kwargs.path: {json.dumps(_data_of(finished_run))} -> {json.dumps(str(moved))}; "
+        "total_nimg: 1024 -> 2048; batch_gpu: null -> 16; status_nimg: 512 -> 256; snapshot_nimg: 1024 -> 2048; "
+        "checkpoint_nimg: 1024 -> 2048"
+    )
+    assert (run_dir / "log.txt").read_text().splitlines().count(line) == 1  # the record of this invocation
     assert (run_dir / "training-state-0000002.pt").is_file() and (
         run_dir / "network-snapshot-0000002-0.050.pkl"
     ).is_file()
     assert (run_dir / "training_options.json").read_bytes() == original  # the record of the run's creation
-    records = [json.loads(line) for line in (run_dir / "training_options-resume.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and records[0]["num_processes"] == 1
-    assert records[0]["changed"] == {
-        "total_nimg": [1024, 2048],
-        "batch_gpu": [None, 16],
-        "status_nimg": [512, 256],
-        "snapshot_nimg": [1024, 2048],
-        "checkpoint_nimg": [1024, 2048],
-        "dataset_kwargs.path": [_data_of(finished_run), str(moved)],
-    }
 
 
 @pytest.mark.slow
