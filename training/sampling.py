@@ -481,13 +481,7 @@ def generate_images(
     """
     device = torch.device(device) if device is not None else misc.default_device()
     misc.resolve_precision(precision, False, device, tf32, cpu_bf16=True)  # refused before anything is loaded
-    sampler = get_sampler(sampler_fn)
-    if guidance_interval is not None:  # passed on only when set: samplers of the reference's signature lack it
-        sampler_kwargs["guidance_interval"] = check_guidance_interval(guidance_interval)
-    # Known samplers only (another function may expect real networks). Also refuses options the sampler
-    # lacks (e.g. churn with euler) before anything is loaded.
-    guided = gnet is not None and gnet is not net
-    nfe = count_evaluations(sampler, guided, **sampler_kwargs) if sampler in SAMPLERS.values() else None
+    sampler, nfe = _plan_sampler(sampler_fn, gnet is not None and gnet is not net, guidance_interval, sampler_kwargs)
     net, gnet, encoder = _load_networks(net, gnet, encoder, device, trust_embedded_code, verbose, distributed)
     if encoder_batch_size is not None and hasattr(encoder, "batch_size"):
         encoder.batch_size = encoder_batch_size
@@ -500,28 +494,11 @@ def generate_images(
         print0(f"Generating {len(seeds)} images{'' if nfe is None else ' with ' + describe_nfe(sampler, nfe)}...")
 
     def run_batch(net: Any, gnet: Any, batch_idx: int, indices: np.ndarray) -> dnnlib.EasyDict:
-        r = dnnlib.EasyDict(
-            images=None,
-            labels=None,
-            noise=None,
-            batch_idx=batch_idx,
-            num_batches=len(batches),
-            indices=indices,
-            seeds=[seeds[idx] for idx in indices],
-            nfe=None if nfe is None else dict(nfe),
-        )
+        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx, num_batches=len(batches))
+        r.update(indices=indices, seeds=[seeds[idx] for idx in indices], nfe=None if nfe is None else dict(nfe))
         if len(r.seeds) == 0:
             return r
-
-        # Per-image randomness, in this order: noise, class (conditional nets), churn noise.
-        rnd = StackedRandomGenerator(device, r.seeds)
-        r.noise = rnd.randn([len(r.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        if net.label_dim > 0:
-            # Drawn even with class_idx, so that the churn noise does not depend on it.
-            drawn = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
-            r.labels = torch.eye(net.label_dim, device=device)[
-                drawn if classes is None else torch.as_tensor(classes[indices], device=device)
-            ]
+        rnd, r.noise, r.labels = _seed_draws(net, r.seeds, None if classes is None else classes[indices], device)
 
         # No autograd: it would only waste memory. Autocast and TF32 for the sampler only.
         old_tf32 = misc.set_tf32(True) if tf32 else None
@@ -554,6 +531,35 @@ def generate_images(
     images = dnnlib.util.SizedIterable(run, len(batches))
     images.nfe = None if nfe is None else dict(nfe)
     return images
+
+
+def _seed_draws(net: Any, seeds: list[int], classes: Optional[np.ndarray], device: torch.device) -> tuple:
+    """Per-image randomness, in this order: noise, class (conditional nets; drawn even when ``classes``
+    are given, so that the churn noise does not depend on them), then the generators for churn noise.
+    Returns (generators, noise, one-hot labels or None)."""
+    rnd = StackedRandomGenerator(device, seeds)
+    noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = None
+    if net.label_dim > 0:
+        drawn = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
+        labels = torch.eye(net.label_dim, device=device)[
+            drawn if classes is None else torch.as_tensor(classes, device=device)
+        ]
+    return rnd, noise, labels
+
+
+def _plan_sampler(
+    sampler_fn: Union[str, Callable], guided: bool, guidance_interval: Optional[Sequence[float]], sampler_kwargs: dict
+) -> tuple[Callable, Optional[dict[str, int]]]:
+    """The sampler function and its evaluations per image (None for a function not in ``SAMPLERS``:
+    it may expect real networks). Adds the checked interval to ``sampler_kwargs`` only when set, as
+    samplers of the reference's signature lack it. Refuses options the sampler lacks (e.g. churn with
+    euler) before anything is loaded."""
+    sampler = get_sampler(sampler_fn)
+    if guidance_interval is not None:
+        sampler_kwargs["guidance_interval"] = check_guidance_interval(guidance_interval)
+    nfe = count_evaluations(sampler, guided, **sampler_kwargs) if sampler in SAMPLERS.values() else None
+    return sampler, nfe
 
 
 def _class_list(class_idx: Union[int, Sequence[int], None], num_seeds: int, label_dim: int) -> Optional[np.ndarray]:
