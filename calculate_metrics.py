@@ -13,8 +13,9 @@ import click
 import tqdm
 
 import dnnlib
-from torch_utils import cli, misc
 from torch_utils import distributed as dist
+from torch_utils import misc
+from training import cli
 from training.metrics import (  # noqa: F401 -- re-exported: the names of the reference's calculate_metrics.py
     DINOV2_WEIGHTS_URL,
     INCEPTION_URL,
@@ -175,23 +176,50 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     default=32,
     show_default=True,
 )
+@click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL")
+@click.option("--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=1)  # fmt: skip
+@cli.guidance_interval_option
+@cli.sampler_option
+@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)  # fmt: skip
 @cli.sampling_options
-def gen(net, ref_path, metrics, num_images, seed, max_batch_size, trust_embedded_code, compile, precision, tf32):
+def gen(
+    net,
+    ref_path,
+    metrics,
+    num_images,
+    seed,
+    max_batch_size,
+    gnet,
+    guidance,
+    trust_embedded_code,
+    compile,
+    precision,
+    tf32,
+    **sampler_opts,
+):
     """Calculate metrics for a given network pickle."""
+    if guidance != 1 and gnet is None:
+        raise click.UsageError(f"--guidance={guidance:g} needs a guiding network: please specify --gnet")
     with cli.one_line_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
         dnnlib.util.check_input_file(net, "--net", what="network pickle")
-        misc.resolve_precision(precision, False, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
+        gnet = None if guidance == 1 else gnet  # never loaded when it would not be used
+        if gnet is not None:
+            dnnlib.util.check_input_file(gnet, "--gnet", what="network pickle")
+        misc.resolve_precision(precision, None, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
         dist.init()
         ref = _load_ref(ref_path)
         image_iter = generate_images(
             net,
+            gnet=gnet,
+            guidance=guidance,
             seeds=range(seed, seed + num_images),
             max_batch_size=max_batch_size,
             trust_embedded_code=trust_embedded_code,
             compile=compile,
             precision=precision,
             tf32=tf32,
+            **sampler_opts,
         )
         _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
 

@@ -39,8 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dnnlib
-from torch_utils import cli, persistence
-from training import presets
+from torch_utils import persistence
+from training import cli, presets
 
 # ----------------------------------------------------------------------------
 # Training presets: the network each `train_edm2.py --preset` of the paper builds (from the table

@@ -26,7 +26,8 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
-from torch_utils import cli, distributed, misc
+from torch_utils import distributed, misc
+from training import cli
 from training.dataset import check_labelled_files_exist, file_ext, image_extensions, list_folder
 
 # ----------------------------------------------------------------------------

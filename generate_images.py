@@ -11,16 +11,21 @@ import click
 import tqdm
 
 import dnnlib
-from torch_utils import cli
 from torch_utils import distributed as dist
-from torch_utils.cli import sampling_options
+from training import cli
+from training.cli import sampling_options
 from training.sampling import (  # noqa: F401 -- re-exported: the names of the reference's generate_images.py
+    SAMPLERS,
     StackedRandomGenerator,
+    count_evaluations,
+    dpmpp_2m_sampler,
     edm_sampler,
     edm_time_steps,
+    euler_sampler,
     generate_images,
     image_path,
     load_network_pickle,
+    parse_guidance_interval,
     parse_int_list,
     save_image,
 )
@@ -90,6 +95,17 @@ config_presets = {
 # Command line.
 
 
+# The guidance intervals of Kynkaanniemi et al. (2024) for EDM2-XXL, as noise levels of the default
+# 32-step schedule (sigma_min 0.002, sigma_max 80, rho 7). The paper guides steps 17-22 (FID, w = 2.0)
+# and 13-19 (FD_DINOv2, w = 2.9), counted from 0 as the loop of the official sampler counts them:
+# t_17..t_22 = 1.6086..0.2830 and t_13..t_19 = 4.9991..0.8446. Each bound is rounded outwards and
+# still excludes the neighbouring steps (t_16 = 2.1739, t_23 = 0.1886; t_12 = 6.4637, t_20 = 0.5977).
+paper_guidance_intervals = {
+    "fid": dict(steps=(17, 22), guidance=2.0, interval=(0.28, 1.61)),
+    "dino": dict(steps=(13, 19), guidance=2.9, interval=(0.84, 5.0)),
+}
+
+
 def resolve_options(preset: Optional[str] = None, **opts: Any) -> dnnlib.EasyDict:
     """Apply a preset (options given explicitly, i.e. not None, win) and check the result.
     Guidance 1 drops the guiding network, so it is never loaded."""
@@ -119,7 +135,15 @@ Presets (see config_presets for the exact models and guidance):
   edm2-img512-{xs|s|m|l|xl|xxl}-guid-{fid|dino}    classifier-free guidance
   edm2-img512-{s|xxl}-autog-{fid|dino}             autoguidance
   edm2-img512-s-uncond-autog-{fid|dino}            autoguidance, unconditional
-  edm2-img64-s-autog-{fid|dino}                    autoguidance"""
+  edm2-img64-s-autog-{fid|dino}                    autoguidance
+
+\b
+Guidance interval (Kynkaanniemi et al. 2024): a step uses guidance when its noise level t_i
+(i = 0..N-1, from sigma_max down) lies in [LO,HI]; elsewhere the guiding net is not run.
+The paper's EDM2-XXL settings are steps 17-22 (FID) and 13-19 (FD_DINOv2) of the default
+32-step schedule, i.e. t = 1.6086..0.2830 and t = 4.9991..0.8446:
+  --preset=edm2-img512-xxl-guid-fid --guidance=2.0 --guidance-interval=0.28,1.61
+  --preset=edm2-img512-xxl-guid-dino --guidance=2.9 --guidance-interval=0.84,5.0"""
 
 
 @click.command(epilog=_PRESETS_HELP)
@@ -188,10 +212,12 @@ Presets (see config_presets for the exact models and guidance):
 @click.option(
     "--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=None
 )
+@cli.guidance_interval_option
+@cli.sampler_option
 @click.option(
     "--S_churn",
     "S_churn",
-    help="Stochasticity strength",
+    help="Stochasticity strength (heun only)",
     metavar="FLOAT",
     type=click.FloatRange(min=0),
     default=0,

@@ -24,9 +24,9 @@ import torch
 import tqdm
 
 import dnnlib
-from torch_utils import cli, persistence
 from torch_utils import distributed as dist
-from training import phema
+from torch_utils import persistence
+from training import cli, phema
 
 MAX_STD = 0.289  # sigma_rel of a flat average is sqrt(1/12) ~= 0.2887; longer profiles do not exist.
 _INPUT_NAME = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import cli, misc
 from torch_utils import distributed as dist
-from training import training_loop
+from torch_utils import misc
+from training import cli, training_loop
 from training.presets import (  # noqa: F401 -- config_presets: the reference's train_edm2.config_presets
     config_presets,
     io_defaults,

@@ -338,11 +338,25 @@ def test_unwritable_output(run_cli, tmp_path, nets):
 # Per-seed determinism across batch sizes and processes.
 
 SEED_ARGS = ["--seeds", "0-9", "--steps", "4", "--S_churn", "20"]
+# Another sampler, guided by the unconditional net within a guidance interval.
+SOLVER_ARGS = [
+    "--seeds",
+    "0-9",
+    "--steps",
+    "4",
+    "--sampler",
+    "dpmpp-2m",
+    "--guidance",
+    "2",
+    "--guidance-interval",
+    "1,30",
+]
 
 
 @pytest.fixture(scope="module")
 def single_process_runs(nets, tmp_path_factory):
-    """The conditional net with churn, random classes (--batch 1, 3, 8) and --class 2 (--batch 8)."""
+    """The conditional net with churn, random classes (--batch 1, 3, 8) and --class 2 (--batch 8); with
+    dpmpp-2m and guidance (--batch 8)."""
     root = tmp_path_factory.mktemp("single")
     gen_record = load_gen_record()
     runs = {}
@@ -351,13 +365,14 @@ def single_process_runs(nets, tmp_path_factory):
             mp.delenv(var, raising=False)
         try:
             for name, extra in [
-                ("b1", ["--batch", "1"]),
-                ("b3", ["--batch", "3"]),
-                ("b8", ["--batch", "8"]),
-                ("class", ["--batch", "8", "--class", "2"]),
+                ("b1", [*SEED_ARGS, "--batch", "1"]),
+                ("b3", [*SEED_ARGS, "--batch", "3"]),
+                ("b8", [*SEED_ARGS, "--batch", "8"]),
+                ("class", [*SEED_ARGS, "--batch", "8", "--class", "2"]),
+                ("dpmpp", [*SOLVER_ARGS, "--gnet", nets.uncond, "--batch", "8"]),
             ]:
                 outdir = root / name
-                records = gen_record.run_recorded(["--net", nets.cond, "--outdir", str(outdir), *SEED_ARGS, *extra])
+                records = gen_record.run_recorded(["--net", nets.cond, "--outdir", str(outdir), *extra])
                 runs[name] = dnnlib.EasyDict(records=records, images=read_images(outdir))
         finally:
             if torch.distributed.is_initialized():
@@ -436,17 +451,28 @@ def test_same_images_across_processes(single_process_runs, nets, tmp_path):
         "3",
         "--class",
         "2",
+        "--",
+        "--net",
+        nets.cond,
+        "--outdir",
+        str(tmp_path / "dist_dpmpp"),
+        *SOLVER_ARGS,
+        "--gnet",
+        nets.uncond,
+        "--batch",
+        "3",
     ]
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_rank = [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(2)]
-    for run, name in enumerate(["b8", "class"]):
+    for run, name in enumerate(["b8", "class", "dpmpp"]):
         # Each rank generated its share (4 batches: rank 0 takes seeds 0-2, 6-7; rank 1 takes 3-5, 8-9).
         assert sorted(per_rank[0][run]) == [0, 1, 2, 6, 7] and sorted(per_rank[1][run]) == [3, 4, 5, 8, 9]
         merged = {**per_rank[0][run], **per_rank[1][run]}
         assert_same_draws(merged, single_process_runs[name].records)
     assert_images_close(read_images(tmp_path / "dist"), single_process_runs["b8"].images)
     assert_images_close(read_images(tmp_path / "dist_class"), single_process_runs["class"].images)
+    assert_images_close(read_images(tmp_path / "dist_dpmpp"), single_process_runs["dpmpp"].images)
 
 
 # ----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Command-line glue shared by the scripts: list-typed parameters, library errors as click's one-line
-error, and the options of loading and running networks for sampling.
+"""Command-line glue shared by the scripts: parsed parameters, library errors as click's one-line error,
+and the options of sampling (the solver, the guidance interval, how networks are loaded and run).
 
-Only the top-level scripts import this module; the library below them raises plain exceptions and never
-imports click.
+Only the top-level scripts import this module; the library beside and below it raises plain exceptions
+and never imports click.
 """
 
 import contextlib
@@ -15,6 +15,7 @@ import click
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from training.sampling import SAMPLERS, parse_guidance_interval
 
 
 class ParsedParam(click.ParamType):
@@ -68,3 +69,10 @@ def sampling_options(fn: Callable) -> Callable:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+# The solver and the guidance interval (generate_images.py and calculate_metrics.py gen).
+# fmt: off
+sampler_option = click.option("--sampler", "sampler_fn", help="ODE solver: heun (EDM, 2 evaluations per step), euler or dpmpp-2m (DPM-Solver++(2M); 1 per step)", type=click.Choice(list(SAMPLERS)), default="heun", show_default=True)
+guidance_interval_option = click.option("--guidance-interval", help="Guide only the steps whose noise level t_i lies in [LO,HI] (see generate_images.py --help)  [default: every step]", metavar="LO,HI", type=ParsedParam(parse_guidance_interval, "LO,HI"))
+# fmt: on
