@@ -431,6 +431,36 @@ def test_standard_network_is_built_once_per_distinct_arguments(monkeypatch):
     assert built == [N.Precond, encoders.StandardRGBEncoder]  # ... and is built again when needed.
 
 
+@persistence.persistent_class
+class _InitialisedInPlace(torch.nn.Module):
+    """Writes into its weights at construction (torch.nn.init), which shape-only tensors cannot take."""
+
+    def __init__(self, features=3):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, 2 * features)
+        self.scale = torch.nn.Parameter(torch.ones(features))
+        torch.nn.init.normal_(self.scale)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (N.Precond, NET_KWARGS),
+        (N.Precond, dict(NET_KWARGS, label_dim=0, logvar_channels=8)),
+        (N.MPFourier, dict(num_channels=5)),
+        (encoders.StandardRGBEncoder, {}),
+        (encoders.StabilityVAEEncoder, {}),
+        (_InitialisedInPlace, dict(features=4)),
+    ],
+)
+def test_standard_structure_is_that_of_the_network_built_on_the_meta_device(cls, kwargs):
+    with torch.device("meta"):
+        expected = persistence._describe(cls(**kwargs))
+    assert persistence._describe(persistence._build_standard(cls, (), kwargs)) == expected
+    if cls is N.Precond:  # Built on the CPU, with weights: the same names, types and shapes.
+        assert persistence._describe(cls(**kwargs)) == expected
+
+
 def test_tensors_load_as_plain_pickle_loads_them():
     torch.manual_seed(0)
     base = torch.randn(6, 5) * 100

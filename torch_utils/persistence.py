@@ -349,6 +349,32 @@ def _describe(obj: Any) -> Optional[_Standard]:
     return _Standard(type(obj), frozenset(vars(obj)) - _TORCH_MODULE_ATTRIBUTES, members)
 
 
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Tensor factories (randn, zeros, ...) return a zero-stride view of a single zero: an object built in this
+    mode has the names, types and shapes of the real one without the time and memory of its weights."""
+
+    factories = frozenset([torch.randn, torch.rand, torch.zeros, torch.ones, torch.empty])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.factories or "out" in kwargs:
+            return func(*args, **kwargs)
+        size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+        return torch.zeros((), dtype=kwargs.get("dtype")).expand(size)  # Inside the handler the mode is off.
+
+
+def _build_standard(cls: type, args: Any, kwargs: Any) -> Any:
+    """A standard object for its structure only. On the meta device every arithmetic operation on a tensor
+    would run torch's Python kernels, whose first use imports torch._dynamo (seconds, once per process); so
+    try shape-only tensors first, and the meta device for code that writes into them (e.g. torch.nn.init)."""
+    try:
+        with _ShapesOnly():
+            return cls(*args, **kwargs)
+    except Exception:
+        with torch.device("meta"):
+            return cls(*args, **kwargs)
+
+
 _STANDARD_CACHE_SIZE = 8  # Distinct (class, init arguments) whose standard description is kept.
 _standard_cache = collections.OrderedDict()  # (class, pickled args) -> _Standard, or why it cannot be built.
 
@@ -367,8 +393,7 @@ def _standard_description(obj: Any) -> Union[_Standard, str]:
         _standard_cache.move_to_end(key)
         return _standard_cache[key]
     try:
-        with torch.device("meta"):
-            description = _describe(type(obj)(*obj._init_args, **obj._init_kwargs))
+        description = _describe(_build_standard(type(obj), obj._init_args, obj._init_kwargs))
     except Exception as err:
         why = f"{type(err).__name__}: {dnnlib.util.one_line(err)}"
         description = f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments ({why})"
