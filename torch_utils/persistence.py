@@ -11,6 +11,7 @@ source is neither ours nor the official release's (keeping it, so that re-saving
 
 import collections
 import contextlib
+import contextvars
 import copy
 import functools
 import hashlib
@@ -35,6 +36,7 @@ _decorators = set()  # Every class produced by persistent_class().
 _import_hooks = []  # Functions meta -> meta applied before reconstruction.
 _module_to_src_dict = {}  # Module object -> its source text.
 _src_to_module_dict = {}  # Source text -> module object (so equal sources share one module).
+_check_pickleable_at_init = contextvars.ContextVar("check_pickleable_at_init", default=True)
 PathOrFile = Union[str, os.PathLike, BinaryIO]
 
 # ----------------------------------------------------------------------------
@@ -60,7 +62,8 @@ def persistent_class(orig_class: type) -> type:
             self._init_args = copy.deepcopy(args)
             self._init_kwargs = copy.deepcopy(kwargs)
             assert orig_class.__name__ in orig_module.__dict__, "persistent classes must be defined at module level"
-            _check_pickleable(self.__reduce__())
+            if _check_pickleable_at_init.get():  # Off while the safe loader builds a standard object to compare.
+                _check_pickleable(self.__reduce__())
 
         @property
         def init_args(self) -> tuple:
@@ -367,12 +370,15 @@ def _build_standard(cls: type, args: Any, kwargs: Any) -> Any:
     """A standard object for its structure only. On the meta device every arithmetic operation on a tensor
     would run torch's Python kernels, whose first use imports torch._dynamo (seconds, once per process); so
     try shape-only tensors first, and the meta device for code that writes into them (e.g. torch.nn.init)."""
+    token = _check_pickleable_at_init.set(False)  # It would pickle the whole network: never saved, no need.
     try:
         with _ShapesOnly():
             return cls(*args, **kwargs)
     except Exception:
         with torch.device("meta"):
             return cls(*args, **kwargs)
+    finally:
+        _check_pickleable_at_init.reset(token)
 
 
 _STANDARD_CACHE_SIZE = 8  # Distinct (class, init arguments) whose standard description is kept.
