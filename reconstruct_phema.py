@@ -169,7 +169,7 @@ def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trus
         params = [p.detach() for p in data["ema"].parameters()]
         if template is None:
             template, shapes = data, [p.shape for p in params]
-            accum = [[torch.zeros(shape, dtype=torch.float32) for shape in shapes] for _ in range(coefs.shape[1])]
+            accum = [[None] * len(shapes) for _ in range(coefs.shape[1])]
         elif [p.shape for p in params] != shapes:
             raise ValueError(
                 f"Input pickle {in_pkl.path} holds a network with different parameters from {in_pkls[0].path}"
@@ -178,7 +178,10 @@ def _accumulate_pass(in_pkls: Sequence[dnnlib.EasyDict], coefs: np.ndarray, trus
             for k, p in enumerate(params):
                 p32 = p.to(device="cpu", dtype=torch.float32)  # One converted tensor at a time.
                 for o, out_sums in enumerate(accum):
-                    out_sums[k].add_(p32, alpha=float(coefs[i, o]))
+                    if out_sums[k] is None:  # The first input starts the sum: no pass over a tensor of zeros.
+                        out_sums[k] = p32 * float(coefs[i, o])
+                    else:
+                        out_sums[k].add_(p32, alpha=float(coefs[i, o]))
         if i < len(in_pkls) - 1:
             if data is template:  # Keep its dictionary for the outputs, but not its weights.
                 for p in template["ema"].parameters():

@@ -371,12 +371,131 @@ MISMATCHES = [
 
 @pytest.mark.parametrize("mutate,message", MISMATCHES)
 def test_state_that_does_not_fit_the_standard_network_is_refused(mutate, message, capsys):
+    # A fitting pickle with the same init arguments loads first, as in a run's series of snapshots:
+    # what the loader remembers of the standard network must not let the next one through.
+    persistence.safe_load(io.BytesIO(pickle.dumps(make_snapshot())))
     snapshot = make_snapshot()
     mutate(snapshot.ema)
     data = pickle.dumps(snapshot)
-    with pytest.raises(persistence.UnsafePickleError) as info:
-        persistence.safe_load(io.BytesIO(data))
-    text = str(info.value)
-    assert text.startswith(f"Refusing to load {message}") and "\n" not in text, text
-    assert "--trust-embedded-code" in text
+    for _ in range(2):  # The same refusal again, now from what was remembered.
+        with pytest.raises(persistence.UnsafePickleError) as info:
+            persistence.safe_load(io.BytesIO(data))
+        text = str(info.value)
+        assert text.startswith(f"Refusing to load {message}") and "\n" not in text, text
+        assert "--trust-embedded-code" in text
     assert capsys.readouterr().err == ""  # Our source: nothing to warn about, only the refusal.
+
+
+def test_remembered_standard_does_not_let_another_architecture_pass():
+    small, large = dict(NET_KWARGS, model_channels=16), NET_KWARGS
+    nets = {}
+    for name, kwargs in (("small", small), ("large", large)):
+        torch.manual_seed(0)
+        nets[name] = N.Precond(**kwargs).eval().requires_grad_(False)
+        persistence.safe_load(io.BytesIO(pickle.dumps(nets[name])))  # Both standards are now remembered.
+    for name, claimed in (("small", large), ("large", small)):  # Each state claims the other's arguments.
+        net = copy.deepcopy(nets[name])
+        net._init_kwargs = dict(claimed)
+        with pytest.raises(persistence.UnsafePickleError) as info:
+            persistence.safe_load(io.BytesIO(pickle.dumps(net)))
+        text = str(info.value)
+        assert text.startswith("Refusing to load Precond: ") and "in the standard network" in text, text
+    # Equal values of another type (a tuple for a list) are other arguments, and still fit.
+    net = copy.deepcopy(nets["large"])
+    net._init_kwargs = dict(large, channel_mult=tuple(large["channel_mult"]))
+    assert type(persistence.safe_load(io.BytesIO(pickle.dumps(net)))) is N.Precond
+
+
+def test_standard_network_is_built_once_per_distinct_arguments(monkeypatch):
+    monkeypatch.setattr(persistence, "_standard_cache", type(persistence._standard_cache)())
+    monkeypatch.setattr(persistence, "_STANDARD_CACHE_SIZE", 2)
+    snapshots = [pickle.dumps(make_snapshot())] + [
+        pickle.dumps(N.Precond(**dict(NET_KWARGS, model_channels=c))) for c in (8, 16)
+    ]
+    built = []
+    for cls in (N.Precond, encoders.StandardRGBEncoder):
+        init = cls.__init__
+        monkeypatch.setattr(
+            cls, "__init__", lambda self, *a, init=init, **k: built.append(type(self)) or init(self, *a, **k)
+        )
+    for _ in range(3):
+        persistence.safe_load(io.BytesIO(snapshots[0]))
+    assert built == [N.Precond, encoders.StandardRGBEncoder]  # Once each, not once per load.
+    for data in snapshots[1:]:
+        persistence.safe_load(io.BytesIO(data))
+    assert len(persistence._standard_cache) == 2  # Bounded: the oldest description was dropped ...
+    built.clear()
+    persistence.safe_load(io.BytesIO(snapshots[-1]))
+    assert built == []
+    persistence.safe_load(io.BytesIO(snapshots[0]))
+    assert built == [N.Precond, encoders.StandardRGBEncoder]  # ... and is built again when needed.
+
+
+@persistence.persistent_class
+class _InitialisedInPlace(torch.nn.Module):
+    """Writes into its weights at construction (torch.nn.init), which shape-only tensors cannot take."""
+
+    def __init__(self, features=3):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, 2 * features)
+        self.scale = torch.nn.Parameter(torch.ones(features))
+        torch.nn.init.normal_(self.scale)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (N.Precond, NET_KWARGS),
+        (N.Precond, dict(NET_KWARGS, label_dim=0, logvar_channels=8)),
+        (N.MPFourier, dict(num_channels=5)),
+        (encoders.StandardRGBEncoder, {}),
+        (encoders.StabilityVAEEncoder, {}),
+        (_InitialisedInPlace, dict(features=4)),
+    ],
+)
+def test_standard_structure_is_that_of_the_network_built_on_the_meta_device(cls, kwargs):
+    with torch.device("meta"):
+        expected = persistence._describe(cls(**kwargs))
+    assert persistence._describe(persistence._build_standard(cls, (), kwargs)) == expected
+    if cls is N.Precond:  # Built on the CPU, with weights: the same names, types and shapes.
+        assert persistence._describe(cls(**kwargs)) == expected
+
+
+def test_tensors_load_as_plain_pickle_loads_them():
+    torch.manual_seed(0)
+    base = torch.randn(6, 5) * 100
+    data = {str(dtype): base.to(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    data.update(
+        ints=base.to(torch.int64),
+        bools=base > 0,
+        bytes=base.to(torch.uint8),
+        view=base[1:4, ::2],
+        transposed=base.t(),
+        scalar=torch.tensor(3.5),
+        empty=torch.zeros(0, 7, dtype=torch.float16),
+        parameter=torch.nn.Parameter(base.clone(), requires_grad=False),
+    )
+    pickled = pickle.dumps(data)
+    safe, plain = persistence.safe_load(io.BytesIO(pickled)), pickle.loads(pickled)
+    assert list(safe) == list(plain)
+    for key, expected in plain.items():
+        tensor = safe[key]
+        assert type(tensor) is type(expected) and tensor.dtype == expected.dtype, key
+        assert tensor.shape == expected.shape and tensor.stride() == expected.stride(), key
+        assert torch.equal(tensor, expected) and torch.equal(tensor, data[key]), key
+
+
+def _legacy_storage_blob(main):
+    """Bytes in torch's per-storage format with ``main`` as its middle pickle (no storages, no data)."""
+    header = [torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION, dict(little_endian=True)]
+    return b"".join(pickle.dumps(obj, protocol=2) for obj in [*header, main, []])
+
+
+def test_storage_blob_with_a_code_execution_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    blob = _legacy_storage_blob(_SystemCall(f"touch {marker}"))
+    payload = pickle.dumps(dict(weight=_Reduce(torch.storage._load_from_bytes, (blob,))))
+    with pytest.raises(persistence.UnsafePickleError, match="system.*tensor storage") as info:
+        persistence.safe_load(io.BytesIO(payload))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()

@@ -11,6 +11,7 @@ source is neither ours nor the official release's (keeping it, so that re-saving
 
 import collections
 import contextlib
+import contextvars
 import copy
 import functools
 import hashlib
@@ -22,7 +23,8 @@ import pickle
 import sys
 import types
 import uuid
-from typing import Any, BinaryIO, Callable, Optional, Union
+import warnings
+from typing import Any, BinaryIO, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ _decorators = set()  # Every class produced by persistent_class().
 _import_hooks = []  # Functions meta -> meta applied before reconstruction.
 _module_to_src_dict = {}  # Module object -> its source text.
 _src_to_module_dict = {}  # Source text -> module object (so equal sources share one module).
+_check_pickleable_at_init = contextvars.ContextVar("check_pickleable_at_init", default=True)
 PathOrFile = Union[str, os.PathLike, BinaryIO]
 
 # ----------------------------------------------------------------------------
@@ -59,7 +62,8 @@ def persistent_class(orig_class: type) -> type:
             self._init_args = copy.deepcopy(args)
             self._init_kwargs = copy.deepcopy(kwargs)
             assert orig_class.__name__ in orig_module.__dict__, "persistent classes must be defined at module level"
-            _check_pickleable(self.__reduce__())
+            if _check_pickleable_at_init.get():  # Off while the safe loader builds a standard object to compare.
+                _check_pickleable(self.__reduce__())
 
         @property
         def init_args(self) -> tuple:
@@ -202,9 +206,44 @@ _TRUST_HINT = "load it with trust_embedded_code=True (--trust-embedded-code) onl
 
 
 def _safe_load_storage_from_bytes(data: bytes) -> Any:
-    # torch pickles each storage as a nested torch.save blob; read it with torch's own restricted
-    # unpickler instead of torch.storage._load_from_bytes (which would allow arbitrary globals).
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    """torch pickles each storage as a nested ``torch.save`` blob in the legacy format: three header pickles,
+    a pickle naming the storage by a persistent id, a pickle of the storage keys, then the raw bytes. Read it
+    with the restricted unpickler (torch.storage._load_from_bytes would allow any global); torch's own
+    weights-only unpickler would do too, but it runs in Python and costs more than the rest of the load."""
+    f = io.BytesIO(data)
+    try:
+        header = [load_data_pickle(f, what="a tensor storage") for _ in range(3)]
+    except Exception:
+        header = None
+    if header is None or header[:2] != [torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION]:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")  # Another format: torch decides.
+    storages = {}  # key -> the storage it names, still to be filled in.
+
+    def persistent_load(saved_id: Any) -> torch.storage.TypedStorage:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
+            raise UnsafePickleError(f"Refusing to load a tensor storage with persistent id {saved_id!r}")
+        _, dtype, key, _location, numel, view = saved_id  # Always loaded to the CPU.
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0 or view is not None:
+            raise UnsafePickleError(f"Refusing to load a tensor storage with persistent id {saved_id!r}")
+        if key not in storages:
+            untyped = torch.UntypedStorage(numel * torch._utils._element_size(dtype))
+            storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return storages[key]
+
+    unpickler = RestrictedUnpickler(f, _storage_globals(), what="a tensor storage")
+    unpickler.persistent_load = persistent_load
+    storage = unpickler.load()
+    keys = load_data_pickle(f, what="a tensor storage")
+    if (
+        not isinstance(storage, torch.storage.TypedStorage)
+        or not isinstance(keys, list)
+        or sorted(keys) != sorted(storages)
+    ):
+        raise UnsafePickleError("Refusing to load a malformed tensor storage")
+    for key in keys:  # Each: its element count, then its bytes (torch checks the count against the storage).
+        typed = storages[key]
+        typed._untyped_storage._set_from_file(f, None, False, torch._utils._element_size(typed.dtype))
+    return storage
 
 
 # sha256 of the UTF-8 text of the embedded modules of the official EDM2 release (commit 4bf8162).
@@ -288,39 +327,118 @@ class _SafeReconstructor:
 _TORCH_MODULE_ATTRIBUTES = frozenset(vars(torch.nn.Module())) | {"_orig_module_src"}
 
 
-def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
-    """The first way ``obj`` differs from the standard network its init arguments describe (built on the meta
-    device: no memory, no initialisation), or None. Names, types and shapes are compared; values are not."""
+class _Standard(NamedTuple):
+    """What the safe loader compares of a standard object: its type, its attribute names and, for a module, its
+    submodules (name -> _Standard) and its parameters and buffers (name -> (type, shape), shape None for a value
+    that is no tensor). No tensors: the description of a network is small and can be kept."""
+
+    cls: type
+    attributes: frozenset
+    members: Optional[dict[str, dict[str, Any]]]  # "_modules", "_parameters", "_buffers" -> name -> description.
+
+
+def _describe(obj: Any) -> Optional[_Standard]:
+    """The description of a (freshly built) standard object, or None for None."""
+    if obj is None:
+        return None
+    if not isinstance(obj, torch.nn.Module):
+        return _Standard(type(obj), frozenset(vars(obj)) - _TORCH_MODULE_ATTRIBUTES, None)
+    members = {"_modules": {name: _describe(module) for name, module in obj._modules.items()}}
+    for kind in ("_parameters", "_buffers"):
+        members[kind] = {
+            name: (type(t), tuple(t.shape) if isinstance(t, torch.Tensor) else None)
+            for name, t in vars(obj)[kind].items()
+        }
+    return _Standard(type(obj), frozenset(vars(obj)) - _TORCH_MODULE_ATTRIBUTES, members)
+
+
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Tensor factories (randn, zeros, ...) return a zero-stride view of a single zero: an object built in this
+    mode has the names, types and shapes of the real one without the time and memory of its weights."""
+
+    factories = frozenset([torch.randn, torch.rand, torch.zeros, torch.ones, torch.empty])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.factories or "out" in kwargs:
+            return func(*args, **kwargs)
+        size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+        return torch.zeros((), dtype=kwargs.get("dtype")).expand(size)  # Inside the handler the mode is off.
+
+
+def _build_standard(cls: type, args: Any, kwargs: Any) -> Any:
+    """A standard object for its structure only. On the meta device every arithmetic operation on a tensor
+    would run torch's Python kernels, whose first use imports torch._dynamo (seconds, once per process); so
+    try shape-only tensors first, and the meta device for code that writes into them (e.g. torch.nn.init)."""
+    token = _check_pickleable_at_init.set(False)  # It would pickle the whole network: never saved, no need.
     try:
+        with _ShapesOnly():
+            return cls(*args, **kwargs)
+    except Exception:
         with torch.device("meta"):
-            fresh = type(obj)(*obj._init_args, **obj._init_kwargs)
+            return cls(*args, **kwargs)
+    finally:
+        _check_pickleable_at_init.reset(token)
+
+
+_STANDARD_CACHE_SIZE = 8  # Distinct (class, init arguments) whose standard description is kept.
+_standard_cache = collections.OrderedDict()  # (class, pickled args) -> _Standard, or why it cannot be built.
+
+
+def _standard_description(obj: Any) -> Union[_Standard, str]:
+    """The description of the standard object that ``obj``'s init arguments build (on the meta device: no
+    memory, no initialisation), or why it cannot be built. Snapshots of one training run share their
+    arguments, so each distinct (class, arguments) is built once; the key is their pickle, so that only
+    equal arguments share an entry."""
+    try:
+        args, kwargs = obj._init_args, obj._init_kwargs
+        key = (type(obj), pickle.dumps((args, kwargs)))
+    except Exception:
+        key = None  # Uncacheable (or missing) arguments: build, or fail to, every time.
+    if key is not None and key in _standard_cache:
+        _standard_cache.move_to_end(key)
+        return _standard_cache[key]
+    try:
+        description = _describe(_build_standard(type(obj), obj._init_args, obj._init_kwargs))
     except Exception as err:
         why = f"{type(err).__name__}: {dnnlib.util.one_line(err)}"
-        return f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments ({why})"
-    return _compare(obj, fresh, "", checked)
+        description = f"the standard {type(obj).__name__} cannot be built from the pickle's init arguments ({why})"
+    if key is not None:
+        _standard_cache[key] = description
+        while len(_standard_cache) > _STANDARD_CACHE_SIZE:
+            _standard_cache.popitem(last=False)
+    return description
+
+
+def _standard_mismatch(obj: Any, checked: set) -> Optional[str]:
+    """The first way ``obj`` differs from the standard object its init arguments describe, or None. Names, types
+    and shapes are compared; values are not."""
+    standard = _standard_description(obj)
+    return standard if isinstance(standard, str) else _compare(obj, standard, "", checked)
 
 
 def _differ(what: str, theirs: str, ours: Any) -> str:
     return f"{what} {theirs} in the pickle, {ours} in the standard network"
 
 
-def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
+def _compare(obj: Any, standard: Optional[_Standard], path: str, checked: set) -> Optional[str]:
     checked.add(id(obj))
     what = f"submodule {path[:-1]}" if path else "the object"
-    if type(obj) is not type(fresh):
-        return _differ(what, f"is a {type(obj).__name__}", f"a {type(fresh).__name__}")
-    if fresh is None:
+    ours_type = type(None) if standard is None else standard.cls
+    if type(obj) is not ours_type:
+        return _differ(what, f"is a {type(obj).__name__}", f"a {ours_type.__name__}")
+    if standard is None:
         return None
-    ours, theirs = set(vars(fresh)) - _TORCH_MODULE_ATTRIBUTES, set(vars(obj)) - _TORCH_MODULE_ATTRIBUTES
+    ours, theirs = standard.attributes, set(vars(obj)) - _TORCH_MODULE_ATTRIBUTES
     for name in sorted(ours - theirs):
         return f"attribute {path}{name} is missing from the pickle"
     for name in sorted(theirs - ours):
         if not name.startswith("_"):  # Private extras are harmless bookkeeping (e.g. of another torch).
             return f"the pickle has an extra attribute {path}{name}"
-    if not isinstance(fresh, torch.nn.Module):
+    if standard.members is None:
         return None
     for kind, label in (("_modules", "submodule"), ("_parameters", "parameter"), ("_buffers", "buffer")):
-        mine, pickled = vars(fresh)[kind], vars(obj).get(kind)
+        mine, pickled = standard.members[kind], vars(obj).get(kind)
         if not isinstance(pickled, dict):
             return f"{what} has a malformed {kind} in the pickle"
         for name in [*mine, *(name for name in pickled if name not in mine)]:
@@ -333,11 +451,11 @@ def _compare(obj: Any, fresh: Any, path: str, checked: set) -> Optional[str]:
                 mismatch = _compare(p, m, f"{path}{name}.", checked)
                 if mismatch is not None:
                     return mismatch
-            elif not (isinstance(p, torch.Tensor) and isinstance(m, torch.Tensor)):
-                if type(p) is not type(m):
-                    return _differ(f"{label} {path}{name}", f"is a {type(p).__name__}", f"a {type(m).__name__}")
-            elif p.shape != m.shape:
-                return _differ(f"{label} {path}{name}", f"has shape {list(p.shape)}", list(m.shape))
+            elif not (isinstance(p, torch.Tensor) and m[1] is not None):
+                if type(p) is not m[0]:
+                    return _differ(f"{label} {path}{name}", f"is a {type(p).__name__}", f"a {m[0].__name__}")
+            elif p.shape != m[1]:
+                return _differ(f"{label} {path}{name}", f"has shape {list(p.shape)}", list(m[1]))
     return None
 
 
@@ -374,6 +492,20 @@ def _tensor_globals() -> dict:
     for name in dir(torch):
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+@functools.cache
+def _storage_globals() -> dict:
+    """(module, name) -> dtype for the legacy typed storage classes (torch.HalfStorage, ...) by which a storage
+    blob names its dtype: the unpickler hands out the dtype itself, never the class."""
+    allowed = {}
+    with warnings.catch_warnings():  # Touching the legacy classes warns that TypedStorage is deprecated.
+        warnings.simplefilter("ignore")
+        for name in dir(torch):
+            dtype = getattr(getattr(torch, name, None), "dtype", None)
+            if name.endswith("Storage") and isinstance(dtype, torch.dtype):
+                allowed[("torch", name)] = dtype
     return allowed
 
 
