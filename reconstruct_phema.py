@@ -25,7 +25,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import persistence
+from torch_utils import persistence, weight_files
 from training import cli, phema
 
 MAX_STD = 0.289  # sigma_rel of a flat average is sqrt(1/12) ~= 0.2887; longer profiles do not exist.
@@ -40,8 +40,12 @@ def kimg_to_nimg(kimg: int) -> int:
     return (kimg * 1000 + 999) // 1024 * 1024
 
 
-def output_path(out_dir: str, out_prefix: str, out_nimg: int, std: float) -> str:
-    return os.path.join(out_dir, f"{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.pkl")
+# A network pickle, or the ema's weights and settings without code (torch_utils.weight_files).
+OUTPUT_FORMATS = ("pkl", "safetensors")
+
+
+def output_path(out_dir: str, out_prefix: str, out_nimg: int, std: float, out_format: str = "pkl") -> str:
+    return os.path.join(out_dir, f"{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.{out_format}")
 
 
 def _parse_number(token: str) -> float:
@@ -222,6 +226,7 @@ def reconstruct_phema(
     max_batch_size: int = 8,
     verbose: bool = True,
     trust_embedded_code: bool = False,
+    out_format: str = "pkl",
 ) -> Iterable[dnnlib.EasyDict]:
     """Reconstruct power-function EMAs with the given sigma_rel values at time ``out_nimg``.
 
@@ -229,7 +234,8 @@ def reconstruct_phema(
     (default: the latest), and only inputs with 0 < nimg <= out_nimg are used. Outputs are built
     ``max_batch_size`` at a time (``ceil(n / max_batch_size)`` near-equal groups), reading every
     input once per group, and saved as ``{out_prefix}-{kimg:07d}-{std:.3f}.pkl`` in ``out_dir``
-    (if given); ``skip_existing`` leaves existing outputs alone. Bad arguments raise ValueError at
+    (if given), or as ``.safetensors`` with ``out_format='safetensors'`` (the ``ema`` and the encoder's
+    settings only, see torch_utils/weight_files.py); ``skip_existing`` leaves existing outputs alone. Bad arguments raise ValueError at
     once; the work happens while iterating over the returned iterable (it has a ``len``).
 
     Each step (one input read) yields an EasyDict with the reference's ``step_idx``, ``num_steps``
@@ -258,9 +264,11 @@ def reconstruct_phema(
         raise ValueError(f"Invalid output sigma_rel: {e}") from None
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
+    if out_format not in OUTPUT_FORMATS:
+        raise ValueError(f"Unknown output format {out_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
 
     def path_of(std):
-        return None if out_dir is None else output_path(out_dir, out_prefix, out_nimg, std)
+        return None if out_dir is None else output_path(out_dir, out_prefix, out_nimg, std, out_format)
 
     if skip_existing and out_dir is not None:
         existing = [s for s in out_std if os.path.isfile(path_of(s))]
@@ -293,8 +301,7 @@ def reconstruct_phema(
                 for o, pkl_data in enumerate(outputs or []):
                     out[o].update(net=pkl_data["ema"], pkl_data=pkl_data, data=pkl_data, path=out[o].pkl_path)
                     if out[o].pkl_path is not None:
-                        with dnnlib.util.atomic_write(out[o].pkl_path) as f:
-                            pickle.dump(pkl_data, f)
+                        _save_output(pkl_data, out[o].pkl_path, out_format)
                 yield dnnlib.EasyDict(
                     step_idx=batch_idx * len(in_pkls) + i,
                     num_steps=num_steps,
@@ -308,6 +315,14 @@ def reconstruct_phema(
             out = outputs = None  # Hold no finished networks while the next pass reads its inputs.
 
     return dnnlib.util.SizedIterable(run, num_steps)
+
+
+def _save_output(pkl_data: dict, path: str, out_format: str) -> None:
+    if out_format == "safetensors":
+        weight_files.save_network(pkl_data, path)
+        return
+    with dnnlib.util.atomic_write(path) as f:
+        pickle.dump(pkl_data, f)
 
 
 def _print_plan(in_pkls, out_nimg, out_std, out_dir, num_batches) -> None:
@@ -355,8 +370,16 @@ def _print_plan(in_pkls, out_nimg, out_std, out_dir, num_batches) -> None:
 @click.option(
     "--batch", help="Outputs per pass over inputs", metavar="INT", type=click.IntRange(1), default=8, show_default=True
 )
+@click.option(
+    "--format",
+    "out_format",
+    help="Output format: network pickles, or safetensors files (weights and JSON settings, no code)",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="pkl",
+    show_default=True,
+)
 @click.option("--trust-embedded-code", help="Load inputs by running their embedded code (trusted only)", is_flag=True)
-def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, trust_embedded_code):
+def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, out_format, trust_embedded_code):
     """Perform post-hoc EMA reconstruction.
 
     Examples:
@@ -375,6 +398,11 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     # Perform reconstruction for the latest snapshot of a given training run
     python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs \\
         --outdir=out --outstd=0.150 --inprefix=network-snapshot
+
+    \b
+    # The same as a safetensors file (loads anywhere a network pickle does, without unpickling)
+    python reconstruct_phema.py --indir=training-runs/00000-edm2-img512-xs \\
+        --outdir=out --outstd=0.150 --inprefix=network-snapshot --format=safetensors
     """
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
     if out_nimg is not None and out_nimg // 1000 != outkimg:
@@ -402,6 +430,7 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
             skip_existing=skip,
             max_batch_size=batch,
             trust_embedded_code=trust_embedded_code,
+            out_format=out_format,
         )
         saved = []
         for step in tqdm.tqdm(steps, total=len(steps), unit="step", disable=len(steps) == 0):

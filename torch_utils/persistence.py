@@ -570,11 +570,20 @@ class NetworkPickleError(ValueError):
 
 def load_network_pickle(source: str, trust_embedded_code: bool = False, verbose: bool = True) -> dict:
     """Load a network pickle (a snapshot dict with a ``torch.nn.Module`` under ``ema``) from a path, a
-    ``file://`` or an http(s) URL (cached), safely unless ``trust_embedded_code``; failures raise NetworkPickleError."""
+    ``file://`` or an http(s) URL (cached), safely unless ``trust_embedded_code``; failures raise NetworkPickleError.
+    A ``.safetensors`` source is read by ``torch_utils.weight_files`` instead (never unpickled)."""
     try:
         f = dnnlib.util.open_url(source, verbose=verbose)
     except Exception as err:  # OSError, requests errors, malformed URLs, ...
         raise NetworkPickleError(f'Cannot open network pickle "{source}": {dnnlib.util.one_line(err)}') from err
+    if str(source).lower().endswith(".safetensors"):  # weights and JSON arguments: nothing to unpickle
+        from torch_utils import weight_files
+
+        with f:
+            try:
+                return weight_files.load_network(f.read())
+            except (weight_files.WeightFileError, OSError) as err:
+                raise NetworkPickleError(f'Cannot load network file "{source}": {dnnlib.util.one_line(err)}') from err
     with f:
         try:
             data = load_pickle(f, trust_embedded_code=trust_embedded_code)
