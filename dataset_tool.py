@@ -1,11 +1,14 @@
 """Create datasets for training and evaluation.
 
     convert  images (folder tree or ZIP) -> uncompressed PNGs, optionally cropped and resized
-    encode   PNG dataset -> Stable Diffusion VAE latents (mean and std, 8 channels, float32 .npy)
+    encode   PNG dataset -> VAE latents (posterior mean and std, 2x the VAE's latent channels, float32
+             .npy) of any diffusers AutoencoderKL, and their per-channel statistics
     decode   latent dataset -> PNG images (the mean by default, or a posterior draw with --sample)
 
 Every output is a ZIP archive (ZIP_STORED) or an empty folder holding `00000/img00000000.png` style
-files and a `dataset.json` with the labels (`null` unless every image has one). Outputs are written
+files and a `dataset.json` with the labels (`null` unless every image has one); `encode` adds a
+"vae" entry: the VAE's name, its latent channel count, and the mean and standard deviation of the raw
+latents per channel (`LatentStatistics`), from which training builds its encoder. Outputs are written
 under a temporary name beside the destination and renamed when complete, so a failure never leaves a
 half-written dataset behind. The functions raise plain exceptions (ValueError for bad arguments, OSError
 for bad files); only the click commands at the end turn them into one-line errors.
@@ -75,11 +78,13 @@ class Source:
         self.files = [SourceFile(name=n, label=labels.get(n)) for n in files[:max_files]]
 
     def _read_labels(self, names: list) -> dict:
+        self.json: dict = {}  # The whole dataset.json (labels and e.g. the "vae" entry of encode).
         if "dataset.json" not in names:
             return {}
         try:
             with self.open("dataset.json") as f:
-                labels = json.load(f).get("labels")
+                self.json = json.load(f)
+            labels = self.json.get("labels")
             return {} if labels is None else {name: label for name, label in labels}
         except (ValueError, TypeError, AttributeError, OSError) as err:
             raise ValueError(f"Cannot parse dataset.json in {self.path}: {err}") from None
@@ -197,9 +202,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def labels_json(labels: list) -> str:
-    """dataset.json: the [name, label] pairs, or null unless every written file has a label."""
-    return json.dumps({"labels": labels if all(x is not None for x in labels) else None})
+def labels_json(labels: list, **extra: Any) -> str:
+    """dataset.json: the [name, label] pairs, or null unless every written file has a label; then `extra`."""
+    return json.dumps({"labels": labels if all(x is not None for x in labels) else None, **extra})
 
 
 # ----------------------------------------------------------------------------
@@ -369,69 +374,131 @@ def convert_dataset(
     return len(labels)
 
 
-def _vae_pass(op: str, source, dest, model_url, max_images, batch, device, load_item, run_vae) -> int:
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+class LatentStatistics:
+    """Per-channel mean and standard deviation of the raw latents, over the posterior's draws.
+
+    The encoder's final latents are draws z = mean + std·noise from each image's posterior, so the
+    statistics that make them zero-mean with a chosen standard deviation are those of z over the
+    data set and the noise: E[z] = E[mean] and Var[z] = E[mean² + std²] - E[mean]², summed here in
+    float64, exactly (no draws needed).
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.sum = self.sum_sq = None
+
+    def add(self, mean_std: np.ndarray) -> None:
+        """mean_std: [N, 2C, H, W] raw latents (posterior mean, then std)."""
+        mean, std = np.split(mean_std.astype(np.float64), 2, axis=1)
+        self.count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+        s, ss = mean.sum(axis=(0, 2, 3)), (mean**2 + std**2).sum(axis=(0, 2, 3))
+        self.sum, self.sum_sq = (s, ss) if self.sum is None else (self.sum + s, self.sum_sq + ss)
+
+    def result(self) -> tuple:
+        """(raw_mean, raw_std) as lists of floats."""
+        mean = self.sum / self.count
+        std = np.sqrt(np.maximum(self.sum_sq / self.count - mean**2, 0))
+        return [float(x) for x in mean], [float(x) for x in std]
+
+
+def vae_identity(name: str) -> str:
+    """How a VAE is named in dataset.json and compared: a local folder by its absolute path (so that a
+    dataset can be used from anywhere), anything else (a Hugging Face name) as it is."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _vae_pass(op: str, src: Source, out: DatasetWriter, encoder_kwargs: dict, batch, device, load_item, run_vae):
     """The loop shared by encode and decode (`op`): read `batch` inputs at a time (`load_item` gives a CHW
-    array per file), run them through the VAE, and write one output per input (same index, same label)
-    plus dataset.json, atomically."""
+    array per file), run them through the VAE, and write one output per input (same index, same label),
+    atomically. Returns the label list; the caller writes dataset.json before the writer closes."""
     import torch
 
     from training.encoders import StabilityVAEEncoder
 
-    if op == "encode":
-        extensions, out_name, to_bytes = image_extensions(), latent_name, npy_bytes
-    else:
-        extensions, out_name, to_bytes = {".npy"}, image_name, png_bytes
+    out_name, to_bytes = (latent_name, npy_bytes) if op == "encode" else (image_name, png_bytes)
+    device = torch.device(device) if device is not None else misc.default_device()
+    vae = StabilityVAEEncoder(**encoder_kwargs, batch_size=batch)
+    try:
+        vae.init(device)  # the slow part: after every check
+    except (OSError, ValueError) as err:
+        raise OSError(f"Cannot load the VAE {vae.vae_name}: {str(err).splitlines()[0]}") from None
+    with tqdm(total=len(src.files), desc=op, unit="img") as bar:
+        labels, first = [], None
+        for i in range(0, len(src.files), batch):
+            chunk = list(enumerate(src.files[i : i + batch], start=i))
+            arrays = [load_item(src, file) for _idx, file in chunk]
+            for (_idx, file), array in zip(chunk, arrays):
+                first = _check_same_size(file.name, array.shape[1:], first)
+            with torch.no_grad():
+                results = run_vae(vae, torch.as_tensor(np.stack(arrays)).to(device), chunk)
+            for (idx, file), result in zip(chunk, results):
+                out.write(out_name(idx), to_bytes(result))
+                labels.append([out_name(idx), file.label] if file.label is not None else None)
+            bar.update(len(chunk))
+    return labels
 
+
+def _open_source_and_dest(source: str, dest: str, extensions: set, max_images, batch: int) -> tuple:
     if batch < 1:
         raise ValueError(f"--batch must be at least 1, got {batch}")
     out = DatasetWriter(dest)  # checks dest
-    src = Source(source, extensions, max_images)
-    with contextlib.closing(src):
-        device = torch.device(device) if device is not None else misc.default_device()
-        vae = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
-        try:
-            vae.init(device)  # the slow part: after every check
-        except (OSError, ValueError) as err:
-            raise OSError(f"Cannot load the VAE {model_url}: {str(err).splitlines()[0]}") from None
-        with out, tqdm(total=len(src.files), desc=op, unit="img") as bar:
-            labels, first = [], None
-            for i in range(0, len(src.files), batch):
-                chunk = list(enumerate(src.files[i : i + batch], start=i))
-                arrays = [load_item(src, file) for _idx, file in chunk]
-                for (_idx, file), array in zip(chunk, arrays):
-                    first = _check_same_size(file.name, array.shape[1:], first)
-                with torch.no_grad():
-                    results = run_vae(vae, torch.as_tensor(np.stack(arrays)).to(device), chunk)
-                for (idx, file), result in zip(chunk, results):
-                    out.write(out_name(idx), to_bytes(result))
-                    labels.append([out_name(idx), file.label] if file.label is not None else None)
-                bar.update(len(chunk))
-            out.write("dataset.json", labels_json(labels))
-    return len(labels)
+    return Source(source, extensions, max_images), out
 
 
 def encode_dataset(
     source: str,
     dest: str,
-    model_url: str = "stabilityai/sd-vae-ft-mse",
+    model_url: str = DEFAULT_VAE,
     max_images: Optional[int] = None,
     batch: int = 8,
     device: Optional[str] = None,
+    stats_images: Optional[int] = None,
 ) -> int:
-    """Encode a dataset of images into VAE latents: float32 [8, H/f, W/f] arrays (mean, then std)."""
-    import torch
+    """Encode a dataset of images into VAE latents: float32 [2C, H/f, W/f] arrays (mean, then std), and
+    store in dataset.json the VAE (`model_url`, a Hugging Face name or a local AutoencoderKL folder), its
+    latent channel count C and the latents' per-channel statistics (`LatentStatistics`) over all images
+    or over `stats_images` of them (a fixed random subset)."""
+    if stats_images is not None and stats_images < 1:
+        raise ValueError(f"--stats-images must be at least 1, got {stats_images}")
+    src, out = _open_source_and_dest(source, dest, image_extensions(), max_images, batch)
+    num = len(src.files)
+    chosen = np.ones(num, dtype=bool)
+    if stats_images is not None and stats_images < num:
+        chosen[:] = False
+        chosen[np.random.RandomState(0).choice(num, stats_images, replace=False)] = True
+    stats = LatentStatistics()
 
     def load_item(src, file):
         return src.read_image(file).transpose(2, 0, 1)  # HWC -> CHW uint8
 
     def run_vae(vae, x, chunk):
-        return vae.encode_pixels(x).to(torch.float32).cpu().numpy()
+        import torch
 
-    return _vae_pass("encode", source, dest, model_url, max_images, batch, device, load_item, run_vae)
+        result = vae.encode_pixels(x).to(torch.float32).cpu().numpy()
+        stats.add(result[chosen[[idx for idx, _ in chunk]]])
+        return result
+
+    with contextlib.closing(src), out:
+        labels = _vae_pass(
+            "encode", src, out, dict(vae_name=vae_identity(model_url)), batch, device, load_item, run_vae
+        )
+        raw_mean, raw_std = stats.result()
+        vae = dict(
+            name=vae_identity(model_url),
+            latent_channels=len(raw_mean),
+            raw_mean=raw_mean,
+            raw_std=raw_std,
+            stats_images=int(chosen.sum()),
+        )
+        out.write("dataset.json", labels_json(labels, vae=vae))
+    return len(labels)
 
 
 def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = None) -> Any:
-    """Raw latents (mean and std, 8 channels) -> the final latents that `vae.decode` takes.
+    """Raw latents (mean and std, 2C channels) -> the final latents that `vae.decode` takes.
 
     The mean itself by default; with sample=True the posterior draw mean + noise·std (noise ~ N(0, I)).
     Then the per-channel normalisation of `encode_latents`: final = raw·scale + bias.
@@ -443,36 +510,63 @@ def final_latents(vae: Any, mean_std: Any, sample: bool = False, noise: Any = No
     return raw * scale + bias
 
 
+def decoder_kwargs(stored: Optional[dict], model_url: Optional[str]) -> dict:
+    """The StabilityVAEEncoder arguments for decoding a dataset whose dataset.json has the "vae" entry
+    `stored` (None for datasets without one): its VAE and statistics. A `model_url` other than the
+    stored VAE is refused; without a stored VAE it is used as given (default: the Stable Diffusion one)."""
+    if stored is None:
+        return dict(vae_name=model_url or DEFAULT_VAE)
+    try:
+        name, raw_mean, raw_std = stored["name"], list(stored["raw_mean"]), list(stored["raw_std"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"Malformed 'vae' entry in dataset.json: {dnnlib.util.one_line(err)}") from None
+    if model_url is not None and vae_identity(model_url) != name:
+        raise ValueError(f"--vae {model_url} differs from the VAE the dataset was encoded with ({name})")
+    return dict(vae_name=name, raw_mean=raw_mean, raw_std=raw_std)
+
+
 def decode_dataset(
     source: str,
     dest: str,
-    model_url: str = "stabilityai/sd-vae-ft-mse",
+    model_url: Optional[str] = None,
     max_images: Optional[int] = None,
     sample: bool = False,
     seed: int = 0,
     batch: int = 8,
     device: Optional[str] = None,
 ) -> int:
-    """Decode a dataset written by `encode` back into PNG images."""
+    """Decode a dataset written by `encode` back into PNG images, with the VAE it was encoded with
+    (`model_url` None) or, for datasets that do not name one, `model_url` (default: Stable Diffusion's)."""
     import torch
+
+    src, out = _open_source_and_dest(source, dest, {".npy"}, max_images, batch)
+    try:
+        kwargs = decoder_kwargs(src.json.get("vae"), model_url)
+    except ValueError:
+        src.close()
+        raise
+    channels = 2 * len(kwargs.get("raw_mean", [0] * 4))
 
     def load_item(src, file):
         array = src.read_npy(file)
-        if array.ndim != 3 or array.shape[0] != 8:
+        if array.ndim != 3 or array.shape[0] != channels:
             raise ValueError(
-                f"{file.name} has shape {list(array.shape)}; expected VAE mean and std [8, H, W] as written by encode"
+                f"{file.name} has shape {list(array.shape)}; expected VAE mean and std [{channels}, H, W] as written by encode"
             )
         return array.astype(np.float32)
 
     def run_vae(vae, x, chunk):
         noise = None
         if sample:  # one generator per image: a draw does not depend on the batch it lands in
-            shape = [4, *x.shape[2:]]
+            shape = [channels // 2, *x.shape[2:]]
             noise = [np.random.default_rng([seed, idx]).standard_normal(shape, dtype=np.float32) for idx, _ in chunk]
             noise = torch.as_tensor(np.stack(noise)).to(x.device)
         return vae.decode(final_latents(vae, x, sample=sample, noise=noise)).permute(0, 2, 3, 1).cpu().numpy()
 
-    return _vae_pass("decode", source, dest, model_url, max_images, batch, device, load_item, run_vae)
+    with contextlib.closing(src), out:
+        labels = _vae_pass("decode", src, out, kwargs, batch, device, load_item, run_vae)
+        out.write("dataset.json", labels_json(labels))
+    return len(labels)
 
 
 # ----------------------------------------------------------------------------
@@ -501,13 +595,23 @@ def _resolution_option(ctx: click.Context, param: click.Parameter, value: Option
 
 
 _dest_option = click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
-_model_url_option = click.option(
+_vae_option = click.option(
+    "--vae",
     "--model-url",
-    help="VAE: Hugging Face name or local folder",
-    metavar="URL",
+    "model_url",
+    help="VAE: Hugging Face name or local folder of a diffusers AutoencoderKL (--model-url: the same)",
+    metavar="NAME|DIR",
     type=str,
-    default="stabilityai/sd-vae-ft-mse",
+    default=DEFAULT_VAE,
     show_default=True,
+)
+_decode_vae_option = click.option(
+    "--vae",
+    "--model-url",
+    "model_url",
+    help="VAE: must be the one the dataset was encoded with  [default: the dataset's, else " + DEFAULT_VAE + "]",
+    metavar="NAME|DIR",
+    type=str,
 )
 _batch_option = click.option(
     "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
@@ -549,19 +653,31 @@ def convert(
 
 
 @cmdline.command()
-@_model_url_option
+@_vae_option
 @click.option("--source", help="Input folder or ZIP archive of images", metavar="PATH", type=str, required=True)
 @_dest_option
 @click.option("--max-images", help="Maximum number of images to encode", metavar="INT", type=click.IntRange(min=1))
+@click.option(
+    "--stats-images",
+    help="Measure the latent statistics on this many images (a fixed random subset)  [default: all]",
+    metavar="INT",
+    type=click.IntRange(min=1),
+)
 @_batch_option
-def encode(model_url: str, source: str, dest: str, max_images: Optional[int], batch: int) -> None:
-    """Encode images into VAE latents (mean and std, float32 .npy)."""
+def encode(
+    model_url: str, source: str, dest: str, max_images: Optional[int], stats_images: Optional[int], batch: int
+) -> None:
+    """Encode images into VAE latents (mean and std, float32 .npy).
+
+    dataset.json records the VAE, its latent channel count and the per-channel mean and standard
+    deviation of the latents' posterior draws, from which training sets up its encoder.
+    """
     with cli.one_line_errors():
-        encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch)
+        encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch, stats_images=stats_images)
 
 
 @cmdline.command()
-@_model_url_option
+@_decode_vae_option
 @click.option(
     "--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", required=True
 )
@@ -571,7 +687,7 @@ def encode(model_url: str, source: str, dest: str, max_images: Optional[int], ba
 @click.option("--seed", help="Random seed for --sample", metavar="INT", type=int, default=0, show_default=True)
 @_batch_option
 def decode(
-    model_url: str, source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
+    model_url: Optional[str], source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
 ) -> None:
     """Decode VAE latents written by encode back into PNG images."""
     with cli.one_line_errors():

@@ -69,6 +69,37 @@ def precision_of_fp16(precision: Optional[str], fp16: Optional[bool]) -> Optiona
     return "fp16" if fp16 else "fp32"
 
 
+def dataset_encoder_kwargs(dataset_obj: Any) -> dnnlib.EasyDict:
+    """The encoder that a dataset's items need: RGB pixels (3 channels), or VAE latents with the VAE and
+    latent statistics that ``dataset_tool.py encode`` stored in dataset.json. Latents without them (the
+    reference's 8-channel datasets) get the encoder's defaults, Stable Diffusion's VAE on ImageNet-512."""
+    num_channels = dataset_obj.num_channels
+    try:
+        vae = dataset_obj.load_dataset_json().get("vae")
+    except OSError as err:
+        raise ValueError(f"--data: {dnnlib.util.one_line(err)}") from None
+    if vae is None:
+        encoders = {3: "training.encoders.StandardRGBEncoder", 8: "training.encoders.StabilityVAEEncoder"}
+        if num_channels not in encoders:
+            raise ValueError(
+                f"--data: unsupported channel count {num_channels} (expected 3 for RGB or 8 for VAE latents)"
+            )
+        return dnnlib.EasyDict(class_name=encoders[num_channels])
+    try:
+        name, channels = str(vae["name"]), int(vae["latent_channels"])
+        raw_mean, raw_std = [float(x) for x in vae["raw_mean"]], [float(x) for x in vae["raw_std"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"--data: malformed 'vae' entry in dataset.json ({dnnlib.util.one_line(err)})") from None
+    if not (2 * channels == num_channels == 2 * len(raw_mean) == 2 * len(raw_std)) or min(raw_std) <= 0:
+        raise ValueError(
+            f"--data: dataset.json describes {channels} latent channels with {len(raw_mean)} means and "
+            f"{len(raw_std)} positive standard deviations, but the items have {num_channels} channels (mean and std)"
+        )
+    return dnnlib.EasyDict(
+        class_name="training.encoders.StabilityVAEEncoder", vae_name=name, raw_mean=raw_mean, raw_std=raw_std
+    )
+
+
 def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **opts: Any) -> dnnlib.EasyDict:
     """Resolve a preset and option overrides (None = take the preset's value) into the keyword
     arguments of ``training_loop``. Raises ValueError, naming the option, for bad input."""
@@ -85,7 +116,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     except ValueError as err:
         raise ValueError(f"--{'precision' if precision not in (None, 'fp32') else 'tf32'}: {err}") from None
 
-    # Dataset and encoder: 3 channels are RGB pixels, 8 are the mean and std of Stable Diffusion VAE latents.
+    # Dataset and encoder: 3 channels are RGB pixels, else the mean and std of VAE latents.
     if opts.get("data") is None:
         raise ValueError("--data: missing dataset path")
     c = dnnlib.EasyDict()
@@ -95,12 +126,7 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     dataset_obj = _open_dataset(c.dataset_kwargs)
     if c.dataset_kwargs.use_labels and not dataset_obj.has_labels:
         raise ValueError(f"--cond=True, but the dataset {opts.data} has no labels (use --cond=False)")
-    encoders = {3: "training.encoders.StandardRGBEncoder", 8: "training.encoders.StabilityVAEEncoder"}
-    if dataset_obj.num_channels not in encoders:
-        raise ValueError(
-            f"--data: unsupported channel count {dataset_obj.num_channels} (expected 3 for RGB or 8 for VAE latents)"
-        )
-    c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[dataset_obj.num_channels])
+    c.encoder_kwargs = dataset_encoder_kwargs(dataset_obj)
     del dataset_obj  # conserve memory
 
     # Hyperparameters; performance- and I/O-related options (the reference's key order).

@@ -1,7 +1,8 @@
 """Datasets of images or latents stored as a folder or a ZIP archive (`dataset_tool.py` writes them).
 
 Items are Pillow-readable images (uint8) or `.npy` arrays (e.g. 8-channel VAE mean/std latents), sorted by
-path, plus an optional `dataset.json`: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`.
+path, plus an optional `dataset.json`: `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`,
+possibly with other keys (e.g. "vae" from `dataset_tool.py encode`), which only their readers look at.
 Integer labels become one-hot float32 vectors; lists of floats are used as they are. Nothing that grows with
 the number of images is kept in memory unless `cache=True`. Bad paths and files raise OSError.
 """
@@ -291,11 +292,24 @@ class ImageFolderDataset(Dataset):
             raise OSError(f"Cannot read {fname} in {self._path}: {err}") from None
         return image
 
+    def load_dataset_json(self) -> dict:
+        """The whole dataset.json ({} if there is none): "labels", and whatever else the writer stored
+        (e.g. "vae", the VAE and latent statistics of `dataset_tool.py encode`; readers ignore unknown keys)."""
+        if not self._has_json:
+            return {}
+        try:
+            with self._open_file("dataset.json") as f:
+                data = json.load(f)
+        except ValueError as err:
+            raise OSError(f"Cannot parse dataset.json in {self._path}: {err}") from None
+        if not isinstance(data, dict):
+            raise OSError(f"dataset.json in {self._path} is not a JSON object")
+        return data
+
     def _load_raw_labels(self) -> Optional[np.ndarray]:
         if not self._has_json:
             return None
-        with self._open_file("dataset.json") as f:
-            labels = json.load(f).get("labels")
+        labels = self.load_dataset_json().get("labels")
         if labels is None:
             return None
         labels = dict(labels)  # {relative path with '/': label}
