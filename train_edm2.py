@@ -27,7 +27,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import misc
+from torch_utils import misc, persistence
 from training import cli, training_loop
 from training.presets import (  # noqa: F401 -- config_presets: the reference's train_edm2.config_presets
     config_presets,
@@ -100,12 +100,51 @@ def dataset_encoder_kwargs(dataset_obj: Any) -> dnnlib.EasyDict:
     )
 
 
+_INTERFACE_KEYS = ("img_resolution", "img_channels", "label_dim")  # set by the dataset, in training_loop
+
+
+def init_network_kwargs(
+    init: str, dataset_obj: Any, use_labels: bool, use_fp16: bool, dropout: Optional[float] = None
+) -> dnnlib.EasyDict:
+    """The ``network_kwargs`` of a run that starts from the network pickle ``init``: the construction
+    arguments of its ``ema``, with this run's precision (and ``dropout`` if given: it adds no weights).
+    Refuses a dataset that does not fit the network."""
+    try:
+        net = persistence.load_network_pickle(init, verbose=False)["ema"]
+    except persistence.NetworkPickleError as err:
+        raise ValueError(f"--init: {err}") from None
+    name = type(net).__name__
+    if persistence.SAFE_PERSISTENT_CLASSES.get(name) != "training.networks_edm2" or not hasattr(net, "init_kwargs"):
+        raise ValueError(f"--init: the pickle's ema is a {name}, not an EDM2 network")
+    if len(net.init_args) != 0:
+        raise ValueError(
+            f"--init: the pickle's {name} was constructed with positional arguments, which are not supported"
+        )
+    kwargs = net.init_kwargs
+    channels = dataset_obj.num_channels if dataset_obj.num_channels == 3 else dataset_obj.num_channels // 2
+    wanted = dict(img_resolution=dataset_obj.resolution, img_channels=channels)
+    wanted["label_dim"] = dataset_obj.label_dim if use_labels else 0
+    differ = [f"{key} {kwargs.get(key)} in the network, {value} in the dataset" for key, value in wanted.items()
+              if kwargs.get(key) != value]  # fmt: skip
+    if differ:
+        raise ValueError(f"--data does not fit the --init network: {'; '.join(differ)}")
+    network_kwargs = dnnlib.EasyDict(class_name=f"training.networks_edm2.{name}")
+    network_kwargs.update({key: value for key, value in kwargs.items() if key not in _INTERFACE_KEYS})
+    network_kwargs.use_fp16 = use_fp16
+    if dropout is not None:
+        network_kwargs.dropout = dropout
+    return network_kwargs
+
+
 def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **opts: Any) -> dnnlib.EasyDict:
     """Resolve a preset and option overrides (None = take the preset's value) into the keyword
     arguments of ``training_loop``. Raises ValueError, naming the option, for bad input."""
     if preset not in config_presets:
         raise ValueError(f'--preset: unknown preset "{preset}"; choose from {", ".join(config_presets)}')
     opts = dnnlib.EasyDict({key: value for key, value in opts.items() if value is not None})
+    if "init" in opts and "channels" in opts:  # the one option that would change the architecture
+        raise ValueError("--channels: the architecture comes from --init; leave out --channels")
+    explicit_dropout = opts.get("dropout")
     opts = dnnlib.EasyDict({**io_defaults, **copy.deepcopy(config_presets[preset]), **opts})  # explicit options win
     if opts.channels < 64 and not is_cpu_preset(preset):
         raise ValueError(f"--channels: {opts.channels} is below 64, which only the CPU presets (cpu-*) allow")
@@ -127,15 +166,22 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     if c.dataset_kwargs.use_labels and not dataset_obj.has_labels:
         raise ValueError(f"--cond=True, but the dataset {opts.data} has no labels (use --cond=False)")
     c.encoder_kwargs = dataset_encoder_kwargs(dataset_obj)
-    del dataset_obj  # conserve memory
 
     # Hyperparameters; performance- and I/O-related options (the reference's key order).
     c.update(total_nimg=opts.duration, batch_size=opts.batch)
-    c.network_kwargs = preset_network_kwargs(preset, channels=opts.channels, dropout=opts.dropout, use_fp16=use_fp16)
+    if opts.get("init") is not None:
+        c.network_kwargs = init_network_kwargs(
+            opts.init, dataset_obj, c.dataset_kwargs.use_labels, use_fp16, dropout=explicit_dropout
+        )
+    else:
+        c.network_kwargs = preset_network_kwargs(
+            preset, channels=opts.channels, dropout=opts.dropout, use_fp16=use_fp16
+        )
     c.loss_kwargs = dnnlib.EasyDict(class_name="training.training_loop.EDM2Loss", P_mean=opts.P_mean, P_std=opts.P_std)
     c.lr_kwargs = dnnlib.EasyDict(
         func_name="training.training_loop.learning_rate_schedule", ref_lr=opts.lr, ref_batches=opts.decay
     )
+    del dataset_obj  # conserve memory
     if "rampup" in opts:  # only the CPU presets set the ramp-up
         c.lr_kwargs.rampup_Mimg = opts.rampup / 1e6
     c.update(
@@ -151,6 +197,8 @@ def setup_training_config(preset: str = "edm2-img512-s", world_size: int = 1, **
     c.seed = opts.get("seed", 0)
     c.update(precision=precision, tf32=opts.get("tf32", False))  # not in the reference's options
     c.compile = bool(opts.get("compile", False))
+    if opts.get("init") is not None:
+        c.init = opts.init  # the initial weights (training_loop's init); a checkpoint, once there, wins
     training_loop.check_training_config(
         batch_size=c.batch_size,
         world_size=world_size,
@@ -350,6 +398,12 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
     required=True,
 )
 @click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", required=True)
+@click.option(
+    "--init",
+    help="Fine-tune: start from this network pickle's ema (its architecture and weights)",
+    metavar="PKL|URL",
+    type=str,
+)
 @click.option(
     "--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=True, show_default=True
 )

@@ -148,6 +148,7 @@ def training_loop(
     device              = None,     # None = cuda if available, else cpu.
     monitor_kwargs      = None,     # Watching the run (training.monitoring.TrainingMonitor); None = off.
     compile             = False,    # Run the training network through torch.compile (eager if compiling fails).
+    init                = None,     # Network pickle (or .safetensors) whose ema gives the initial weights; None = random.
 ) -> None:
 # fmt: on
     # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
@@ -177,7 +178,7 @@ def training_loop(
         dist.print0(f'Preset: {preset_name}')
 
     # Dataset, encoder, network, and the training state.
-    dataset_obj, encoder, net = _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device)
+    dataset_obj, encoder, net = _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device, init)
     dist.print0('Setting up training state...')
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
     ddp = net
@@ -274,8 +275,9 @@ def _initialize(run_dir, seed, rank, cudnn_benchmark, tf32=False):
         dnnlib.util.remove_stale_temp_files(run_dir)  # half-written files of a killed run
 
 
-def _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device):
-    """The dataset, the encoder, and a network shaped by the dataset's first item (in latent space)."""
+def _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device, init=None):
+    """The dataset, the encoder, and a network shaped by the dataset's first item (in latent space),
+    with the weights of the network pickle `init` if given (a checkpoint, when resuming, overrides them)."""
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     ref_image, ref_label = dataset_obj[0]
@@ -285,6 +287,9 @@ def _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_k
     dist.print0('Constructing network...')
     interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    if init is not None:  # Before the summary below, so that the weights are normalised and shared as usual.
+        dist.print0(f'Loading initial weights from "{init}"...')
+        net.load_state_dict(persistence.load_network_pickle(init, verbose=(dist.get_rank() == 0))['ema'].state_dict())
     net.train().requires_grad_(True).to(device)
 
     # The summary's forward pass runs in training mode, so it also force-normalises the weights of
