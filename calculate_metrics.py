@@ -6,7 +6,7 @@ Fréchet distance live in ``training/metrics.py``; this script re-exports them, 
 against the reference (``calculate_metrics.calculate_stats_for_iterable``, ...) keep working.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import click
@@ -25,17 +25,23 @@ from training.metrics import (  # noqa: F401 -- re-exported: the names of the re
     InceptionV3Detector,
     ModuleDetector,
     _image_file_batches,
+    append_json_line,
     calculate_fd,
     calculate_metrics_from_stats,
     calculate_stats_for_files,
     calculate_stats_for_iterable,
     dinov2_preprocess,
+    disjoint_subsets,
+    format_repeat_summary,
     get_detector,
     known_metrics,
     load_stats,
     parse_metric_list,
+    read_json_lines,
     register_detector,
+    repeat_seeds,
     save_stats,
+    summarize_repeats,
 )
 from training.sampling import generate_images
 
@@ -48,13 +54,41 @@ def _load_ref(ref_path: str) -> Optional[dict]:
     return load_stats(ref_path) if dist.get_rank() == 0 else None
 
 
-def _run(stats_iter: Iterable[dnnlib.EasyDict], ref: Optional[dict] = None, metrics: Sequence[str] = ()) -> None:
-    """Compute the statistics; with ``ref``, print the metrics (rank 0)."""
+def _run(stats_iter: Iterable[dnnlib.EasyDict], ref: Optional[dict] = None, metrics: Sequence[str] = ()) -> dict:
+    """Compute the statistics; with ``ref``, print the metrics and return them (rank 0; else {})."""
     for r in tqdm.tqdm(stats_iter, unit="batch", disable=(dist.get_rank() != 0)):
         stats = r.stats  # set by the last batch
-    if ref is not None:
-        calculate_metrics_from_stats(stats, ref, metrics=metrics)
+    results = calculate_metrics_from_stats(stats, ref, metrics=metrics) if ref is not None else {}
     dist.barrier()
+    return results
+
+
+def _check_out(out_path: Optional[str]) -> None:
+    if out_path is not None:
+        dnnlib.util.check_output_file(out_path, "--out", what="results file")
+
+
+def _run_repeats(
+    make_stats_iter: Callable, labels: Sequence[dict], ref: dict, metrics: Sequence[str], out_path: Optional[str]
+) -> None:
+    """Evaluate each repeat (``make_stats_iter(k)``), then print the minimum, mean and standard deviation over
+    them (rank 0). With one repeat the output is that of a single evaluation. ``out_path`` receives one JSON
+    line per repeat as soon as it is known and a summary line at the end."""
+    results = []
+    for k, label in enumerate(labels):
+        if len(labels) > 1:
+            dist.print0(f"Repeat {k + 1}/{len(labels)}: {', '.join(f'{n} {v}' for n, v in label.items())}")
+        results.append(_run(make_stats_iter(k), ref, metrics))
+        if out_path is not None and dist.get_rank() == 0:
+            append_json_line(out_path, dict(repeat=k, **label, results=results[-1]))
+    if dist.get_rank() != 0:
+        return
+    summary = summarize_repeats(results)
+    if len(labels) > 1:
+        print(f"Summary over {len(labels)} repeats:")
+        print(format_repeat_summary(summary))
+    if out_path is not None:
+        append_json_line(out_path, dict(repeats=len(labels), summary=summary))
 
 
 @click.group()
@@ -116,6 +150,10 @@ _workers_option = click.option(
     default=2,
     show_default=True,
 )
+# fmt: off
+_repeats_option = click.option("--repeats", help="Evaluate this many disjoint sets of --num images; report each, the min, mean and std", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True)
+_out_option = click.option("--out", "out_path", help="Append the results as JSON lines to this file", metavar="JSONL")
+# fmt: on
 
 
 @cmdline.command()
@@ -136,14 +174,29 @@ _workers_option = click.option(
 )
 @_file_batch_option
 @_workers_option
-def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers):
-    """Calculate metrics for a given set of images."""
+@_repeats_option
+@_out_option
+def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers, repeats, out_path):
+    """Calculate metrics for a given set of images.
+
+    With --repeats=K, K disjoint random subsets of --num images each: one seeded shuffle of all
+    the images cut into K consecutive runs (the first is the subset that --repeats=1 uses).
+    """
     with cli.one_line_errors():
         dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
+        _check_out(out_path)
         dist.init()
-        batches = _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers)
+        batch_sets = [
+            _image_file_batches(image_path, num_images, seed, max_batch_size, num_workers, repeat=k, repeats=repeats)
+            for k in range(repeats)
+        ]
         ref = _load_ref(ref_path)
-        _run(calculate_stats_for_iterable(batches, metrics=metrics), ref, metrics)
+        labels = [dict(images=image_path, subset=k, num=num_images, seed=seed) for k in range(repeats)]
+
+        def stats_iter(k):
+            return calculate_stats_for_iterable(batch_sets[k], metrics=metrics)
+
+        _run_repeats(stats_iter, labels, ref, metrics, out_path)
 
 
 @cmdline.command()
@@ -182,6 +235,8 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 @cli.sampler_option
 @click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)  # fmt: skip
 @cli.sampling_options
+@_repeats_option
+@_out_option
 def gen(
     net,
     ref_path,
@@ -195,9 +250,15 @@ def gen(
     compile,
     precision,
     tf32,
+    repeats,
+    out_path,
     **sampler_opts,
 ):
-    """Calculate metrics for a given network pickle."""
+    """Calculate metrics for a given network pickle.
+
+    With --repeats=K, K disjoint seed sets: repeat k generates the seeds
+    seed+k*num .. seed+(k+1)*num-1 (e.g. 0-49999, 50000-99999, 100000-149999).
+    """
     if guidance != 1 and gnet is None:
         raise click.UsageError(f"--guidance={guidance:g} needs a guiding network: please specify --gnet")
     with cli.one_line_errors():
@@ -206,22 +267,29 @@ def gen(
         gnet = None if guidance == 1 else gnet  # never loaded when it would not be used
         if gnet is not None:
             dnnlib.util.check_input_file(gnet, "--gnet", what="network pickle")
+        _check_out(out_path)
         misc.resolve_precision(precision, None, misc.default_device(), tf32, cpu_bf16=True)  # before the statistics
         dist.init()
         ref = _load_ref(ref_path)
-        image_iter = generate_images(
-            net,
-            gnet=gnet,
-            guidance=guidance,
-            seeds=range(seed, seed + num_images),
-            max_batch_size=max_batch_size,
-            trust_embedded_code=trust_embedded_code,
-            compile=compile,
-            precision=precision,
-            tf32=tf32,
-            **sampler_opts,
-        )
-        _run(calculate_stats_for_iterable(image_iter, metrics=metrics), ref, metrics)
+        seed_sets = repeat_seeds(seed, num_images, repeats)
+        labels = [dict(net=net, seeds=f"{s[0]}-{s[-1]}", guidance=guidance) for s in seed_sets]
+
+        def stats_iter(k):
+            image_iter = generate_images(
+                net,
+                gnet=gnet,
+                guidance=guidance,
+                seeds=seed_sets[k],
+                max_batch_size=max_batch_size,
+                trust_embedded_code=trust_embedded_code,
+                compile=compile,
+                precision=precision,
+                tf32=tf32,
+                **sampler_opts,
+            )
+            return calculate_stats_for_iterable(image_iter, metrics=metrics)
+
+        _run_repeats(stats_iter, labels, ref, metrics, out_path)
 
 
 @cmdline.command()
