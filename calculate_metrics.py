@@ -6,6 +6,7 @@ Fréchet distance live in ``training/metrics.py``; this script re-exports them, 
 against the reference (``calculate_metrics.calculate_stats_for_iterable``, ...) keep working.
 """
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
@@ -15,7 +16,8 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import cli
+from training import cli, posthoc
+from training import sweep as sweep_lib
 from training.metrics import (  # noqa: F401 -- re-exported: the names of the reference's calculate_metrics.py
     DINOV2_WEIGHTS_URL,
     INCEPTION_URL,
@@ -290,6 +292,191 @@ def gen(
             return calculate_stats_for_iterable(image_iter, metrics=metrics)
 
         _run_repeats(stats_iter, labels, ref, metrics, out_path)
+
+
+@cmdline.command()
+# fmt: off
+@click.option(
+    "--net", help="Folder of raw snapshots (with --ema), or a network pickle", metavar="DIR|PKL", required=True
+)
+@click.option(
+    "--ema",
+    "ema_stds",
+    help="EMA lengths sigma_rel to reconstruct, e.g. 0.010,0.015,...,0.250",
+    metavar="LIST",
+    type=cli.ParsedParam(posthoc.parse_std_list, quote=True),
+)
+@click.option("--inprefix", help="Use only raw snapshots with this file name prefix", metavar="STR")
+@click.option(
+    "--kimg",
+    help="Training time to reconstruct at; must match a snapshot  [default: latest]",
+    metavar="KIMG",
+    type=click.IntRange(min=1),
+)
+@click.option(
+    "--gnet", help="Guiding network: a pickle, or a folder of raw snapshots with --gnet-std", metavar="PKL|DIR"
+)
+@click.option(
+    "--gnet-std",
+    help="EMA length of the guiding network reconstructed from --gnet",
+    metavar="FLOAT",
+    type=click.FloatRange(min=0, min_open=True, max=posthoc.MAX_STD, max_open=True),
+)
+@click.option(
+    "--gnet-kimg",
+    help="Training time of the guiding network  [default: latest]",
+    metavar="KIMG",
+    type=click.IntRange(min=1),
+)
+@click.option(
+    "--guidance",
+    "guidances",
+    help="Guidance strengths to try (1 = no guidance)",
+    metavar="LIST",
+    type=cli.ParsedParam(sweep_lib.parse_float_list),
+    default="1",
+    show_default=True,
+)
+@click.option(
+    "--guidance-interval",
+    "intervals",
+    help="Guidance interval to try, repeatable; 'all' guides every step  [default: all]",
+    metavar="LO,HI|all",
+    type=cli.ParsedParam(sweep_lib.parse_interval_choice, "LO,HI"),
+    multiple=True,
+)
+@_ref_option
+@_metrics_option
+@click.option(
+    "--num",
+    "num_images",
+    help="Images per combination",
+    metavar="INT",
+    type=click.IntRange(min=2),
+    default=50000,
+    show_default=True,
+)
+@click.option(
+    "--seed",
+    help="Random seed for the first image",
+    metavar="INT",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+)
+@click.option(
+    "--batch",
+    "max_batch_size",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+)
+@click.option(
+    "--ema-batch",
+    help="EMA lengths reconstructed per pass over the snapshots (bounds memory)",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+)
+@click.option(
+    "--outdir", help="Where to write sweep.jsonl (results, resumable) and sweep.png", metavar="DIR", required=True
+)
+@click.option("--save", "save_dir", help="Also save the reconstructed network pickles here", metavar="DIR")
+@cli.sampler_option
+@click.option(
+    "--steps",
+    "num_steps",
+    help="Number of sampling steps",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+)
+@cli.sampling_options
+# fmt: on
+def sweep(outdir, save_dir, ref_path, metrics, **opts):
+    """Calculate metrics over EMA lengths and guidance settings.
+
+    Every combination of --ema, --guidance and --guidance-interval is evaluated with the
+    seeds --seed .. --seed+--num-1, as 'gen' does. Each result is appended to
+    OUTDIR/sweep.jsonl as soon as it is known; a rerun skips the finished combinations.
+    At the end: a table, the best setting per metric and OUTDIR/sweep.png.
+    """
+    with cli.one_line_errors():
+        plan = _sweep_plan(opts)
+        dnnlib.util.check_input_file(ref_path, "--ref", what="feature statistics")
+        dnnlib.util.check_output_dir(outdir, "--outdir")
+        if save_dir is not None:
+            dnnlib.util.check_output_dir(save_dir, "--save")
+        misc.resolve_precision(opts["precision"], None, misc.default_device(), opts["tf32"], cpu_bf16=True)
+        dist.init()
+        out_path = sweep_lib.results_path(outdir)
+        settings = dict(plan.settings, ref=ref_path, metrics=list(metrics))
+        done = sweep_lib.finished_results(out_path, settings)
+        dist.barrier()  # every process has read the finished points before rank 0 appends new ones
+        pending = [p for p in plan.points if sweep_lib.point_key(p) not in done]
+        dist.print0(f"Sweep: {len(plan.points)} combinations, {len(plan.points) - len(pending)} finished in {out_path}")
+        ref = _load_ref(ref_path) if pending else None
+        gnet = None
+        if any(p["guidance"] != 1 for p in pending):
+            gnet = sweep_lib.load_guiding_network(
+                opts["gnet"], opts["gnet_std"], opts["gnet_kimg"], opts["trust_embedded_code"]
+            )
+        pending_emas = list(dict.fromkeys(p["ema"] for p in pending))
+        networks = (
+            sweep_lib.iterate_networks(
+                opts["net"],
+                pending_emas,
+                opts["ema_batch"],
+                plan.out_nimg,
+                opts["inprefix"],
+                save_dir,
+                opts["trust_embedded_code"],
+            )
+            if pending
+            else iter(())
+        )
+        records = sweep_lib.run_sweep(
+            plan.points, networks, gnet, ref, metrics, plan.gen_kwargs, out_path, settings, done
+        )
+        if dist.get_rank() == 0:
+            print(sweep_lib.format_table(records, metrics))
+            print(f"Saved {sweep_lib.plot_sweep(records, metrics, os.path.join(outdir, 'sweep.png'))}")
+
+
+def _sweep_plan(opts: dict) -> dnnlib.EasyDict:
+    """The combinations, the settings that identify the sweep's results, and generate_images()'s arguments;
+    bad combinations of options fail here, before anything is loaded."""
+    is_dir = os.path.isdir(opts["net"])
+    if is_dir and opts["ema_stds"] is None:
+        raise click.UsageError("--net names a folder of raw snapshots: please specify the EMA lengths with --ema")
+    if not is_dir and opts["ema_stds"] is not None:
+        raise click.UsageError("--ema needs --net to be a folder of raw snapshots")
+    if not is_dir:
+        dnnlib.util.check_input_file(opts["net"], "--net", what="network pickle")
+    guided = any(g != 1 for g in opts["guidances"])
+    if guided and opts["gnet"] is None:
+        raise click.UsageError("--guidance other than 1 needs a guiding network: please specify --gnet")
+    if opts["gnet"] is not None and os.path.isdir(opts["gnet"]) != (opts["gnet_std"] is not None):
+        raise click.UsageError("--gnet-std goes with --gnet naming a folder of raw snapshots (and only then)")
+    out_nimg = None
+    if is_dir:
+        in_pkls = sweep_lib.list_snapshots(opts["net"], opts["inprefix"])
+        out_nimg = max(p.nimg for p in in_pkls) if opts["kimg"] is None else posthoc.kimg_to_nimg(opts["kimg"])
+    emas = opts["ema_stds"] or [None]
+    points = sweep_lib.plan_sweep(emas, opts["guidances"], list(opts["intervals"]) or [None])
+    keys = ["net", "inprefix", "num_images", "seed", "sampler_fn", "num_steps", "precision"]
+    settings = {k: opts[k] for k in keys}
+    settings.update(kimg=None if out_nimg is None else out_nimg // 1000)
+    if guided:
+        settings.update(gnet=opts["gnet"], gnet_std=opts["gnet_std"], gnet_kimg=opts["gnet_kimg"])
+    gen_keys = ["max_batch_size", "sampler_fn", "num_steps", "trust_embedded_code", "compile", "precision", "tf32"]
+    gen_kwargs = {k: opts[k] for k in gen_keys}
+    gen_kwargs["seeds"] = range(opts["seed"], opts["seed"] + opts["num_images"])
+    return dnnlib.EasyDict(points=points, settings=settings, gen_kwargs=gen_kwargs, out_nimg=out_nimg)
 
 
 @cmdline.command()
