@@ -342,3 +342,96 @@ def test_npz_reference_from_url_skips_missing_metric(data, detectors, run_cli, t
     expected = reference_fd(numpy_stats(block_means(data.png_images)), ref)
     assert printed_metrics(result.stdout) == {"fid": pytest.approx(expected, rel=1e-5)}
     assert http_server.requests == ["/refs/old-edm.npz"]
+
+
+# ----------------------------------------------------------------------------
+# Repeated evaluations.
+
+
+def test_calc_repeats_use_disjoint_subsets(data, detectors, run_cli, tmp_path):
+    ref = tmp_path / "ref.pkl"
+    ref_stats = numpy_stats(block_means(data.zip_images))
+    cm.save_stats({"num_images": 10, "fid": ref_stats}, str(ref), verbose=False)
+    out = tmp_path / "results" / "calc.jsonl"
+    args = ["calc", "--images", data.pngs, "--ref", ref, "--metrics", "fid", "--num", 4, "--seed", 5, "--workers", 0]
+    result = run_cli(*args, "--repeats", 3, "--out", out)
+    assert_ok(result)
+
+    # The documented split: one RandomState(5) shuffle of the 14 indices, cut into runs of 4.
+    order = np.arange(14)
+    np.random.RandomState(5).shuffle(order)
+    subsets = [np.sort(order[k * 4 : (k + 1) * 4]) for k in range(3)]
+    assert len(set(np.concatenate(subsets))) == 12
+    expected = [reference_fd(numpy_stats(block_means(data.png_images[s])), ref_stats) for s in subsets]
+    printed = re.findall(r"^fid = (\S+)$", result.stdout, flags=re.MULTILINE)
+    assert [float(v) for v in printed] == pytest.approx(expected, rel=1e-5)
+    row = re.search(r"^fid +([-+.\deE]+) +(\S+) +(\S+) ", result.stdout, flags=re.MULTILINE)
+    assert [float(v) for v in row.groups()] == pytest.approx(
+        [min(expected), np.mean(expected), np.std(expected, ddof=1)], rel=1e-5
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line.get("subset") for line in lines] == [0, 1, 2, None]
+    assert [line["results"]["fid"] for line in lines[:3]] == pytest.approx(expected, rel=1e-5)
+    summary = lines[3]["summary"]["fid"]
+    assert summary["std"] == pytest.approx(np.std(expected, ddof=1), rel=1e-5)
+    assert summary["mean"] == pytest.approx(np.mean(expected), rel=1e-5) and summary["min"] == min(summary["values"])
+
+    # One repeat prints what a plain run prints, and its subset is the first of the split.
+    plain, one = run_cli(*args), run_cli(*args, "--repeats", 1, "--out", tmp_path / "one.jsonl")
+    assert_ok(plain)
+    assert one.stdout == plain.stdout
+    assert printed_metrics(plain.stdout) == {"fid": pytest.approx(expected[0], rel=1e-5)}
+    # Not enough images for disjoint subsets: one line, before any features are computed.
+    calls = detectors.fd_dinov2.calls
+    result = run_cli(*args[:5], "--num", 4, "--seed", 5, "--workers", 0, "--repeats", 4)
+    assert_one_line_error(result, "Found 14 images", "at least 16", "4 disjoint sets of 4")
+    assert detectors.fd_dinov2.calls == calls
+
+
+def test_repeat_summary_matches_numpy():
+    values = [3.5, 2.25, 4.0, 2.75]
+    summary = cm.summarize_repeats([{"fid": v, "fd_dinov2": 2 * v} for v in values])
+    assert summary["fid"] == dict(
+        values=values, min=2.25, mean=np.mean(values), std=pytest.approx(np.std(values, ddof=1))
+    )
+    assert summary["fd_dinov2"]["std"] == pytest.approx(2 * np.std(values, ddof=1))
+    assert cm.summarize_repeats([{"fid": 1.5}])["fid"]["std"] is None
+    assert [list(s) for s in cm.repeat_seeds(0, 50000, 3)] == [
+        list(range(0, 50000)),
+        list(range(50000, 100000)),
+        list(range(100000, 150000)),
+    ]
+
+
+def test_json_lines_survive_a_partial_line(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    cm.append_json_line(path, {"a": 1})
+    with open(path, "ab") as f:
+        f.write(b'{"a": 2, "trunc')  # a writer killed mid-line
+    cm.append_json_line(path, {"a": 3})
+    assert cm.read_json_lines(path) == [{"a": 1}, {"a": 3}]
+
+
+@pytest.mark.slow
+def test_gen_repeats_match_one_run_per_seed_set(data, detectors, run_cli, tmp_path):
+    net = tiny_network_pickle(tmp_path / "net.pkl")
+    ref = tmp_path / "ref.pkl"
+    cm.save_stats({"num_images": 10, "fid": numpy_stats(block_means(data.zip_images))}, str(ref), verbose=False)
+    common = ["gen", "--net", net, "--ref", ref, "--metrics", "fid", "--num", 3, "--batch", 2, "--steps", 4]
+    result = run_cli(*common, "--seed", 7, "--repeats", 3, "--out", tmp_path / "gen.jsonl")
+    assert_ok(result)
+    separate = []
+    for seed in (7, 10, 13):  # the documented seed sets 7-9, 10-12, 13-15, each run on its own
+        one = run_cli(*common, "--seed", seed, "--out", tmp_path / f"seed{seed}.jsonl")
+        assert_ok(one)
+        separate.append(json.loads((tmp_path / f"seed{seed}.jsonl").read_text().splitlines()[0])["results"]["fid"])
+        assert printed_metrics(one.stdout)["fid"] == pytest.approx(separate[-1], rel=1e-5)
+    assert len(set(separate)) == 3
+    lines = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [line.get("seeds") for line in lines] == ["7-9", "10-12", "13-15", None]
+    assert [line["results"]["fid"] for line in lines[:3]] == separate
+    summary = lines[3]["summary"]["fid"]
+    assert summary["min"] == min(separate)
+    assert summary["mean"] == pytest.approx(np.mean(separate), rel=1e-12)
+    assert summary["std"] == pytest.approx(np.std(separate, ddof=1), rel=1e-12)
+    assert "Summary over 3 repeats:" in result.stdout

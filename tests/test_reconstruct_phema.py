@@ -558,7 +558,7 @@ def test_failed_write_leaves_no_partial_file(snapshots, tmp_path, monkeypatch):
         f.flush()
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reconstruct_phema.pickle, "dump", failing_dump)
+    monkeypatch.setattr(pickle, "dump", failing_dump)
     with pytest.raises(OSError, match="No space left"):
         for _ in reconstruct_phema.reconstruct_phema(pkls, out_std=0.1, out_dir=str(tmp_path), verbose=False):
             pass

@@ -14,6 +14,7 @@ Detector weights are downloaded once into the dnnlib cache; offline, ``EDM2_INCE
 in for a detector through ``register_detector`` or the ``detectors`` argument.
 """
 
+import json
 import os
 import pickle
 import warnings
@@ -449,20 +450,30 @@ def _image_file_batches(
     num_workers: int = 2,
     prefetch_factor: int = 2,
     verbose: bool = True,
+    repeat: int = 0,
+    repeats: int = 1,
 ) -> Iterable[Any]:
     """This process's batches of the images in a folder or ZIP (None for an empty batch): the
     seeded subset rule of ``ImageFolderDataset``'s ``max_size``, split across processes as in
-    sampling (``torch_utils.distributed.rank_batches``)."""
+    sampling (``torch_utils.distributed.rank_batches``). With ``repeats`` > 1, the subset of
+    ``repeat`` among ``repeats`` disjoint ones (``disjoint_subsets``; subset 0 is the one above)."""
     from training.dataset import ImageFolderDataset
 
     if verbose:
         dist.print0(f"Loading images from {image_path} ...")
+    max_size = num_images if repeats == 1 else None  # several subsets: all images, then one subset of them
     try:
-        dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed, use_labels=False)
+        dataset = ImageFolderDataset(path=image_path, max_size=max_size, random_seed=seed, use_labels=False)
     except Exception as e:
         raise OSError(f'Cannot read images from "{image_path}": {dnnlib.util.one_line(e)}') from e
-    if num_images is not None and len(dataset) < num_images:
-        raise ValueError(f'Found {len(dataset)} images in "{image_path}", but expected at least {num_images}')
+    if num_images is not None and len(dataset) < num_images * repeats:
+        needed = (
+            f"{num_images}" if repeats == 1 else f"{num_images * repeats} ({repeats} disjoint sets of {num_images})"
+        )
+        raise ValueError(f'Found {len(dataset)} images in "{image_path}", but expected at least {needed}')
+    if repeats > 1:
+        subset = disjoint_subsets(len(dataset), num_images, repeats, seed)[repeat]
+        dataset = torch.utils.data.Subset(dataset, subset.tolist())
     if len(dataset) < 2:
         raise ValueError(f'Found {len(dataset)} images in "{image_path}", but need at least 2')
     rank_batches = dist.rank_batches(len(dataset), max_batch_size)
@@ -522,6 +533,95 @@ def calculate_metrics_from_stats(
         if verbose:
             print(f"{metric} = {results[metric]:g}")
     return results
+
+
+# ----------------------------------------------------------------------------
+# Repeated evaluations: disjoint seed sets or image subsets, and the summary over them.
+
+
+def repeat_seeds(seed: int, num: int, repeats: int) -> list[range]:
+    """Seed sets of ``repeats`` evaluations of ``num`` images: repeat k uses seed + k*num .. seed + (k+1)*num - 1,
+    so that no image is shared (e.g. 0-49999, 50000-99999, 100000-149999)."""
+    if num < 1 or repeats < 1:
+        raise ValueError(f"Need at least one image and one repeat, got num={num}, repeats={repeats}")
+    return [range(seed + k * num, seed + (k + 1) * num) for k in range(repeats)]
+
+
+def disjoint_subsets(num_total: int, num: int, repeats: int, seed: int = 0) -> list[np.ndarray]:
+    """``repeats`` disjoint random subsets of ``num`` of the indices 0 .. num_total-1, each in increasing order.
+
+    One seeded shuffle of all indices (legacy ``RandomState(seed)``, the subset rule of ``ImageFolderDataset``'s
+    ``max_size``) cut into consecutive runs of ``num``: subset 0 is the single subset that rule picks.
+    """
+    if num * repeats > num_total:
+        raise ValueError(f"{repeats} disjoint subsets of {num} need {num * repeats} items, but there are {num_total}")
+    order = np.arange(num_total, dtype=np.int64)
+    np.random.RandomState(seed % (1 << 31)).shuffle(order)
+    return [np.sort(order[k * num : (k + 1) * num]) for k in range(repeats)]
+
+
+def summarize_repeats(results: Sequence[Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per metric over the repeats: ``values`` (in order), ``min``, ``mean`` and ``std``, the sample standard
+    deviation sqrt(sum (x_k - mean)^2 / (K - 1)) (None for a single repeat). Metrics missing from a repeat are
+    summarised over the repeats that have them."""
+    summary = {}
+    names = [m for r in results for m in r]
+    for metric in dict.fromkeys(names):
+        values = [float(r[metric]) for r in results if metric in r]
+        mean = sum(values) / len(values)
+        std = (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        summary[metric] = dict(values=values, min=min(values), mean=mean, std=std)
+    return summary
+
+
+def format_repeat_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """The summary of ``summarize_repeats`` as a small text table: one row per metric."""
+    lines = [f"{'metric':<12}{'min':>12}{'mean':>12}{'std':>12}  values"]
+    for metric, s in summary.items():
+        std = "-" if s["std"] is None else f"{s['std']:.6g}"
+        values = ", ".join(f"{v:.6g}" for v in s["values"])
+        lines.append(f"{metric:<12}{s['min']:>12.6g}{s['mean']:>12.6g}{std:>12}  {values}")
+    return "\n".join(lines)
+
+
+def append_json_line(path: str, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one JSON line with a single ``write`` on an O_APPEND descriptor, then fsync.
+
+    A process killed mid-write leaves at most a partial last line, which readers skip; the next append
+    then starts on a fresh line, so it is never glued to the fragment.
+    """
+    line = (json.dumps(record, sort_keys=False) + "\n").encode()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json_lines(path: str) -> list[dict]:
+    """The records of a JSON-lines file (none if it does not exist); lines that do not parse, such as the
+    fragment a killed writer left, are skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------
