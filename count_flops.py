@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 
 import dnnlib
 import train_edm2  # its table of training presets
-from torch_utils import persistence
+from torch_utils import distributed, persistence
 
 # ----------------------------------------------------------------------------
 # Training presets: the network each `train_edm2.py --preset` of the paper builds (from its table,
@@ -331,6 +331,10 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
     # A training preset, before training it
     python count_flops.py edm2-img512-xxl
     """
+    try:
+        distributed.refuse_torchrun("count_flops.py")
+    except distributed.SingleProcessOnly as err:
+        raise click.ClickException(str(err)) from None
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
     device = device or ("cuda" if torch.cuda.is_available() else "meta")
