@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dnnlib
-from torch_utils import persistence
+from torch_utils import distributed, persistence
 from training import cli, presets
 
 # ----------------------------------------------------------------------------
@@ -331,6 +331,8 @@ def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None
     # A training preset, before training it
     python count_flops.py edm2-img512-xxl
     """
+    with cli.one_line_errors():
+        distributed.refuse_torchrun("count_flops.py")
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="'--device'")
     device = device or ("cuda" if torch.cuda.is_available() else "meta")

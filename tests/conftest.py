@@ -6,6 +6,8 @@ Tests run on small CPU tensors; on 2-core machines the default thread count make
 
 import http.server
 import os
+import re
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +23,35 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multiprocess: starts a process group of several processes; EDM2_REPEAT=N runs it N times"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """With EDM2_REPEAT=N, each test marked ``multiprocess`` runs N times (ids ``run1`` ... ``runN``):
+    a crash at shutdown shows up only now and then, so one passing run proves little."""
+    repeat = int(os.environ.get("EDM2_REPEAT", "1"))
+    if repeat > 1 and metafunc.definition.get_closest_marker("multiprocess") is not None:
+        metafunc.fixturenames.append("multiprocess_run")
+        metafunc.parametrize("multiprocess_run", range(1, repeat + 1), ids=lambda i: f"run{i}")
+
+
+# What a process that died (an abort, a signal, a fatal interpreter error) leaves in torchrun's output,
+# even when it happens after the process did all its work.
+_CRASH_SIGNS = re.compile(r"terminate called|Fatal Python error|exitcode\s*:\s*-?[1-9]|ChildFailedError")
+
+
+def assert_torchrun_succeeded(proc: subprocess.CompletedProcess) -> str:
+    """A torchrun job whose processes all exited with status 0, none crashing on its way out;
+    returns its output (stdout, then stderr)."""
+    output = (proc.stdout or "") + (proc.stderr or "")
+    crash = _CRASH_SIGNS.search(output)
+    assert proc.returncode == 0 and crash is None, f"exit status {proc.returncode}\n{output[-5000:]}"
+    return output
 
 
 def subprocess_env(**extra: str) -> dict:

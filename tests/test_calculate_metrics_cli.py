@@ -24,7 +24,7 @@ import torch
 
 import calculate_metrics as cm
 import dnnlib
-from tests.conftest import REPO_ROOT, assert_ok, assert_one_line_error, subprocess_env
+from tests.conftest import REPO_ROOT, assert_ok, assert_one_line_error, assert_torchrun_succeeded, subprocess_env
 from tests.scripts import metrics_detectors as md
 
 # ----------------------------------------------------------------------------
@@ -210,6 +210,7 @@ def test_gen_on_network_pickle(data, detectors, run_cli, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_write_the_same_file(data, detectors, run_cli, tmp_path):
     # 5 images in batches of 1 over 2 processes: max(4//2+1, 1)*2 = 6 batches, so rank 1's last is empty.
     images = random_images(5, seed=3)
@@ -236,7 +237,7 @@ def test_two_processes_write_the_same_file(data, detectors, run_cli, tmp_path):
         "0",
     ]
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_torchrun_succeeded(proc)
     assert two.read_bytes() == one.read_bytes()  # exact features: float64 sums agree bit for bit
     with open(two, "rb") as f:
         stats = pickle.load(f)

@@ -13,6 +13,8 @@ code under test. Conventions used (per output element unless said otherwise):
 
 import pickle
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from click.testing import CliRunner
 
 import count_flops as cf
 import dnnlib
+from tests.conftest import REPO_ROOT, subprocess_env
 from training import networks_edm2 as net_module
 
 # ----------------------------------------------------------------------------
@@ -436,3 +439,24 @@ def test_cli_rejects_files_that_are_not_network_pickles(tmp_path):
 
     assert "not a network pickle, a URL or a training preset" in _one_line_error([str(tmp_path / "missing.pkl")])
     assert "edm2-img512-xs" in _one_line_error(["edm2-img512-huge"])
+
+
+def test_cli_refuses_to_be_one_of_several_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each process it starts
+    monkeypatch.setenv("RANK", "0")
+    line = _one_line_error(["edm2-img64-xs"])
+    assert "single process" in line and "torchrun" in line
+    monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly, so the message shows once
+    result = CliRunner().invoke(cf.main, ["edm2-img64-xs"])
+    assert result.exit_code == 1 and result.output == ""
+
+
+@pytest.mark.slow
+def test_refuses_torchrun():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO_ROOT / "count_flops.py"), "edm2-img64-xs"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert len(re.findall(r"^Error: count_flops.py runs as a single process", output, re.M)) == 1, output
+    assert "Parameters:" not in output and 'count_flops.py", line' not in output, output  # no report, no traceback

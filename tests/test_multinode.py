@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import calculate_metrics as cm
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import REPO_ROOT, assert_torchrun_succeeded, subprocess_env
 from tests.scripts import train_helpers
 from tests.test_calculate_metrics_cli import (
     block_means,
@@ -112,6 +112,8 @@ def run_two_nodes(script: str, args: list, cwd) -> str:
         outputs.append(log.read())
         log.close()
     assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(text[-4000:] for text in outputs)
+    for text in outputs:  # and no process crashed on its way out
+        assert_torchrun_succeeded(subprocess.CompletedProcess(cmd, 0, text, ""))
     return "\n".join(outputs)
 
 
@@ -207,6 +209,7 @@ def test_only_global_rank_zero_writes_and_prints(training_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_nodes_gen_like_one_process(tmp_path):
     net = tiny_network_pickle(tmp_path / "net.pkl")
     ref = tmp_path / "ref.pkl"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import REPO_ROOT, assert_torchrun_succeeded, subprocess_env
 from tests.scripts import train_helpers
 from torch_utils import persistence
 from training import training_loop as tl
@@ -555,6 +555,7 @@ def test_mechanics_comparison_detects_a_wrong_gradient_scale(workdir, tiny_data,
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process(workdir, tiny_data, mechanics_reference):
     run_dir = workdir / "mechanics-two-processes"
     kwargs_file = workdir / "mechanics-two-processes.json"
@@ -569,7 +570,7 @@ def test_two_processes_match_one_process(workdir, tiny_data, mechanics_reference
         str(kwargs_file),
     ]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_torchrun_succeeded(result)
     compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
 
 
@@ -582,6 +583,7 @@ def test_compiled_training_matches_eager(workdir, tiny_data, mechanics_reference
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_compiled_training_in_two_processes_matches_one_process(workdir, tiny_data, mechanics_reference):
     run_dir = workdir / "mechanics-compiled-two-processes"
     kwargs_file = workdir / "mechanics-compiled-two-processes.json"
@@ -589,7 +591,7 @@ def test_compiled_training_in_two_processes_matches_one_process(workdir, tiny_da
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(REPO_ROOT / "tests" / "scripts" / "train_run.py"), str(kwargs_file)]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_torchrun_succeeded(result)
     assert "torch.compile failed" not in result.stdout
     compare_nets(run_dir / "training-state-0000000.pt", mechanics_reference, tol=1e-5)
 

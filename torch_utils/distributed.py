@@ -6,6 +6,7 @@ function works as a single process. The reference always uses NCCL and ``torch.c
 here NCCL is used only with CUDA and Gloo otherwise, so multi-process runs work on CPUs too.
 """
 
+import atexit
 import os
 import re
 import socket
@@ -23,9 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_shutdown_registered = False
+
+
 def init() -> None:
     """Initialise ``torch.distributed`` from torchrun's environment, or as rank 0 of 1 on localhost
-    and a free port. Uses NCCL when CUDA is available and Gloo otherwise. Calling it again is a no-op."""
+    and a free port. Uses NCCL when CUDA is available and Gloo otherwise. Calling it again is a no-op.
+    The process group is destroyed at exit (``shutdown``), so the scripts need no teardown of their own."""
+    global _shutdown_registered
     if torch.distributed.is_initialized():
         return
     if "MASTER_PORT" not in os.environ:
@@ -37,6 +43,25 @@ def init() -> None:
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group(backend=backend, init_method="env://")
+    if not _shutdown_registered:
+        atexit.register(shutdown)
+        _shutdown_registered = True
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any; a no-op otherwise. ``init`` registers it to run at exit.
+
+    Why: Gloo's worker threads release the last reference to a finished collective's tensors
+    (which takes the GIL) a moment after the caller has its result. A process that exits right after
+    its last collective can reach interpreter finalization first; Python then ends the thread that
+    asks for the GIL from inside a destructor that may not throw, and C++ aborts the process
+    ("terminate called without an active exception", exit code -6) after all its work was done.
+    Destroying the group first joins those threads. There is deliberately no barrier here: at exit we
+    cannot tell success from an error on this rank, and a barrier after an error would wait for (or
+    be matched by an unrelated collective of) ranks that are still working; a script that needs every
+    rank to reach its end calls ``barrier()`` itself."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_distributed() -> bool:
