@@ -93,7 +93,9 @@ def _run_repeats(
         append_json_line(out_path, dict(repeats=len(labels), summary=summary))
 
 
+# fmt: off
 @click.group()
+# fmt: on
 def cmdline() -> None:
     """Calculate evaluation metrics (FID and FD_DINOv2).
 
@@ -123,61 +125,28 @@ def cmdline() -> None:
 
 
 # Options shared by the commands.
-_ref_option = click.option(
-    "--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True
-)
-_metrics_option = click.option(
-    "--metrics",
-    help="List of metrics to compute",
-    metavar="LIST",
-    type=cli.ParsedParam(parse_metric_list),
-    default="fid,fd_dinov2",
-    show_default=True,
-)
-_file_batch_option = click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-)
-_workers_option = click.option(
-    "--workers",
-    "num_workers",
-    help="Subprocesses to use for data loading",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-)
 # fmt: off
+_ref_option = click.option("--ref", "ref_path", help="Dataset reference statistics", metavar="PKL|NPZ|URL", type=str, required=True)
+_metrics_option = click.option("--metrics", help="List of metrics to compute", metavar="LIST", type=cli.ParsedParam(parse_metric_list), default="fid,fd_dinov2", show_default=True)
+_file_batch_option = click.option("--batch", "max_batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+_workers_option = click.option("--workers", "num_workers", help="Subprocesses to use for data loading", metavar="INT", type=click.IntRange(min=0), default=2, show_default=True)
 _repeats_option = click.option("--repeats", help="Evaluate this many disjoint sets of --num images; report each, the min, mean and std", metavar="INT", type=click.IntRange(min=1), default=1, show_default=True)
 _out_option = click.option("--out", "out_path", help="Append the results as JSON lines to this file", metavar="JSONL")
 # fmt: on
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--images", "image_path", help="Path to the images", metavar="PATH|ZIP", required=True)
 @_ref_option
 @_metrics_option
-@click.option(
-    "--num",
-    "num_images",
-    help="Number of images to use",
-    metavar="INT",
-    type=click.IntRange(min=2),
-    default=50000,
-    show_default=True,
-)
-@click.option(
-    "--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0, show_default=True
-)
+@click.option("--num", "num_images", help="Number of images to use", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0, show_default=True)
 @_file_batch_option
 @_workers_option
 @_repeats_option
 @_out_option
+# fmt: on
 def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers, repeats, out_path):
     """Calculate metrics for a given set of images.
 
@@ -201,44 +170,23 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
         _run_repeats(stats_iter, labels, ref, metrics, out_path)
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL", required=True)
 @_ref_option
 @_metrics_option
-@click.option(
-    "--num",
-    "num_images",
-    help="Number of images to generate",
-    metavar="INT",
-    type=click.IntRange(min=2),
-    default=50000,
-    show_default=True,
-)
-@click.option(
-    "--seed",
-    help="Random seed for the first image",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-)
+@click.option("--num", "num_images", help="Number of images to generate", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--seed", help="Random seed for the first image", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch", "max_batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL")
-@click.option("--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=1)  # fmt: skip
+@click.option("--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=1)
 @cli.guidance_interval_option
 @cli.sampler_option
-@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)  # fmt: skip
+@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
 @cli.sampling_options
 @_repeats_option
 @_out_option
+# fmt: on
 def gen(
     net,
     ref_path,
@@ -294,108 +242,30 @@ def gen(
         _run_repeats(stats_iter, labels, ref, metrics, out_path)
 
 
+# fmt: off
 @cmdline.command()
 # fmt: off
-@click.option(
-    "--net", help="Folder of raw snapshots (with --ema), or a network pickle", metavar="DIR|PKL", required=True
-)
-@click.option(
-    "--ema",
-    "ema_stds",
-    help="EMA lengths sigma_rel to reconstruct, e.g. 0.010,0.015,...,0.250",
-    metavar="LIST",
-    type=cli.ParsedParam(posthoc.parse_std_list, quote=True),
-)
+@click.option("--net", help="Folder of raw snapshots (with --ema), or a network pickle", metavar="DIR|PKL", required=True)
+@click.option("--ema", "ema_stds", help="EMA lengths sigma_rel to reconstruct, e.g. 0.010,0.015,...,0.250", metavar="LIST", type=cli.ParsedParam(posthoc.parse_std_list, quote=True))
 @click.option("--inprefix", help="Use only raw snapshots with this file name prefix", metavar="STR")
-@click.option(
-    "--kimg",
-    help="Training time to reconstruct at; must match a snapshot  [default: latest]",
-    metavar="KIMG",
-    type=click.IntRange(min=1),
-)
-@click.option(
-    "--gnet", help="Guiding network: a pickle, or a folder of raw snapshots with --gnet-std", metavar="PKL|DIR"
-)
-@click.option(
-    "--gnet-std",
-    help="EMA length of the guiding network reconstructed from --gnet",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True, max=posthoc.MAX_STD, max_open=True),
-)
-@click.option(
-    "--gnet-kimg",
-    help="Training time of the guiding network  [default: latest]",
-    metavar="KIMG",
-    type=click.IntRange(min=1),
-)
-@click.option(
-    "--guidance",
-    "guidances",
-    help="Guidance strengths to try (1 = no guidance)",
-    metavar="LIST",
-    type=cli.ParsedParam(sweep_lib.parse_float_list),
-    default="1",
-    show_default=True,
-)
-@click.option(
-    "--guidance-interval",
-    "intervals",
-    help="Guidance interval to try, repeatable; 'all' guides every step  [default: all]",
-    metavar="LO,HI|all",
-    type=cli.ParsedParam(sweep_lib.parse_interval_choice, "LO,HI"),
-    multiple=True,
-)
+@click.option("--kimg", help="Training time to reconstruct at; must match a snapshot  [default: latest]", metavar="KIMG", type=click.IntRange(min=1))
+@click.option("--gnet", help="Guiding network: a pickle, or a folder of raw snapshots with --gnet-std", metavar="PKL|DIR")
+@click.option("--gnet-std", help="EMA length of the guiding network reconstructed from --gnet", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True, max=posthoc.MAX_STD, max_open=True))
+@click.option("--gnet-kimg", help="Training time of the guiding network  [default: latest]", metavar="KIMG", type=click.IntRange(min=1))
+@click.option("--guidance", "guidances", help="Guidance strengths to try (1 = no guidance)", metavar="LIST", type=cli.ParsedParam(sweep_lib.parse_float_list), default="1", show_default=True)
+@click.option("--guidance-interval", "intervals", help="Guidance interval to try, repeatable; 'all' guides every step  [default: all]", metavar="LO,HI|all", type=cli.ParsedParam(sweep_lib.parse_interval_choice, "LO,HI"), multiple=True)
 @_ref_option
 @_metrics_option
-@click.option(
-    "--num",
-    "num_images",
-    help="Images per combination",
-    metavar="INT",
-    type=click.IntRange(min=2),
-    default=50000,
-    show_default=True,
-)
-@click.option(
-    "--seed",
-    help="Random seed for the first image",
-    metavar="INT",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-)
-@click.option(
-    "--ema-batch",
-    help="EMA lengths reconstructed per pass over the snapshots (bounds memory)",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-)
-@click.option(
-    "--outdir", help="Where to write sweep.jsonl (results, resumable) and sweep.png", metavar="DIR", required=True
-)
+@click.option("--num", "num_images", help="Images per combination", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--seed", help="Random seed for the first image", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch", "max_batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--ema-batch", help="EMA lengths reconstructed per pass over the snapshots (bounds memory)", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--outdir", help="Where to write sweep.jsonl (results, resumable) and sweep.png", metavar="DIR", required=True)
 @click.option("--save", "save_dir", help="Also save the reconstructed network pickles here", metavar="DIR")
 @cli.sampler_option
-@click.option(
-    "--steps",
-    "num_steps",
-    help="Number of sampling steps",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-)
+@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
 @cli.sampling_options
+# fmt: on
 # fmt: on
 def sweep(outdir, save_dir, ref_path, metrics, **opts):
     """Calculate metrics over EMA lengths and guidance settings.
@@ -479,12 +349,14 @@ def _sweep_plan(opts: dict) -> dnnlib.EasyDict:
     return dnnlib.EasyDict(points=points, settings=settings, gen_kwargs=gen_kwargs, out_nimg=out_nimg)
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--data", "image_path", help="Path to the dataset", metavar="PATH|ZIP", required=True)
 @click.option("--dest", "dest_path", help="Destination file", metavar="PKL", required=True)
 @_metrics_option
 @_file_batch_option
 @_workers_option
+# fmt: on
 def ref(image_path, dest_path, metrics, max_batch_size, num_workers):
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
     with cli.one_line_errors():

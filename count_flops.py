@@ -307,14 +307,12 @@ def format_report(result: dnnlib.EasyDict) -> str:
 # Command line.
 
 
+# fmt: off
 @click.command()
 @click.argument("network", metavar="PKL|URL|PRESET")
-@click.option(
-    "--device",
-    type=click.Choice(["cuda", "cpu", "meta"]),
-    help="Where the pass runs; meta counts as cpu, without the arithmetic  [default: cuda if available, else meta]",
-)
+@click.option("--device", type=click.Choice(["cuda", "cpu", "meta"]), help="Where the pass runs; meta counts as cpu, without the arithmetic  [default: cuda if available, else meta]")
 @click.option("--trust-embedded-code", is_flag=True, help="Load pickles by running their embedded code (trusted only)")
+# fmt: on
 def main(network: str, device: Optional[str], trust_embedded_code: bool) -> None:
     """Count parameters, Gflops and memory per sample of an EDM2 network.
 

@@ -573,7 +573,9 @@ def decode_dataset(
 # Command line.
 
 
+# fmt: off
 @click.group()
+# fmt: on
 def cmdline() -> None:
     """Create datasets: convert images to PNG datasets, encode them to VAE latents, decode latents back.
 
@@ -594,36 +596,22 @@ def _resolution_option(ctx: click.Context, param: click.Parameter, value: Option
         raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
+# fmt: off
 _dest_option = click.option("--dest", help="Output folder or ZIP archive", metavar="PATH", type=str, required=True)
-_vae_option = click.option(
-    "--vae",
-    "--model-url",
-    "model_url",
-    help="VAE: Hugging Face name or local folder of a diffusers AutoencoderKL (--model-url: the same)",
-    metavar="NAME|DIR",
-    type=str,
-    default=DEFAULT_VAE,
-    show_default=True,
-)
-_decode_vae_option = click.option(
-    "--vae",
-    "--model-url",
-    "model_url",
-    help="VAE: must be the one the dataset was encoded with  [default: the dataset's, else " + DEFAULT_VAE + "]",
-    metavar="NAME|DIR",
-    type=str,
-)
-_batch_option = click.option(
-    "--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True
-)
+_vae_option = click.option("--vae", "--model-url", "model_url", help="VAE: Hugging Face name or local folder of a diffusers AutoencoderKL (--model-url: the same)", metavar="NAME|DIR", type=str, default=DEFAULT_VAE, show_default=True)
+_decode_vae_option = click.option("--vae", "--model-url", "model_url", help="VAE: must be the one the dataset was encoded with  [default: the dataset's, else " + DEFAULT_VAE + "]", metavar="NAME|DIR", type=str)
+_batch_option = click.option("--batch", help="Images per VAE call", metavar="INT", type=click.IntRange(min=1), default=8, show_default=True)
+# fmt: on
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--source", help="Input folder or ZIP archive", metavar="PATH", type=str, required=True)
 @_dest_option
 @click.option("--max-images", help="Maximum number of input images", metavar="INT", type=click.IntRange(min=1))
 @click.option("--transform", help="Input crop/resize mode (see above)", type=click.Choice(TRANSFORMS))
 @click.option("--resolution", help="Output resolution (e.g. 512x512)", metavar="WxH", callback=_resolution_option)
+# fmt: on
 def convert(
     source: str, dest: str, max_images: Optional[int], transform: Optional[str], resolution: Optional[tuple]
 ) -> None:
@@ -652,18 +640,15 @@ def convert(
         convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
 
 
+# fmt: off
 @cmdline.command()
 @_vae_option
 @click.option("--source", help="Input folder or ZIP archive of images", metavar="PATH", type=str, required=True)
 @_dest_option
 @click.option("--max-images", help="Maximum number of images to encode", metavar="INT", type=click.IntRange(min=1))
-@click.option(
-    "--stats-images",
-    help="Measure the latent statistics on this many images (a fixed random subset)  [default: all]",
-    metavar="INT",
-    type=click.IntRange(min=1),
-)
+@click.option("--stats-images", help="Measure the latent statistics on this many images (a fixed random subset)  [default: all]", metavar="INT", type=click.IntRange(min=1))
 @_batch_option
+# fmt: on
 def encode(
     model_url: str, source: str, dest: str, max_images: Optional[int], stats_images: Optional[int], batch: int
 ) -> None:
@@ -676,16 +661,16 @@ def encode(
         encode_dataset(source, dest, model_url=model_url, max_images=max_images, batch=batch, stats_images=stats_images)
 
 
+# fmt: off
 @cmdline.command()
 @_decode_vae_option
-@click.option(
-    "--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", required=True
-)
+@click.option("--source", help="Input folder or ZIP archive of latents written by encode", metavar="PATH", required=True)
 @_dest_option
 @click.option("--max-images", help="Maximum number of images to decode", metavar="INT", type=click.IntRange(min=1))
 @click.option("--sample", help="Decode a posterior draw mean + randn*std instead of the mean", is_flag=True)
 @click.option("--seed", help="Random seed for --sample", metavar="INT", type=int, default=0, show_default=True)
 @_batch_option
+# fmt: on
 def decode(
     model_url: Optional[str], source: str, dest: str, max_images: Optional[int], sample: bool, seed: int, batch: int
 ) -> None:

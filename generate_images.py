@@ -146,105 +146,29 @@ The paper's EDM2-XXL settings are steps 17-22 (FID) and 13-19 (FD_DINOv2) of the
   --preset=edm2-img512-xxl-guid-dino --guidance=2.9 --guidance-interval=0.84,5.0"""
 
 
+# fmt: off
 @click.command(epilog=_PRESETS_HELP)
 @click.option("--preset", help="Configuration preset", metavar="STR")
 @click.option("--net", help="Network pickle filename or URL", metavar="PATH|URL")
 @click.option("--gnet", help="Guiding network pickle filename or URL", metavar="PATH|URL")
 @click.option("--outdir", help="Where to save the output images", metavar="DIR", required=True)
 @click.option("--subdirs", help="Create subdirectory for every 1000 seeds", is_flag=True)
-@click.option(
-    "--seeds",
-    help="List of random seeds (e.g. 1,2,5-10)",
-    metavar="LIST",
-    type=cli.ParsedParam(parse_int_list),
-    default="16-19",
-    show_default=True,
-)
-@click.option(
-    "--class",
-    "class_idx",
-    help="Class label  [default: random]",
-    metavar="INT",
-    type=click.IntRange(min=0),
-)
-@click.option(
-    "--batch",
-    "max_batch_size",
-    help="Maximum batch size",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-)
-@click.option(
-    "--steps",
-    "num_steps",
-    help="Number of sampling steps",
-    metavar="INT",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-)
-@click.option(
-    "--sigma_min",
-    help="Lowest noise level",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.002,
-    show_default=True,
-)
-@click.option(
-    "--sigma_max",
-    help="Highest noise level",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-    default=80,
-    show_default=True,
-)
-@click.option(
-    "--rho",
-    help="Time step exponent",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-    default=7,
-    show_default=True,
-)
-@click.option(
-    "--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=None
-)
+@click.option("--seeds", help="List of random seeds (e.g. 1,2,5-10)", metavar="LIST", type=cli.ParsedParam(parse_int_list), default="16-19", show_default=True)
+@click.option("--class", "class_idx", help="Class label  [default: random]", metavar="INT", type=click.IntRange(min=0))
+@click.option("--batch", "max_batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sigma_min", help="Lowest noise level", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option("--sigma_max", help="Highest noise level", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option("--rho", help="Time step exponent", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option("--guidance", help="Guidance strength  [default: 1; no guidance]", metavar="FLOAT", type=float, default=None)
 @cli.guidance_interval_option
 @cli.sampler_option
-@click.option(
-    "--S_churn",
-    "S_churn",
-    help="Stochasticity strength (heun only)",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--S_min",
-    "S_min",
-    help="Stoch. min noise level",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--S_max",
-    "S_max",
-    help="Stoch. max noise level",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0),
-    default="inf",
-    show_default=True,
-)
-@click.option(
-    "--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1, show_default=True
-)
+@click.option("--S_churn", "S_churn", help="Stochasticity strength (heun only)", metavar="FLOAT", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--S_min", "S_min", help="Stoch. min noise level", metavar="FLOAT", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--S_max", "S_max", help="Stoch. max noise level", metavar="FLOAT", type=click.FloatRange(min=0), default="inf", show_default=True)
+@click.option("--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1, show_default=True)
 @sampling_options
+# fmt: on
 def cmdline(preset: Optional[str], **opts: Any) -> None:
     """Generate random images using the given model.
 

@@ -31,33 +31,20 @@ from training.posthoc import (  # noqa: F401 -- re-exported: the names of the re
 # Command line.
 
 
+# fmt: off
 @click.command()
 @click.option("--indir", help="Directory with the input snapshots", metavar="DIR", type=str, required=True)
 @click.option("--inprefix", help="Use only inputs with this file name prefix", metavar="STR", type=str, default=None)
-@click.option(
-    "--instd",
-    help="Use only inputs with these sigma_rel values",
-    metavar="LIST",
-    type=cli.ParsedParam(parse_std_list, quote=True),
-)
+@click.option("--instd", help="Use only inputs with these sigma_rel values", metavar="LIST", type=cli.ParsedParam(parse_std_list, quote=True))
 @click.option("--outdir", help="Where to save the reconstructed network pickles", metavar="DIR", required=True)
 @click.option("--outprefix", help="Output file name prefix", metavar="STR", default="phema", show_default=True)
-@click.option(
-    "--outstd",
-    help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250",
-    metavar="LIST",
-    type=cli.ParsedParam(parse_std_list, quote=True),
-    required=True,
-)
-@click.option(
-    "--outkimg", help="Output time; must match an input  [default: latest]", metavar="KIMG", type=click.IntRange(1)
-)
+@click.option("--outstd", help="sigma_rel of the outputs, e.g. 0.150 or 0.010,0.015,...,0.250", metavar="LIST", type=cli.ParsedParam(parse_std_list, quote=True), required=True)
+@click.option("--outkimg", help="Output time; must match an input  [default: latest]", metavar="KIMG", type=click.IntRange(1))
 @click.option("--skip", help="Skip outputs that already exist", is_flag=True)
-@click.option(
-    "--batch", help="Outputs per pass over inputs", metavar="INT", type=click.IntRange(1), default=8, show_default=True
-)
-@click.option("--format", "out_format", help="Output format: network pickles, or safetensors files (weights and JSON settings, no code)", type=click.Choice(OUTPUT_FORMATS), default="pkl", show_default=True)  # fmt: skip
+@click.option("--batch", help="Outputs per pass over inputs", metavar="INT", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--format", "out_format", help="Output format: network pickles, or safetensors files (weights and JSON settings, no code)", type=click.Choice(OUTPUT_FORMATS), default="pkl", show_default=True)
 @click.option("--trust-embedded-code", help="Load inputs by running their embedded code (trusted only)", is_flag=True)
+# fmt: on
 def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, out_format, trust_embedded_code):
     """Perform post-hoc EMA reconstruction.
 

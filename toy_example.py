@@ -496,7 +496,9 @@ def load_toy_model(
 # Command line.
 
 
+# fmt: off
 @click.group()
+# fmt: on
 def cmdline():
     """2D toy example from the paper "Guiding a Diffusion Model with a Bad Version of Itself".
 
@@ -528,25 +530,18 @@ _int_option = functools.partial(click.option, metavar="INT", type=click.IntRange
 _device_option = click.option("--device", help="[extra] Device  [default: cuda if available, else cpu]", metavar="STR")
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--outdir", help="Output directory", metavar="DIR", type=str, required=True)
 @click.option("--cls", help="Target classes", type=click.Choice(["A", "B", "AB"]), default="A", show_default=True)
 @_int_option("--layers", help="Number of hidden layers", default=4)
 @_int_option("--dim", help="Hidden dimension", default=64)
-@click.option(
-    "--viz",
-    help="Save a picture of the samples with every snapshot",
-    metavar="BOOL",
-    type=bool,
-    is_flag=False,
-    flag_value=True,
-    default=False,
-    show_default=True,
-)
+@click.option("--viz", help="Save a picture of the samples with every snapshot", metavar="BOOL", type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 @_int_option("--iterations", help="[extra] Training iterations", default=4096)
 @_int_option("--batch", help="[extra] Batch size", default=4096)
 @_int_option("--snap", help="[extra] Snapshot interval in iterations", default=256)
 @_device_option
+# fmt: on
 def train(
     outdir: str,
     cls: str,
@@ -572,16 +567,16 @@ def train(
     click.echo(f"Saved snapshots to {outdir}")
 
 
+# fmt: off
 @cmdline.command()
 @click.option("--net", help="Main model  [default: published class-A 4x64 model, iteration 4096]", metavar="PKL|URL")
 @click.option("--gnet", help="Guiding model  [default: published class-A 4x32 model, iteration 512]", metavar="PKL|URL")
 @click.option("--guidance", help="Guidance weight", metavar="FLOAT", type=float, default=3, show_default=True)
 @click.option("--save", help="Save the figure (PNG or PDF) instead of displaying it", metavar="PNG|PDF", type=str)
 @click.option("--trust-embedded-code", help="[extra] Run the code the pickles carry (trusted files only)", is_flag=True)
-@_int_option(
-    "--samples", help="[extra] Top-row samples (a quarter in the bottom row)", type=click.IntRange(4), default=1 << 14
-)
+@_int_option("--samples", help="[extra] Top-row samples (a quarter in the bottom row)", type=click.IntRange(4), default=1 << 14)
 @_device_option
+# fmt: on
 def plot(
     net: Optional[str],
     gnet: Optional[str],
