@@ -369,7 +369,7 @@ def setup_monitor_kwargs(
     return m
 
 
-_cpu_grid = 40  # cpu-* presets: 10 classes x 4 seeds, a few percent of a CPU run's time
+_cpu_grid = 40  # cpu-* presets: at most 10 classes x 4 seeds (the budget may draw fewer columns)
 
 
 def _create_run_dir(run_dir: str, c: dict) -> None:
@@ -530,7 +530,9 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
 )
 @click.option(
     "--grid",
-    help="Images in the sample grid at each snapshot (0 = off)  [default: 64; cpu-* presets: 40]",
+    help="Images in the sample grid at each snapshot, at most (0 = off); none at kimg 0. Each grid may cost "
+    "10% of the training time since the previous one (cost per image measured): the largest grid that fits "
+    "(whole columns of classes), else none  [default: 64; cpu-* presets: 40]",
     metavar="INT",
     type=click.IntRange(min=0),
 )
