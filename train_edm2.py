@@ -324,6 +324,7 @@ def setup_monitor_kwargs(
     preset: str,
     tensorboard: bool = True,
     grid: Optional[int] = None,
+    grid_at_start: bool = False,
     metrics: Optional[str] = None,
     metrics_images: int = 50000,
     metrics_ref: Optional[str] = None,
@@ -332,6 +333,7 @@ def setup_monitor_kwargs(
     so that watching a run differently never blocks its resumption). Raises ValueError."""
     m = dnnlib.EasyDict(class_name="training.monitoring.TrainingMonitor", tensorboard=tensorboard)
     m.grid = grid if grid is not None else (_cpu_grid if is_cpu_preset(preset) else 64)
+    m.grid_at_start = bool(grid_at_start)
     m.metrics = []
     if metrics:
         from training.metrics import parse_metric_list  # lazily: only runs with metrics need it
@@ -348,7 +350,7 @@ def setup_monitor_kwargs(
     return m
 
 
-_cpu_grid = 40  # cpu-* presets: 10 classes x 4 seeds, a few percent of a CPU run's time
+_cpu_grid = 40  # cpu-* presets: at most 10 classes x 4 seeds (the budget may draw fewer columns)
 
 
 def _create_run_dir(run_dir: str, c: dict) -> None:
@@ -389,143 +391,45 @@ def launch_training(run_dir: str, c: dict, preset: Optional[str] = None, monitor
 # Command line.
 
 
+# fmt: off
 @click.command(epilog="Presets: " + ", ".join(config_presets))
 # Main options.
-@click.option(
-    "--outdir",
-    help="Run directory (created, or resumed from its latest checkpoint)",
-    metavar="DIR",
-    required=True,
-)
+@click.option("--outdir", help="Run directory (created, or resumed from its latest checkpoint)", metavar="DIR", required=True)
 @click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", required=True)
-@click.option(
-    "--init",
-    help="Fine-tune: start from this network pickle's ema (its architecture and weights)",
-    metavar="PKL|URL",
-    type=str,
-)
-@click.option(
-    "--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=True, show_default=True
-)
-@click.option(
-    "--preset", help="Configuration preset", metavar="STR", type=str, default="edm2-img512-s", show_default=True
-)
+@click.option("--init", help="Fine-tune: start from this network pickle's ema (its architecture and weights)", metavar="PKL|URL", type=str)
+@click.option("--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=True, show_default=True)
+@click.option("--preset", help="Configuration preset", metavar="STR", type=str, default="edm2-img512-s", show_default=True)
 # Hyperparameters.
 @click.option("--duration", help="Training duration", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
 @click.option("--batch", help="Total batch size", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
-@click.option(
-    "--channels",
-    help="Channel multiplier (>= 64 except for cpu-* presets)",
-    metavar="INT",
-    type=click.IntRange(min=1),
-)
-@click.option(
-    "--dropout", help="Dropout probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=None
-)
+@click.option("--channels", help="Channel multiplier (>= 64 except for cpu-* presets)", metavar="INT", type=click.IntRange(min=1))
+@click.option("--dropout", help="Dropout probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=None)
 @click.option("--P_mean", "P_mean", help="Noise level mean", metavar="FLOAT", type=float)
-@click.option(
-    "--P_std",
-    "P_std",
-    help="Noise level standard deviation",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-)
-@click.option(
-    "--lr",
-    help="Learning rate max. (alpha_ref)",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-)
-@click.option(
-    "--decay", help="Learning rate decay (t_ref)", metavar="BATCHES", type=click.FloatRange(min=0), default=None
-)
+@click.option("--P_std", "P_std", help="Noise level standard deviation", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", help="Learning rate max. (alpha_ref)", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True))
+@click.option("--decay", help="Learning rate decay (t_ref)", metavar="BATCHES", type=click.FloatRange(min=0), default=None)
 # Performance-related options.
-@click.option(
-    "--batch-gpu",
-    help="Limit batch size per process (0 = no limit)",
-    metavar="NIMG",
-    type=cli.ParsedParam(parse_nimg, "nimg"),
-    default=0,
-    show_default=True,
-)
-@click.option(
-    "--fp16",
-    help="Enable mixed-precision training (CUDA only)  [default: True]",
-    metavar="BOOL",
-    type=bool,
-)
-@click.option(
-    "--precision",
-    help="fp32, fp16 (= --fp16=True) or bf16 (autocast); fp16 and bf16 need CUDA  [default: as --fp16]",
-    metavar="NAME",
-    type=click.Choice(misc.PRECISIONS),
-)
+@click.option("--batch-gpu", help="Limit batch size per process (0 = no limit)", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"), default=0, show_default=True)
+@click.option("--fp16", help="Enable mixed-precision training (CUDA only)  [default: True]", metavar="BOOL", type=bool)
+@click.option("--precision", help="fp32, fp16 (= --fp16=True) or bf16 (autocast); fp16 and bf16 need CUDA  [default: as --fp16]", metavar="NAME", type=click.Choice(misc.PRECISIONS))
 @click.option("--tf32", help="Allow TF32 in float32 matmuls and convolutions (CUDA only)  [default: off]", is_flag=True)
-@click.option(
-    "--ls",
-    help="Loss scaling",
-    metavar="FLOAT",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1,
-    show_default=True,
-)
+@click.option("--ls", help="Loss scaling", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
-@click.option(
-    "--compile",
-    help="Run the training network through torch.compile (off by default: compiling takes minutes, once per "
-    "run; then faster steps, see docs/performance.md)",
-    is_flag=True,
-)
+@click.option("--compile", help="Run the training network through torch.compile (off by default: compiling takes minutes, once per run; then faster steps, see docs/performance.md)", is_flag=True)
 # I/O-related options.
-@click.option(
-    "--status",
-    help="Interval of status prints (0 = off)  [default: 128Ki; cpu-* presets: their own]",
-    metavar="NIMG",
-    type=cli.ParsedParam(parse_nimg, "nimg"),
-)
-@click.option(
-    "--snapshot",
-    help="Interval of network snapshots (0 = off)  [default: 8Mi; cpu-* presets: their own]",
-    metavar="NIMG",
-    type=cli.ParsedParam(parse_nimg, "nimg"),
-)
-@click.option(
-    "--checkpoint",
-    help="Interval of training checkpoints (0 = off)  [default: 128Mi; cpu-* presets: their own]",
-    metavar="NIMG",
-    type=cli.ParsedParam(parse_nimg, "nimg"),
-)
+@click.option("--status", help="Interval of status prints (0 = off)  [default: 128Ki; cpu-* presets: their own]", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
+@click.option("--snapshot", help="Interval of network snapshots (0 = off)  [default: 8Mi; cpu-* presets: their own]", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
+@click.option("--checkpoint", help="Interval of training checkpoints (0 = off)  [default: 128Mi; cpu-* presets: their own]", metavar="NIMG", type=cli.ParsedParam(parse_nimg, "nimg"))
 @click.option("--seed", help="Random seed", metavar="INT", type=int, default=0, show_default=True)
 # Watching the run (see README "Watching a run").
-@click.option(
-    "--tensorboard/--no-tensorboard",
-    help="Write TensorBoard event files into the run directory",
-    default=True,
-    show_default=True,
-)
-@click.option(
-    "--grid",
-    help="Images in the sample grid at each snapshot (0 = off)  [default: 64; cpu-* presets: 40]",
-    metavar="INT",
-    type=click.IntRange(min=0),
-)
-@click.option(
-    "--metrics",
-    help="Metrics at each snapshot, e.g. fid,fd_dinov2  [default: none]",
-    metavar="LIST",
-)
-@click.option(
-    "--metrics-images",
-    help="Images generated for the metrics",
-    metavar="INT",
-    type=click.IntRange(min=2),
-    default=50000,
-    show_default=True,
-)
-@click.option(
-    "--metrics-ref", help="Reference statistics for the metrics", metavar="PKL|NPZ|URL", type=str, default=None
-)
+@click.option("--tensorboard/--no-tensorboard", help="Write TensorBoard event files into the run directory", default=True, show_default=True)
+@click.option("--grid", help="Images in the sample grid at each snapshot, at most (0 = off); none at kimg 0. Each grid may cost 8% of the training time since the previous one (cost per image measured; CPU time on a CPU): the largest grid that fits (whole columns of classes), else none  [default: 64; cpu-* presets: 40]", metavar="INT", type=click.IntRange(min=0))
+@click.option("--grid-at-start", help="Also a full grid of the untrained network at kimg 0", is_flag=True)
+@click.option("--metrics", help="Metrics at each snapshot, e.g. fid,fd_dinov2  [default: none]", metavar="LIST")
+@click.option("--metrics-images", help="Images generated for the metrics", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--metrics-ref", help="Reference statistics for the metrics", metavar="PKL|NPZ|URL", type=str, default=None)
 @click.option("-n", "--dry-run", help="Print training options and exit", is_flag=True)
+# fmt: on
 def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
     """Train diffusion models according to the EDM2 recipe.
 
@@ -553,7 +457,7 @@ def cmdline(outdir: str, dry_run: bool, **opts: Any) -> None:
     with cli.one_line_errors():
         dist.print0("Setting up training config...")
         monitor_opts = {
-            key: opts.pop(key) for key in ["tensorboard", "grid", "metrics", "metrics_images", "metrics_ref"]
+            key: opts.pop(key) for key in ["tensorboard", "grid", "grid_at_start", "metrics", "metrics_images", "metrics_ref"]
         }
         c = setup_training_config(world_size=dist.get_world_size(), **opts)
         monitor_kwargs = setup_monitor_kwargs(preset=opts["preset"], **monitor_opts)

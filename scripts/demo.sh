@@ -36,11 +36,11 @@ esac
 # with snapshots at 32Ki and 64Ki for the post-hoc EMA. The small one only checks the plumbing.
 if [[ "$SMALL" == 1 ]]; then
     PER_CLASS=20; BATCH=64; CHANNELS=8
-    TRAIN_OPTS=(--batch=$BATCH --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=$CHANNELS --grid=4)
+    TRAIN_OPTS=(--batch=$BATCH --duration=1Ki --status=1Ki --snapshot=1Ki --checkpoint=1Ki --channels=$CHANNELS --grid=4 --grid-at-start)
     GRID_OPTS=(--cols=2 --steps=4); SAMPLE_OPTS=(--seeds=0-1 --steps=4)
 else
     PER_CLASS=600; BATCH=64; CHANNELS=16
-    TRAIN_OPTS=(--batch=$BATCH --channels=$CHANNELS --duration=64Ki --status=8Ki --snapshot=32Ki --checkpoint=32Ki)
+    TRAIN_OPTS=(--batch=$BATCH --channels=$CHANNELS --duration=64Ki --status=8Ki --snapshot=32Ki --checkpoint=32Ki --grid-at-start)
     GRID_OPTS=(--cols=8 --steps=32); SAMPLE_OPTS=(--seeds=0-9 --steps=32)
 fi
 RESOLUTION=16

@@ -6,6 +6,7 @@ snapshot, and which go on when a detector is unavailable. Monitoring never chang
 import json
 import os
 import re
+import time
 
 import numpy as np
 import PIL.Image
@@ -102,6 +103,138 @@ def test_progress_picture_tiles_grids_in_kimg_order(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# The grid's budget: 10% of the training time since the last grid, at a measured cost per image.
+
+
+def test_grid_within_budget_takes_whole_columns_or_a_smaller_square():
+    # Conditional, 4 classes: 4 rows x 16 columns at most; a column of 4 images costs 4 s here.
+    assert [monitoring.grid_within_budget(64, 4, budget, 1.0) for budget in [3.9, 4.0, 8.5, 63.9, 1e9]] == [
+        0,
+        4,
+        8,
+        60,
+        64,
+    ]
+    # Unconditional: 8x8 at most; 10 affordable images give the near-square 3x3.
+    assert [monitoring.grid_within_budget(64, 0, budget, 1.0) for budget in [0.5, 1.0, 10.5, 1e9]] == [0, 1, 9, 64]
+    assert monitoring.grid_within_budget(64, 0, 5.0, 0.0) == 64  # free: the full grid
+    assert monitoring.grid_evaluations(32) == 63 and monitoring.grid_evaluations(1) == 1  # Heun: 2 per step, 1 last
+
+
+class FakeCosts:
+    """A clock that advances only when a grid is sampled: ``sec`` per image and network evaluation."""
+
+    def __init__(self, monkeypatch, sec=0.1):
+        self.now, self.sec, self.sampled = 0.0, sec, []
+        real = monitoring.sample_grid
+
+        def sample_grid(net, encoder, num_images, device, max_batch_size=64, num_steps=32):
+            grid, rows, cols = real(net, encoder, num_images, device, max_batch_size, num_steps=num_steps)
+            self.now += self.sec * rows * cols * monitoring.grid_evaluations(num_steps)
+            self.sampled.append((rows, cols, num_steps))
+            return grid, rows, cols
+
+        monkeypatch.setattr(monitoring, "sample_grid", sample_grid)
+
+    def __call__(self):
+        return self.now
+
+
+def grid_monitor(tmp_path, monkeypatch, **kwargs):
+    from training.encoders import StandardRGBEncoder
+
+    torch.manual_seed(0)
+    net = tl.dnnlib.util.construct_class_by_name(**TINY_NET, img_resolution=8, img_channels=3, label_dim=4)
+    kwargs = {"grid_budget": 0.1, **kwargs}  # round numbers below: a tenth of the training time
+    mon = monitoring.TrainingMonitor(run_dir=str(tmp_path), tensorboard=False, grid=8, grid_steps=3, **kwargs)
+    mon.clock = costs = FakeCosts(monkeypatch)
+    lines = []
+    monkeypatch.setattr(monitoring.dist, "print0", lambda *args, **kw: lines.append(" ".join(map(str, args))))
+
+    def snapshot(kimg, training_sec):
+        mon.on_snapshot(kimg * 1024, ema=None, net=net, encoder=StandardRGBEncoder(), training_sec=training_sec)
+        path = tmp_path / f"samples-{kimg:07d}.png"
+        return PIL.Image.open(path).size if path.exists() else None
+
+    return snapshot, costs, lines
+
+
+def test_grid_is_skipped_shrunk_or_full_as_its_budget_allows(tmp_path, monkeypatch):
+    # 4 classes x 2 seeds at most, 3 steps (5 evaluations per image) at 0.1 s each: a column costs 2 s.
+    snapshot, costs, lines = grid_monitor(tmp_path, monkeypatch)
+    column, full = monitoring.grid_size(4, 1, 8, 8), monitoring.grid_size(4, 2, 8, 8)
+    assert snapshot(0, training_sec=0.0) is None and costs.sampled == [] and lines == []  # untrained: no grid, no line
+
+    # 10 s of training: 1 s budget, less the 0.5 s of measuring (1 image, then one column, one step each).
+    assert snapshot(1, training_sec=10.0) is None
+    assert costs.sampled == [(1, 1, 1), (4, 1, 1)]
+    assert len(lines) == 1 and "skipped" in lines[0] and "one column (4 images) would take ~2.0 s" in lines[0]
+
+    # The budget accumulates since the last grid: 30 s of training, 3 s, one column (no new measurement).
+    assert snapshot(2, training_sec=30.0) == column and costs.sampled[2:] == [(4, 1, 3)]
+    assert lines[-1].startswith("Saved samples-0000002.png (4x1 images, 3 steps; 4 of 8 images, within 10%")
+    assert snapshot(3, training_sec=60.0) == column  # 30 s since that grid: again one column
+    assert snapshot(4, training_sec=75.0) is None  # 15 s: not enough
+    assert snapshot(5, training_sec=200.0) == full  # 140 s: the full grid
+    assert costs.sampled[3:] == [(4, 1, 3), (4, 2, 3)]
+
+
+def test_grid_cost_is_measured_from_the_last_grid(tmp_path, monkeypatch):
+    snapshot, costs, _ = grid_monitor(tmp_path, monkeypatch)
+    snapshot(1, training_sec=100.0)  # measured at 0.1 s: the full grid (4 s) fits 10 s less 0.5 s of measuring
+    assert costs.sampled[-1] == (4, 2, 3)
+    costs.sec = (
+        0.3  # the next grid's cost is estimated from this one's: 4 images x 5 evaluations x 0.3 s = 6 s a column
+    )
+    snapshot(2, training_sec=200.0)  # 10 s budget at the old cost: the full grid, which measures the new cost
+    assert snapshot(3, training_sec=250.0) is None  # 5 s < 6 s
+    assert snapshot(4, training_sec=290.0) == monitoring.grid_size(4, 1, 8, 8)  # 9 s: one column
+
+
+def test_default_budget_and_clock():
+    """8% of the training time by default (all monitoring within 10%), CPU time on a CPU, wall time elsewhere."""
+    mon = monitoring.TrainingMonitor(run_dir=".", tensorboard=False, device="cpu")
+    assert mon.grid_budget == 0.08 and mon.clock is time.process_time
+    assert monitoring.monitor_clock(torch.device("cuda")) is time.perf_counter
+
+
+def test_grid_at_start_and_without_budget_draw_the_full_grid(tmp_path, monkeypatch):
+    full = monitoring.grid_size(4, 2, 8, 8)
+    (tmp_path / "start").mkdir()
+    snapshot, costs, _ = grid_monitor(tmp_path / "start", monkeypatch, grid_at_start=True)
+    assert snapshot(0, training_sec=0.0) == full and costs.sampled == [(4, 2, 3)]  # no measurement either
+    assert snapshot(1, training_sec=1.0) is None  # then the budget again, from kimg 0
+    (tmp_path / "any").mkdir()
+    snapshot, costs, _ = grid_monitor(tmp_path / "any", monkeypatch, grid_budget=None)
+    assert snapshot(0, training_sec=0.0) is None  # still no grid of the untrained net
+    assert snapshot(1, training_sec=0.0) == full
+
+
+class CountingMonitor(monitoring.TrainingMonitor):
+    """Counts the network wrappers it hands out and the losses it is given."""
+
+    wraps = losses = 0
+
+    def wrap_net(self, net):
+        CountingMonitor.wraps += 1
+        return super().wrap_net(net)
+
+    def report_loss(self, loss):
+        CountingMonitor.losses += 1
+        super().report_loss(loss)
+
+
+def test_training_wraps_the_network_once(tmp_path, tiny_data):
+    CountingMonitor.wraps = CountingMonitor.losses = 0
+    monitor = dict(class_name="tests.test_monitoring.CountingMonitor", tensorboard=False, grid=0)
+    kw = dict(total_nimg=192, status_nimg=64, snapshot_nimg=None, checkpoint_nimg=None)
+    tl.training_loop(**run_kwargs(tmp_path / "run", tiny_data, monitor=monitor, **kw))
+    assert CountingMonitor.wraps == 1 and CountingMonitor.losses == 3
+    stats = read_stats(tmp_path / "run")  # one tick per step: every band has samples
+    assert len(stats) == 4 and all(np.isfinite(s[f"Loss/loss_sigma_q{k}"]) for s in stats[1:] for k in range(4))
+
+
+# ----------------------------------------------------------------------------
 # Short runs.
 
 
@@ -136,7 +269,9 @@ def run_kwargs(run_dir, data, monitor=None, **overrides):
 
 
 def monitor_kwargs(**overrides):
-    return dict(dict(class_name="training.monitoring.TrainingMonitor", grid=8, grid_steps=3), **overrides)
+    """Every grid in full (also at kimg 0), whatever the training costs."""
+    kwargs = dict(class_name="training.monitoring.TrainingMonitor", grid=8, grid_steps=3)
+    return dict(kwargs, grid_budget=None, grid_at_start=True, **overrides)
 
 
 def read_scalars(run_dir, tag):

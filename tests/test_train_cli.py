@@ -703,6 +703,10 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     events = [name for name in names if name.startswith("events.")]
     assert len(events) == 1 and re.fullmatch(r"events\.out\.tfevents\..+", events[0])  # TensorBoard (on by default)
     names.remove(events[0])
+    # The kimg-1 grid when it fits its budget (10% of the training time), else one line saying why not.
+    log = (run_dir / "log.txt").read_text()
+    grids = ["samples-0000001.png"] if "Saved samples-0000001.png" in log else []
+    assert grids or re.search(r"^Sample grid at kimg 1 skipped: one column \(4 images\) would take", log, re.M)
     assert names == [
         "dataset_identity.json",
         "log.txt",
@@ -710,8 +714,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
         "network-snapshot-0000000-0.100.pkl",
         "network-snapshot-0000001-0.050.pkl",
         "network-snapshot-0000001-0.100.pkl",
-        "samples-0000000.png",
-        "samples-0000001.png",  # sample grids (on by default)
+        *grids,  # sample grids (on by default; none at kimg 0)
         "stats.jsonl",
         "training-state-0000001.pt",
         "training_options.json",
@@ -723,7 +726,6 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     assert options["batch_size"] == 32 and options["network_kwargs"]["model_channels"] == 8
 
     # log.txt: what training printed (not the configuration dump before it), status lines included.
-    log = (run_dir / "log.txt").read_text()
     assert "Training config:" not in log and "Training from 0 kimg to 1 kimg" in log
     status = [STATUS_RE.match(line) for line in log.splitlines() if line.startswith("Status:")]
     assert all(status) and [float(m["kimg"]) for m in status] == [0.0, 0.3, 0.5, 0.8, 1.0]
@@ -735,7 +737,7 @@ def test_cli_run_writes_the_run_directory(datasets, tmp_path):
     assert [s["Progress/kimg"] for s in stats] == [0.0, 0.256, 0.512, 0.768, 1.024]
     assert list(stats[0]) == STATS_KEYS + ["timestamp"]
     for s in stats[1:]:
-        assert list(s) == STATS_KEYS + ["Timing/grid_sec", "Loss/loss"] + BAND_KEYS + [
+        assert list(s) == STATS_KEYS + ["Loss/loss"] + BAND_KEYS + [
             "Loss/learning_rate",
             "Loss/grad_norm",
             "timestamp",

@@ -2,6 +2,7 @@
 exact resumption (slice_nimg, SIGKILL after a checkpoint), crash safety of snapshot and checkpoint
 writes, the distributed and gradient-accumulation mechanics, and that a small model learns digits."""
 
+import copy
 import inspect
 import json
 import math
@@ -259,6 +260,47 @@ def test_reference_signature_and_defaults(tmp_path):
     ]
     ckpt = load_checkpoint(run_dir / "training-state-0000000.pt")
     assert ckpt["state"]["cur_nimg"] == 16 and ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+
+
+def test_kwargs_defaults_are_the_reference_dicts_and_stay_unchanged():
+    params = inspect.signature(tl.training_loop).parameters
+    assert {name: params[name].default for name in tl.DEFAULT_KWARGS} == dict(
+        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=None),
+        encoder_kwargs=dict(class_name="training.encoders.StabilityVAEEncoder"),
+        data_loader_kwargs=dict(
+            class_name="torch.utils.data.DataLoader", pin_memory=True, num_workers=2, prefetch_factor=2
+        ),
+        network_kwargs=dict(class_name="training.networks_edm2.Precond"),
+        loss_kwargs=dict(class_name="training.training_loop.EDM2Loss"),
+        optimizer_kwargs=dict(class_name="torch.optim.Adam", betas=(0.9, 0.99)),
+        lr_kwargs=dict(func_name="training.training_loop.learning_rate_schedule"),
+        ema_kwargs=dict(class_name="training.phema.PowerFunctionEMA"),
+    )
+    kwargs = tl._copy_or_default(None, "data_loader_kwargs")  # None = the default, as a copy
+    kwargs["pin_memory"] = False
+    assert params["data_loader_kwargs"].default["pin_memory"] is True
+    assert tl._copy_or_default(False, "ema_kwargs") is False  # False = no EMA stays False
+
+
+def test_forced_weight_normalisation_without_a_forward_pass_equals_the_training_forward():
+    from training import networks_edm2 as N
+
+    torch.manual_seed(0)
+    net = N.Precond(
+        img_resolution=8, img_channels=3, label_dim=4, **{k: v for k, v in TINY_NET.items() if k != "class_name"}
+    )
+    forced, passed = copy.deepcopy(net).train(), copy.deepcopy(net).train()
+    passed.unet.enc.eval()  # layers in eval mode are left alone by both
+    forced.unet.enc.eval()
+    layers = forced.force_normalize_weights_()
+    with torch.no_grad():
+        passed(torch.randn([2, 3, 8, 8]), torch.ones([2]), torch.eye(4)[:2], return_logvar=True)
+    convs = [m for m in forced.modules() if isinstance(m, N.MPConv)]
+    assert layers == [m for m in convs if m.training] and 0 < len(layers) < len(convs)
+    for (name, a), b in zip(forced.named_parameters(), passed.parameters()):
+        assert torch.equal(a, b), name  # bitwise: the same rescaling
+    moved = [not torch.equal(a, c) for a, c in zip(forced.parameters(), net.parameters())]
+    assert sum(moved) == len(layers)  # exactly the weights of the normalised layers changed
 
 
 class LossThatDiverges:

@@ -86,6 +86,24 @@ def tile_grid(images: np.ndarray, rows: int, cols: int, pad: int = GRID_PAD) -> 
     return grid
 
 
+def grid_evaluations(num_steps: int) -> int:
+    """Network evaluations per image of the default sampler: Heun's two per step, one on the last step."""
+    return max(2 * num_steps - 1, 1)
+
+
+def grid_within_budget(max_images: int, label_dim: int, budget_sec: float, sec_per_image: float) -> int:
+    """Images of the largest grid of at most ``max_images`` whose estimated cost (``sec_per_image`` each)
+    fits ``budget_sec``: whole columns for a conditional net (its rows stay the classes), else a
+    near-square grid of fewer images. 0 = not even one column (one image) fits."""
+    rows, cols = grid_shape(max_images, label_dim)
+    per_column = sec_per_image * (rows if label_dim > 0 else 1)  # unconditional: a "column" of one image
+    affordable = int(budget_sec // per_column) if per_column > 0 else max_images
+    if label_dim > 0:
+        return rows * min(cols, affordable)
+    num_images = min(rows * cols, affordable)
+    return int(np.prod(grid_shape(num_images, 0))) if num_images > 0 else 0
+
+
 def sample_grid(
     net: torch.nn.Module,
     encoder: Any,
@@ -122,11 +140,25 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return int(x.item()) == 0
 
 
+def monitor_clock(device: torch.device) -> Any:
+    """The clock of the grid budget, for training time and grid cost alike: this process's CPU time on a CPU
+    (unaffected by other processes on the same cores), wall-clock time on an accelerator."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
+
+
 class TrainingMonitor:
     """What ``train_edm2.py`` shows of a run besides ``log.txt`` and ``stats.jsonl``. Construct it on every process
     after resuming; then call ``report_loss`` after each loss evaluation, ``report_gradients`` before each optimizer
     step, ``on_status`` with the items of each stats.jsonl line (rank 0), ``on_snapshot`` at each snapshot (every
-    process) and ``close``."""
+    process) and ``close``.
+
+    The grid's cost is kept to ``grid_budget`` (8%, so that all monitoring stays within 10%) of the training time
+    since the previous grid, both measured with ``monitor_clock`` (CPU time on a CPU: other processes sharing the
+    cores slow training and grids alike, so their ratio holds); its cost per
+    image and network evaluation is measured (from the last grid; before the first, from one sampler step on one
+    column), and the grid is the largest of at most ``grid`` images (whole columns for a conditional net) whose
+    estimated cost fits, else skipped with one line in the log. No grid of the untrained net at kimg 0 unless
+    ``grid_at_start``."""
 
     def __init__(
         self,
@@ -135,9 +167,11 @@ class TrainingMonitor:
         loss_fn: Any = None,  # The loss; its P_mean and P_std define the noise bands.
         device: Optional[torch.device] = None,
         tensorboard: bool = True,  # Write TensorBoard event files?
-        grid: int = 64,  # Images in the sample grid at each snapshot; 0 = none.
+        grid: int = 64,  # Images in the sample grid at each snapshot (at most); 0 = none.
         grid_steps: int = 32,  # Sampler steps of the grid.
         grid_batch: int = 64,  # Images per sampling batch of the grid.
+        grid_budget: Optional[float] = 0.08,  # Grid cost / training time since the last grid; None = no limit.
+        grid_at_start: bool = False,  # Also a full grid of the untrained network at kimg 0?
         metrics: Sequence[str] = (),  # Metrics at each snapshot, e.g. ('fid', 'fd_dinov2').
         metrics_images: int = 50000,  # Images generated for the metrics.
         metrics_ref: Optional[str] = None,  # Reference statistics (path or URL).
@@ -149,6 +183,11 @@ class TrainingMonitor:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.rank = dist.get_rank()
         self.grid, self.grid_steps, self.grid_batch = int(grid), int(grid_steps), int(grid_batch)
+        self.grid_budget, self.grid_at_start = grid_budget, bool(grid_at_start)
+        self.clock = monitor_clock(self.device)  # tests may replace it
+        # The budget of the next grid: training (or, without its time, wall-clock) seconds since the last grid.
+        self._last_grid_training_sec, self._last_grid_time = 0.0, self.clock()
+        self.sec_per_image_eval: Optional[float] = None  # grid cost per image and network evaluation, once measured
         self.metrics = list(metrics)
         self.metrics_images, self.metrics_ref = int(metrics_images), metrics_ref
         self.metrics_seed, self.metrics_batch = int(metrics_seed), int(metrics_batch)
@@ -180,7 +219,7 @@ class TrainingMonitor:
                 self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
 
     def wrap_net(self, net: Any) -> Any:
-        """The network to hand to the loss: records the noise levels it is called with."""
+        """The network to hand to the loss (wrap it once per run): records the noise levels it is called with."""
         self.recorder = SigmaRecorder(net)
         return self.recorder
 
@@ -217,9 +256,13 @@ class TrainingMonitor:
                 self.writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self.writer.flush()
 
-    def on_snapshot(self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any) -> None:
-        """Sample grid (rank 0) and metrics (all processes) of the first EMA profile."""
-        if (self.grid <= 0 or self.rank != 0) and not self.metrics:
+    def on_snapshot(
+        self, cur_nimg: int, ema: Any, net: torch.nn.Module, encoder: Any, training_sec: Optional[float] = None
+    ) -> None:
+        """Sample grid (rank 0) and metrics (all processes) of the first EMA profile. ``training_sec``: the time
+        this invocation has spent in optimization steps so far (None = measure wall-clock time instead)."""
+        draw_grid = self.grid > 0 and self.rank == 0 and (cur_nimg > 0 or self.grid_at_start)
+        if not draw_grid and not self.metrics:
             return
         if ema is not None:
             net = ema.get()
@@ -229,32 +272,77 @@ class TrainingMonitor:
         if self._sampling_encoder is None:
             self._sampling_encoder = copy.copy(encoder)  # its own attributes: never alter the run's encoder
         kimg = cur_nimg // 1000
-        if self.grid > 0 and self.rank == 0:
-            self._write_grid(kimg, snapshot_net)
+        if draw_grid:
+            self._write_grid(kimg, snapshot_net, training_sec, full=(cur_nimg == 0))
         if self.metrics:
             self._compute_metrics(kimg, snapshot_net)
 
-    def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module) -> None:
+    def _measure_sec_per_image_eval(self, snapshot_net: torch.nn.Module) -> float:
+        """Seconds per image and network evaluation, from one sampler step on one column of the grid (after
+        one on a single image, which loads and warms up what sampling needs). A small batch costs more
+        per image than a large one: the estimate errs on the side of a smaller grid."""
+        column = grid_shape(self.grid, snapshot_net.label_dim)[0] if snapshot_net.label_dim > 0 else 4
+        for num_images in [1, min(self.grid, self.grid_batch, column)]:
+            start = self.clock()
+            _, rows, cols = sample_grid(
+                snapshot_net, self._sampling_encoder, num_images, self.device, self.grid_batch, num_steps=1
+            )
+        return (self.clock() - start) / (rows * cols)
+
+    def _grid_size(self, snapshot_net: torch.nn.Module, training_sec: Optional[float]) -> tuple[int, str]:
+        """Images of the grid that fits the budget (0 = skip it) and the reason, in a few words."""
+        if self.grid_budget is None:
+            return self.grid, ""
+        start = self.clock()
+        if self.sec_per_image_eval is None:
+            self.sec_per_image_eval = self._measure_sec_per_image_eval(snapshot_net)
+        since = training_sec - self._last_grid_training_sec if training_sec is not None else None
+        since = since if since is not None else start - self._last_grid_time
+        budget = self.grid_budget * since - (self.clock() - start)  # measuring is part of the grid's cost
+        sec_per_image = self.sec_per_image_eval * grid_evaluations(self.grid_steps)
+        num_images = grid_within_budget(self.grid, snapshot_net.label_dim, budget, sec_per_image)
+        why = f"{self.grid_budget:.0%} of the {since:.1f} s of training since the last grid"
+        if num_images == 0:
+            rows = grid_shape(self.grid, snapshot_net.label_dim)[0] if snapshot_net.label_dim > 0 else 1
+            what = f"one column ({rows} images)" if rows > 1 else "one image"
+            why = f"{what} would take ~{sec_per_image * rows:.1f} s, over {why}"
+        return num_images, why
+
+    def _write_grid(self, kimg: int, snapshot_net: torch.nn.Module, training_sec: Optional[float], full: bool) -> None:
         import PIL.Image
 
-        start = time.time()
+        start = self.clock()
         try:
+            num_images, why = (self.grid, "") if full else self._grid_size(snapshot_net, training_sec)
+            if num_images == 0:
+                dist.print0(f"Sample grid at kimg {kimg} skipped: {why}")
+                return
+            sampling_start = self.clock()
             grid, rows, cols = sample_grid(
-                snapshot_net, self._sampling_encoder, self.grid, self.device, self.grid_batch, num_steps=self.grid_steps
+                snapshot_net,
+                self._sampling_encoder,
+                num_images,
+                self.device,
+                self.grid_batch,
+                num_steps=self.grid_steps,
             )
         except Exception as err:  # e.g. a VAE that cannot be loaded: training goes on without grids
             dist.print0(f"Sample grid: failed ({dnnlib.util.one_line(err)}); no more grids in this run.")
             self.grid = 0
             return
+        self.sec_per_image_eval = (self.clock() - sampling_start) / (rows * cols * grid_evaluations(self.grid_steps))
         fname = f"samples-{kimg:07d}.png"
         with dnnlib.util.atomic_path(os.path.join(self.run_dir, fname)) as tmp:
             PIL.Image.fromarray(grid, "RGB").save(tmp, format="PNG")
-        seconds = time.time() - start
+        seconds = self.clock() - start
         training_stats.report0("Timing/grid_sec", seconds)
         if self.writer is not None:
             self.writer.add_image("Samples/grid", grid, global_step=kimg, dataformats="HWC")
             self.writer.flush()
-        dist.print0(f"Saved {fname} ({rows}x{cols} images, {self.grid_steps} steps) in {seconds:.1f} s")
+        shrunk = f"; {num_images} of {self.grid} images, within {why}" if num_images < self.grid and why else ""
+        dist.print0(f"Saved {fname} ({rows}x{cols} images, {self.grid_steps} steps{shrunk}) in {seconds:.1f} s")
+        self._last_grid_training_sec = training_sec if training_sec is not None else 0.0
+        self._last_grid_time = self.clock()
 
     def _check_detectors(self) -> None:
         """Load each metric's detector once; drop (with one line in the log) those that fail."""

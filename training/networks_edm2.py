@@ -87,13 +87,17 @@ class MPConv(torch.nn.Module):
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
+    def normalize_weight_(self):
+        """Forced weight normalisation (Sec. 2.3 of the paper): the stored weight rescaled to unit RMS, in place."""
+        with torch.no_grad():
+            self.weight.copy_(normalize(self.weight.to(torch.float32)))
+
     def forward(self, x, gain=1):
         # For a float32 weight, .to() returns the parameter itself, so after the in-place update
         # below `w` already holds the force-normalised weight and is normalised a second time (as in the reference).
         w = self.weight.to(torch.float32)
         if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))  # Forced weight normalisation (Sec. 2.3 of the paper).
+            self.normalize_weight_()
         w = normalize(w)  # Traditional weight normalisation, differentiable.
         w = w * (gain / np.sqrt(w[0].numel()))  # Magnitude-preserving scaling by 1/sqrt(fan_in).
         w = w.to(x.dtype)
@@ -305,6 +309,15 @@ class Precond(torch.nn.Module):
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def force_normalize_weights_(self):
+        """The forced weight normalisation that a training-mode forward pass does, without the pass: every
+        MPConv in training mode rescales its weight in place. Returns those layers (in eval mode their
+        forward is the same math without the update)."""
+        layers = [m for m in self.modules() if isinstance(m, MPConv) and m.training]
+        for layer in layers:
+            layer.normalize_weight_()
+        return layers
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
         x = x.to(torch.float32)

@@ -9,7 +9,6 @@ encoders, the EMA, our newer helpers) is reached by name inside function bodies 
 """
 
 import copy
-import inspect
 import os
 import pickle
 import sys
@@ -117,9 +116,8 @@ def check_training_config(
 # default too. Deviation: device None = CUDA when available, else the CPU (the reference
 # hard-codes CUDA), and pinned memory only with CUDA.
 
-
 # fmt: off
-def training_loop(
+DEFAULT_KWARGS = dict(  # The reference's defaults of the *_kwargs arguments (the signature shows these very dicts).
     dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=None),
     encoder_kwargs      = dict(class_name='training.encoders.StabilityVAEEncoder'),
     data_loader_kwargs  = dict(class_name='torch.utils.data.DataLoader', pin_memory=True, num_workers=2, prefetch_factor=2),
@@ -128,6 +126,18 @@ def training_loop(
     optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
     lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
     ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),  # False = no EMA (snapshot the raw net).
+)
+
+
+def training_loop(
+    dataset_kwargs      = DEFAULT_KWARGS['dataset_kwargs'],
+    encoder_kwargs      = DEFAULT_KWARGS['encoder_kwargs'],
+    data_loader_kwargs  = DEFAULT_KWARGS['data_loader_kwargs'],
+    network_kwargs      = DEFAULT_KWARGS['network_kwargs'],
+    loss_kwargs         = DEFAULT_KWARGS['loss_kwargs'],
+    optimizer_kwargs    = DEFAULT_KWARGS['optimizer_kwargs'],
+    lr_kwargs           = DEFAULT_KWARGS['lr_kwargs'],
+    ema_kwargs          = DEFAULT_KWARGS['ema_kwargs'],
 
     run_dir             = '.',      # Output directory.
     seed                = 0,        # Global random seed.
@@ -152,14 +162,14 @@ def training_loop(
 ) -> None:
 # fmt: on
     # None for a *_kwargs argument means its default; work on copies, so that no default ever changes.
-    dataset_kwargs = _or_default(dataset_kwargs, 'dataset_kwargs')
-    encoder_kwargs = _or_default(encoder_kwargs, 'encoder_kwargs')
-    data_loader_kwargs = _or_default(data_loader_kwargs, 'data_loader_kwargs')
-    network_kwargs = _or_default(network_kwargs, 'network_kwargs')
-    loss_kwargs = _or_default(loss_kwargs, 'loss_kwargs')
-    optimizer_kwargs = _or_default(optimizer_kwargs, 'optimizer_kwargs')
-    lr_kwargs = _or_default(lr_kwargs, 'lr_kwargs')
-    ema_kwargs = _or_default(ema_kwargs, 'ema_kwargs')
+    dataset_kwargs = _copy_or_default(dataset_kwargs, 'dataset_kwargs')
+    encoder_kwargs = _copy_or_default(encoder_kwargs, 'encoder_kwargs')
+    data_loader_kwargs = _copy_or_default(data_loader_kwargs, 'data_loader_kwargs')
+    network_kwargs = _copy_or_default(network_kwargs, 'network_kwargs')
+    loss_kwargs = _copy_or_default(loss_kwargs, 'loss_kwargs')
+    optimizer_kwargs = _copy_or_default(optimizer_kwargs, 'optimizer_kwargs')
+    lr_kwargs = _copy_or_default(lr_kwargs, 'lr_kwargs')
+    ema_kwargs = _copy_or_default(ema_kwargs, 'ema_kwargs')
     if device is None:
         device = misc.default_device()
     device = torch.device(device)
@@ -167,7 +177,7 @@ def training_loop(
         data_loader_kwargs['pin_memory'] = False  # pinning needs CUDA
     precision = misc.resolve_precision(precision, network_kwargs.get('use_fp16', True), device, tf32)
 
-    # Initialize.
+    # Initialize. `run` holds what every step and every periodic task uses, built once.
     start_time = time.time()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     _initialize(run_dir=run_dir, seed=seed, rank=rank, cudnn_benchmark=cudnn_benchmark, tf32=tf32)
@@ -176,22 +186,24 @@ def training_loop(
         status_nimg=status_nimg, snapshot_nimg=snapshot_nimg, checkpoint_nimg=checkpoint_nimg)
     if preset_name is not None:
         dist.print0(f'Preset: {preset_name}')
+    run = dnnlib.EasyDict(run_dir=run_dir, seed=seed, rank=rank, world_size=world_size, device=device, precision=precision,
+                          batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds, loss_scaling=loss_scaling,
+                          force_finite=force_finite, lr_kwargs=lr_kwargs, dataset_kwargs=dataset_kwargs, total_nimg=total_nimg,
+                          status_nimg=status_nimg, snapshot_nimg=snapshot_nimg, checkpoint_nimg=checkpoint_nimg)
 
     # Dataset, encoder, network, and the training state.
-    dataset_obj, encoder, net = _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device, init)
+    dataset_obj, run.encoder, run.net = _construct_dataset_encoder_network(dataset_kwargs, encoder_kwargs, network_kwargs, batch_gpu, device, init)
     dist.print0('Setting up training state...')
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0)
-    ddp = net
-    if world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=([device] if device.type == 'cuda' else None))
-    train_net = _compiled_training_net(ddp, net) if compile else ddp
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not False else None
+    ddp_kwargs = dict(device_ids=([device] if device.type == 'cuda' else None))
+    run.ddp = torch.nn.parallel.DistributedDataParallel(run.net, **ddp_kwargs) if world_size > 1 else run.net
+    run.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    run.optimizer = dnnlib.util.construct_class_by_name(params=run.net.parameters(), **optimizer_kwargs)
+    run.ema = dnnlib.util.construct_class_by_name(net=run.net, **ema_kwargs) if ema_kwargs is not False else None
 
     # Resume from the latest checkpoint and decide where this invocation stops.
-    checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
-    checkpoint.load_latest(run_dir)
+    run.checkpoint = dist.CheckpointIO(state=state, net=run.net, loss_fn=run.loss_fn, optimizer=run.optimizer, ema=run.ema)
+    run.checkpoint.load_latest(run_dir)
     stop_at_nimg = _stop_at_nimg(state.cur_nimg, total_nimg, slice_nimg, checkpoint_nimg, snapshot_nimg, batch_size)
     if stop_at_nimg <= state.cur_nimg:
         dist.print0(f'Nothing to do: training already reached {state.cur_nimg // 1000} kimg.')
@@ -201,65 +213,24 @@ def training_loop(
 
     # Watching the run (TensorBoard, loss by noise level, sample grids, metrics); reached by class
     # name, so this embedded module imports nothing of it. It never changes the training math.
-    monitor = None
-    if monitor_kwargs is not None:
-        monitor = dnnlib.util.construct_class_by_name(**monitor_kwargs, run_dir=run_dir, start_nimg=state.cur_nimg,
-                                                      loss_fn=loss_fn, device=device)
+    run.monitor = None if monitor_kwargs is None else dnnlib.util.construct_class_by_name(
+        **monitor_kwargs, run_dir=run_dir, start_nimg=state.cur_nimg, loss_fn=run.loss_fn, device=device)
+
+    # The network the loss calls: DDP's, compiled if asked for, recording its noise levels if watched (wrapped once).
+    run.loss_net = _compiled_training_net(run.ddp, run.net) if compile else run.ddp
+    run.loss_net = run.monitor.wrap_net(run.loss_net) if run.monitor is not None else run.loss_net
 
     # Data: an infinite sampler that continues the same sequence from cur_nimg on a resume.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
-    dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
-
-    # Main training loop: at every step, first the periodic reports and files, then one optimization step.
-    tick = dnnlib.EasyDict(start_time=start_time, start_nimg=state.cur_nimg, training_time=0.0)
-    start_nimg = state.cur_nimg
-    progress = _progress_bar(stop_at_nimg, state.cur_nimg) if rank == 0 else None
-    try:
-        while True:
-            done = (state.cur_nimg >= stop_at_nimg)
-            fresh_or_advanced = (state.cur_nimg != start_nimg or start_nimg == 0)  # a resume repeats nothing at its start
-            do_status = status_nimg is not None and (done or state.cur_nimg % status_nimg == 0) and fresh_or_advanced
-            snapshot_due = snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_advanced
-            do_snapshot = snapshot_due and rank == 0
-            do_checkpoint = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
-            if progress is not None and (do_status or do_snapshot or do_checkpoint):
-                progress.clear()
-            if do_status:
-                _report_status(state, tick, device)
-                stats_items = _write_stats(run_dir, rank)
-                if monitor is not None and rank == 0:
-                    monitor.on_status(state.cur_nimg, stats_items)  # the same values as TensorBoard scalars
-                if _should_end_invocation(state.cur_nimg, stop_at_nimg, total_nimg):
-                    done = True
-            if do_snapshot:
-                _save_snapshots(run_dir, state.cur_nimg, net, ema, encoder, dataset_kwargs, loss_fn)
-            if monitor is not None and snapshot_due:
-                monitor.on_snapshot(state.cur_nimg, ema=ema, net=net, encoder=encoder)  # every rank: metrics are collective
-            if do_checkpoint:
-                _save_checkpoint(run_dir, state.cur_nimg, checkpoint, net, world_size)
-            if done:
-                break
-
-            step_start_time = time.time()
-            _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, seed=seed,
-                               rank=rank, batch_size=batch_size, num_accumulation_rounds=num_accumulation_rounds,
-                               loss_scaling=loss_scaling, force_finite=force_finite, monitor=monitor, precision=precision,
-                               train_net=train_net)
-            tick.training_time += time.time() - step_start_time
-            if progress is not None:
-                progress.update(batch_size)
-    finally:
-        if progress is not None:
-            progress.close()
-        if monitor is not None:
-            monitor.close()
+    run.dataset_iterator = iter(dnnlib.util.construct_class_by_name(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
+    _train(state, run, start_time, stop_at_nimg)
 
 # ----------------------------------------------------------------------------
 # The steps of the training loop, in the order they run.
 
 
-def _or_default(value, name):
-    return copy.deepcopy(inspect.signature(training_loop).parameters[name].default if value is None else value)
+def _copy_or_default(value, name):
+    return copy.deepcopy(DEFAULT_KWARGS[name] if value is None else value)
 
 
 def _initialize(run_dir, seed, rank, cudnn_benchmark, tf32=False):
@@ -308,26 +279,23 @@ def _compiled_training_net(ddp, net):
 
     Inductor mishandles MPConv's forced weight normalisation, an in-place update under no_grad of a
     parameter that the graph then differentiates through: for a 4-D weight the update is lost or the
-    gradient is wrong. So before each call every MPConv in training mode runs its own forward eagerly
-    on an empty batch (which does the forced normalisation and nothing else), and the compiled call
-    sees these layers in eval mode, where their forward is the same math without the update.
+    gradient is wrong. So before each call the network does its forced normalisation eagerly
+    (``force_normalize_weights_``), and the compiled call sees the layers it normalised in eval mode,
+    where their forward is the same math without the update.
     """
     # The DDP module is compiled, as torch recommends (its forward has graph breaks; graphs split at its buckets).
     # fallback_random: inductor draws eager's random numbers, so that dropout masks are the eager ones.
     compiled = misc.CompiledNetwork(ddp, fullgraph=(ddp is net), options=dict(fallback_random=True))
-    layers = [m for m in net.modules() if type(m).__name__ == 'MPConv']
 
     def forward(*args, **kwargs):
-        forced = [m for m in layers if m.training]
-        with torch.no_grad():
-            for m in forced:
-                m(m.weight.new_zeros([0, *m.weight.shape[1:]]))
-                m.training = False
+        forced = net.force_normalize_weights_()
+        for layer in forced:
+            layer.training = False
         try:
             return compiled(*args, **kwargs)
         finally:
-            for m in forced:
-                m.training = True
+            for layer in forced:
+                layer.training = True
     return forward
 
 
@@ -345,6 +313,59 @@ def _progress_bar(stop_at_nimg, cur_nimg):
     import tqdm  # Lazily: the reference tools that execute this module need not have it.
     return tqdm.tqdm(total=stop_at_nimg, initial=cur_nimg, unit='img', unit_scale=True, leave=False,
                      file=sys.__stderr__, disable=None, dynamic_ncols=True)
+
+
+def _train(state, run, start_time, stop_at_nimg):
+    """At every step, first the periodic reports and files, then one optimization step, until the end
+    of this invocation."""
+    # training_time: time in optimization steps during the current status tick; run_training_clock: during
+    # this invocation (which started at invocation_start_nimg), by the monitor's clock, so that its grid budget
+    # compares like with like.
+    tick = dnnlib.EasyDict(start_time=start_time, start_nimg=state.cur_nimg, training_time=0.0,
+                           invocation_start_nimg=state.cur_nimg, run_training_clock=0.0)
+    clock = run.monitor.clock if run.monitor is not None else time.perf_counter
+    progress = _progress_bar(stop_at_nimg, state.cur_nimg) if run.rank == 0 else None
+    try:
+        while not _periodic_tasks(state, run, tick, stop_at_nimg, progress):
+            step_start_time, step_start_clock = time.time(), clock()
+            _optimization_step(state, run)
+            tick.run_training_clock += clock() - step_start_clock
+            tick.training_time += time.time() - step_start_time
+            if progress is not None:
+                progress.update(run.batch_size)
+    finally:
+        if progress is not None:
+            progress.close()
+        if run.monitor is not None:
+            run.monitor.close()
+
+
+def _periodic_tasks(state, run, tick, stop_at_nimg, progress):
+    """Status line and statistics, snapshots (and what the monitor does with them), checkpoints, each
+    when due at the current image count. Returns whether this invocation ends here."""
+    monitor, rank = run.monitor, run.rank
+    done = (state.cur_nimg >= stop_at_nimg)
+    fresh_or_advanced = (state.cur_nimg != tick.invocation_start_nimg or tick.invocation_start_nimg == 0)  # a resume repeats nothing at its start
+    do_status = run.status_nimg is not None and (done or state.cur_nimg % run.status_nimg == 0) and fresh_or_advanced
+    snapshot_due = run.snapshot_nimg is not None and state.cur_nimg % run.snapshot_nimg == 0 and fresh_or_advanced
+    do_snapshot = snapshot_due and rank == 0
+    do_checkpoint = run.checkpoint_nimg is not None and (done or state.cur_nimg % run.checkpoint_nimg == 0) and state.cur_nimg != tick.invocation_start_nimg
+    if progress is not None and (do_status or do_snapshot or do_checkpoint):
+        progress.clear()
+    if do_status:
+        _report_status(state, tick, run.device)
+        stats_items = _write_stats(run.run_dir, rank)
+        if monitor is not None and rank == 0:
+            monitor.on_status(state.cur_nimg, stats_items)  # the same values as TensorBoard scalars
+        if _should_end_invocation(state.cur_nimg, stop_at_nimg, run.total_nimg):
+            done = True
+    if do_snapshot:
+        _save_snapshots(run.run_dir, state.cur_nimg, run.net, run.ema, run.encoder, run.dataset_kwargs, run.loss_fn)
+    if monitor is not None and snapshot_due:  # every rank: metrics are collective
+        monitor.on_snapshot(state.cur_nimg, ema=run.ema, net=run.net, encoder=run.encoder, training_sec=tick.run_training_clock)
+    if do_checkpoint:
+        _save_checkpoint(run.run_dir, state.cur_nimg, run.checkpoint, run.net, run.world_size)
+    return done
 
 
 def _report_status(state, tick, device):
@@ -432,43 +453,40 @@ def _save_checkpoint(run_dir, cur_nimg, checkpoint, net, world_size):
         misc.check_ddp_consistency(net)
 
 
-def _optimization_step(state, ddp, net, loss_fn, optimizer, ema, encoder, dataset_iterator, lr_kwargs, device, *, seed, rank,
-                       batch_size, num_accumulation_rounds, loss_scaling, force_finite, monitor=None, precision=None,
-                       train_net=None):
+def _optimization_step(state, run):
     """One iteration: reseed, accumulate the gradients of the whole batch, set the learning rate,
     step the optimizer, advance the image count and update the EMA."""
-    misc.set_random_seed(seed, rank, state.cur_nimg)
+    net, loss_fn, optimizer, monitor, device = run.net, run.loss_fn, run.optimizer, run.monitor, run.device
+    misc.set_random_seed(run.seed, run.rank, state.cur_nimg)
     optimizer.zero_grad(set_to_none=True)
-    batch_per_process = batch_size // dist.get_world_size()
-    loss_net = train_net if train_net is not None else ddp
-    loss_net = monitor.wrap_net(loss_net) if monitor is not None else loss_net  # records the sigma the loss draws
-    for round_idx in range(num_accumulation_rounds):
-        with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):  # DDP syncs on the last round only
-            images, labels = next(dataset_iterator)
-            images = encoder.encode_latents(images.to(device))
-            with misc.autocast(precision):  # the forward pass; backward runs in the dtypes it recorded
-                loss = loss_fn(net=loss_net, images=images, labels=labels.to(device))
+    batch_per_process = run.batch_size // run.world_size
+    for round_idx in range(run.num_accumulation_rounds):
+        with misc.ddp_sync(run.ddp, (round_idx == run.num_accumulation_rounds - 1)):  # DDP syncs on the last round only
+            images, labels = next(run.dataset_iterator)
+            images = run.encoder.encode_latents(images.to(device))
+            with misc.autocast(run.precision):  # the forward pass; backward runs in the dtypes it recorded
+                loss = loss_fn(net=run.loss_net, images=images, labels=labels.to(device))
             training_stats.report('Loss/loss', loss)
             if monitor is not None:
                 monitor.report_loss(loss)
-            loss.sum().mul(loss_scaling / batch_per_process).backward()
+            loss.sum().mul(run.loss_scaling / batch_per_process).backward()
 
     # Learning rate of this step from the image count before it. A plain float: the optimizer
     # state (with its lr) must load with torch.load(weights_only=True).
-    lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs))
+    lr = float(dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=run.batch_size, **run.lr_kwargs))
     training_stats.report('Loss/learning_rate', lr)
     for g in optimizer.param_groups:
         g['lr'] = lr
-    if force_finite:
+    if run.force_finite:
         for param in net.parameters():
             if param.grad is not None:
                 torch.nan_to_num(param.grad, nan=0, posinf=0, neginf=0, out=param.grad)
     if monitor is not None:
-        monitor.report_gradients(net, loss_scaling)
+        monitor.report_gradients(net, run.loss_scaling)
     optimizer.step()
 
-    state.cur_nimg += batch_size
-    if ema is not None:
-        ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+    state.cur_nimg += run.batch_size
+    if run.ema is not None:
+        run.ema.update(cur_nimg=state.cur_nimg, batch_size=run.batch_size)
 
 # ----------------------------------------------------------------------------
