@@ -102,3 +102,35 @@ def test_reference_style_script_runs_unchanged(tmp_path):
         [sys.executable, str(script)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# Size limits that keep the code readable top to bottom.
+
+CORE = sorted(
+    [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]
+    + [path for package in LIBRARY_PACKAGES for path in (REPO_ROOT / package).glob("*.py")]
+)
+
+
+def functions(path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_no_function_over_100_lines():
+    long = [
+        f"{path.relative_to(REPO_ROOT)}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
+        for path in CORE
+        for fn in functions(path)
+        if fn.end_lineno - fn.lineno + 1 > 100
+    ]
+    assert not long, long
+
+
+def test_training_step_takes_at_most_8_parameters():
+    (step,) = [fn for fn in functions(REPO_ROOT / "training" / "training_loop.py") if fn.name == "_optimization_step"]
+    args = step.args
+    count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+    assert count <= 8, count
