@@ -7,6 +7,7 @@ here NCCL is used only with CUDA and Gloo otherwise, so multi-process runs work 
 """
 
 import atexit
+import gc
 import os
 import re
 import socket
@@ -59,8 +60,11 @@ def shutdown() -> None:
     Destroying the group first joins those threads. There is deliberately no barrier here: at exit we
     cannot tell success from an error on this rank, and a barrier after an error would wait for (or
     be matched by an unrelated collective of) ranks that are still working; a script that needs every
-    rank to reach its end calls ``barrier()`` itself."""
+    rank to reach its end calls ``barrier()`` itself. Unreachable objects that still hold the group
+    (e.g. a DistributedDataParallel wrapper in a reference cycle) are collected first, so that the
+    destruction really is the last reference and joins the threads."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
