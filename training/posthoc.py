@@ -45,7 +45,8 @@ def output_path(out_dir: str, out_prefix: str, out_nimg: int, std: float, out_fo
     return os.path.join(out_dir, f"{out_prefix}-{out_nimg // 1000:07d}-{std:.3f}.{out_format}")
 
 
-def _parse_number(token: str) -> float:
+def parse_number(token: str) -> float:
+    """A finite number, or ValueError naming the token."""
     try:
         value = float(token)
     except ValueError:
@@ -76,7 +77,7 @@ def parse_std_list(s: Union[str, float, Sequence[float]]) -> list[float]:
         if token != "...":
             if idx > 0 and tokens[idx - 1] == "...":
                 continue  # Consumed as the end of the range below.
-            values.append(_parse_number(token))
+            values.append(parse_number(token))
             continue
         # A range 'a,b,...,c': two values before, one after.
         if idx == 0:
@@ -86,7 +87,7 @@ def parse_std_list(s: Union[str, float, Sequence[float]]) -> list[float]:
         if idx < 2 or tokens[idx - 2] == "..." or tokens[idx + 1] == "...":
             raise ValueError("'...' needs two values before it and one after it, as in a,b,...,c")
         a, b = values[-2], values[-1]
-        c = _parse_number(tokens[idx + 1])
+        c = parse_number(tokens[idx + 1])
         step = b - a
         if step == 0:
             raise ValueError(f"'{tokens[idx - 2]},{tokens[idx - 1]},...' has equal values, so no step")

@@ -10,7 +10,6 @@ made from that file.
 """
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -47,12 +46,7 @@ def parse_float_list(s: Union[str, float, Sequence[float]]) -> list[float]:
     tokens = [s] if isinstance(s, (int, float)) else s.split(",") if isinstance(s, str) else list(s)
     values = []
     for token in tokens:
-        try:
-            value = float(token)
-        except ValueError:
-            raise ValueError(f"'{str(token).strip()}' is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"'{str(token).strip()}' is not a finite number")
+        value = posthoc.parse_number(str(token).strip())
         if value not in values:
             values.append(value)
     if not values:
